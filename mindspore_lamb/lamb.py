@@ -1,0 +1,249 @@
+"""The LAMB optimizer Cell."""
+import math
+
+import numpy as np
+
+import mindspore.common.dtype as mstype
+from mindspore import Parameter, ParameterTuple, Tensor, jit
+from mindspore.common.initializer import initializer
+from mindspore.nn.optim.optimizer import Optimizer, opt_init_args_register
+from mindspore.ops import composite as C
+from mindspore.ops import functional as F
+from mindspore.ops import operations as P
+from mindspore.ops.primitive import _primexpr
+
+from . import _validation as V
+from ._update import centralize, lamb_update, sum_of_squares
+
+_check_shape = C.MultitypeFuncGraph("lamb_check_shape")
+
+
+@_primexpr
+def _raise_on_count(n_grads, n_params):
+    if n_grads != n_params:
+        raise ValueError(f"For 'Lamb', the argument 'gradients' must hold one gradient per parameter "
+                         f"({n_params}), but got {n_grads}.")
+
+
+@_primexpr
+def _raise_on_shape(name, param_shape, grad_shape):
+    if tuple(param_shape) != tuple(grad_shape):
+        raise ValueError(f"For 'Lamb', the gradient of parameter '{name}' must have the parameter's shape "
+                         f"{tuple(param_shape)}, but got {tuple(grad_shape)}.")
+
+
+@_check_shape.register("String", "Tensor", "Tensor")
+def _check_one_shape(name, param, gradient):
+    _raise_on_shape(name, F.shape(param), F.shape(gradient))
+    return True
+
+
+def _moment(param, prefix):
+    """A float32 zero moment named `<prefix>.<param name>`, laid out like the parameter."""
+    moment = param.clone(init="zeros")
+    moment.name = f"{prefix}.{param.name}"
+    if moment.dtype != mstype.float32:
+        moment = Parameter(initializer("zeros", param.shape, mstype.float32), name=moment.name)
+    return moment
+
+
+class Lamb(Optimizer):
+    r"""LAMB: layer-wise adaptive moments for large-batch training (You et al., arXiv:1904.00962).
+
+    For each parameter :math:`w` with gradient :math:`g`, at the call whose step counter is
+    :math:`s` before the call (:math:`t = s + 1`):
+
+    .. math::
+        \begin{array}{ll}
+        g \leftarrow g / \text{loss\_scale} \cdot \min(1, \text{max\_grad\_norm} / G) \\
+        m \leftarrow \beta_1 m + (1 - \beta_1) g, \quad v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+        r = \dfrac{m / (1 - \beta_1^t)}{\sqrt{v / (1 - \beta_2^t)} + \epsilon}, \quad u = r + \lambda_s w \\
+        q = \|w\| / \|u\| \ (1 \text{ if either norm is } 0), \quad q \leftarrow \text{clip}(q, lo, hi) \\
+        w \leftarrow w - \gamma_s \, q \, u
+        \end{array}
+
+    :math:`\epsilon` is outside the square root; the trust ratio uses the norm of exactly the applied
+    update; :math:`\lambda_s = 0` for parameters that are not decayed. Math is float32 whatever the
+    parameter dtype; the moments are float32.
+
+    Args:
+        params (Union[list[Parameter], list[dict]]): the parameters, or parameter groups with keys
+            ``params`` (required), ``lr``, ``weight_decay`` (number or Cell), ``grad_centralization``
+            (bool), ``layer_adaptation`` (bool, default True; False gives the group AdamW-style steps,
+            :math:`q = 1`) and ``order_params`` (alone in its dict).
+        learning_rate (Union[float, int, Tensor, Iterable, LearningRateSchedule]): fixed (number >= 0 or
+            0-D Tensor), per step (1-D Tensor or Iterable: element i at step i), or a schedule called with
+            the step.
+        beta1 (float): decay rate of the first moment, in (0, 1). Default: ``0.9``.
+        beta2 (float): decay rate of the second moment, in (0, 1). Default: ``0.999``.
+        eps (float): added to :math:`\sqrt{\hat v}`, > 0. Default: ``1e-6``.
+        weight_decay (Union[float, int, Cell]): :math:`\lambda`, >= 0, or a Cell called with the step.
+            Without groups it applies to parameters whose names contain neither ``beta`` nor ``gamma``.
+            It is decoupled: never multiplied by ``loss_scale``. Default: ``0.0``.
+        loss_scale (float): keyword-only; gradients are divided by it (use with
+            ``FixedLossScaleManager(loss_scale, drop_overflow_update=False)``). Default: ``1.0``.
+        max_grad_norm (float): keyword-only; NVLAMB pre-normalisation: gradients are scaled by
+            :math:`\min(1, \text{max\_grad\_norm} / G)`, :math:`G` the global L2 norm of all unscaled
+            gradients of the call. Default: ``None`` (off).
+        trust_ratio_clip (tuple[float, float]): keyword-only; ``(lo, hi)`` clamps :math:`q`;
+            ``(0.0, 10.0)`` reproduces MindSpore's GPU kernel. Default: ``None`` (off).
+
+    Inputs:
+        - **gradients** (tuple[Tensor]) - one gradient per parameter, of the parameter's shape.
+
+    Outputs:
+        tuple[bool], all elements ``True``.
+
+        A call whose gradients hold a NaN or Inf changes nothing (parameters, moments and
+        ``global_step`` keep their values) and increments ``skipped_steps``; see :attr:`skipped_steps`.
+
+    Raises:
+        TypeError: If `learning_rate` is not one of int, float, Tensor, Iterable, LearningRateSchedule.
+        TypeError: If an element of `params` is neither Parameter nor dict.
+        TypeError: If `beta1`, `beta2` or `eps` is not a float.
+        TypeError: If `weight_decay` is neither float, int nor Cell.
+        TypeError: If `loss_scale` or `max_grad_norm` is not a float or int.
+        ValueError: If `eps` is less than or equal to 0.
+        ValueError: If `beta1`, `beta2` is not in range (0.0, 1.0).
+        ValueError: If `weight_decay` is less than 0.
+        ValueError: If `loss_scale` or `max_grad_norm` is less than or equal to 0.
+        KeyError: If a parameter group has an unknown key.
+        ValueError: If a parameter appears twice, or the gradients do not match the parameters.
+
+    Supported Platforms:
+        ``Ascend`` ``GPU`` ``CPU``
+
+    Examples:
+        >>> import mindspore as ms
+        >>> from mindspore import nn
+        >>> from mindspore_lamb import Lamb
+        >>> net = nn.Dense(4, 2)
+        >>> opt = Lamb(net.trainable_params(), learning_rate=1e-3, weight_decay=0.01)
+        >>> model = ms.train.Model(net, loss_fn=nn.MSELoss(), optimizer=opt)
+    """
+    _support_parallel_optimizer = True
+
+    @opt_init_args_register
+    def __init__(self, params, learning_rate, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, *,
+                 loss_scale=1.0, max_grad_norm=None, trust_ratio_clip=None):
+        params = V.check_params(params)
+        learning_rate = V.check_learning_rate("learning_rate", learning_rate)
+        V.check_open_unit_interval("beta1", beta1)
+        V.check_open_unit_interval("beta2", beta2)
+        V.check_positive_float("eps", eps)
+        weight_decay = V.check_weight_decay("weight_decay", weight_decay)
+        loss_scale = V.check_positive_number("loss_scale", loss_scale)
+        if max_grad_norm is not None:
+            max_grad_norm = V.check_positive_number("max_grad_norm", max_grad_norm)
+        trust_ratio_clip = V.check_trust_ratio_clip(trust_ratio_clip)
+
+        adapt_by_name = {}
+        if isinstance(params[0], dict):
+            for group in params:
+                for param in group.get("params", ()):
+                    adapt_by_name[param.name] = group.get("layer_adaptation", True)
+            params = [{k: val for k, val in group.items() if k != "layer_adaptation"} for group in params]
+
+        # LAMB's weight decay is decoupled from the gradient, so loss_scale must not touch it; the base
+        # class multiplies the weight decay by its loss_scale, hence 1.0 there and the real one here.
+        super().__init__(learning_rate, params, weight_decay, loss_scale=1.0)
+        self.loss_scale = loss_scale
+        self.inv_loss_scale = Tensor(1.0 / loss_scale, mstype.float32)
+        self.max_grad_norm = None if max_grad_norm is None else Tensor(max_grad_norm, mstype.float32)
+        self.trust_ratio_clip = trust_ratio_clip
+        self.clip_trust = trust_ratio_clip is not None
+        lo, hi = trust_ratio_clip if self.clip_trust else (0.0, math.inf)
+        self.trust_lo = Tensor(lo, mstype.float32)
+        self.trust_hi = Tensor(hi, mstype.float32)
+
+        self.beta1 = Tensor(beta1, mstype.float32)
+        self.beta2 = Tensor(beta2, mstype.float32)
+        self.eps = Tensor(eps, mstype.float32)
+        # 1 - beta^t = -expm1(t log beta): log beta taken in float64, so the bias correction keeps full
+        # float32 precision (1 - float32(0.999)^1 is off by 1.3e-5 relative).
+        self.log_beta1 = Tensor(math.log(beta1), mstype.float32)
+        self.log_beta2 = Tensor(math.log(beta2), mstype.float32)
+
+        self.params = self._parameters
+        self.moments1 = ParameterTuple(_moment(p, "lamb_m") for p in self.params)
+        self.moments2 = ParameterTuple(_moment(p, "lamb_v") for p in self.params)
+        self.param_names = tuple(p.name for p in self.params)
+        self.adapt_flags = tuple(adapt_by_name.get(name, True) for name in self.param_names)
+        if not self.is_group:
+            self.grad_centralization_flags = (False,) * self.param_length
+
+        # Diagnostics of the last applied step, written inside the graph (no host sync in the step).
+        self.layer_stats = Parameter(Tensor(np.zeros((self.param_length, 3), np.float32)),
+                                     name="lamb_layer_stats", requires_grad=False)
+        self.last_grad_norm = Parameter(Tensor(0.0, mstype.float32), name="lamb_grad_norm", requires_grad=False)
+        self.skipped = Parameter(Tensor(0, mstype.int32), name="lamb_skipped_steps", requires_grad=False)
+        self.success = (True,) * self.param_length
+        self.stack = P.Stack()
+        self.addn = P.AddN()
+        self.isfinite = P.IsFinite()
+
+    def gradients_centralization(self, gradients):
+        """Centralize the gradients of groups with ``grad_centralization=True`` (rank >= 2 tensors)."""
+        return self.map_(centralize, self.grad_centralization_flags, gradients)
+
+    @jit(backend="ms_backend")
+    def construct(self, gradients):
+        _raise_on_count(len(gradients), self.param_length)
+        self.hyper_map(_check_shape, self.param_names, self.params, gradients)
+        gradients = self.flatten_gradients(gradients)
+        gradients = self.gradients_centralization(gradients)
+        # G: global L2 norm of the unscaled gradients; also the finiteness test (NaN/Inf anywhere -> G not finite)
+        grad_norm = F.sqrt(self.addn(self.hyper_map(sum_of_squares, gradients))) * self.inv_loss_scale
+        finite = self.isfinite(grad_norm)
+        if finite:
+            done = F.depend(finite, self._apply(gradients, grad_norm))
+        else:
+            done = F.depend(finite, F.assign_add(self.skipped, 1))  # nothing else changes: weights, moments, step
+        return F.depend(self.success, done)
+
+    def _apply(self, gradients, grad_norm):
+        """The step proper, taken only when every gradient is finite."""
+        lr = self.get_lr()                                   # lr_s, the step before this call
+        weight_decay = self.get_weight_decay()               # lambda_s
+        t = F.cast(self.global_step, mstype.float32) + 1.0   # bias correction uses t = s + 1
+        bias_c1 = -F.expm1(t * self.log_beta1)               # 1 - beta1^t
+        bias_c2 = -F.expm1(t * self.log_beta2)               # 1 - beta2^t
+        grad_scale = self.inv_loss_scale
+        if self.max_grad_norm is not None:
+            # NVLAMB: g * min(1, max_grad_norm / G); G == 0 gives inf -> 1
+            grad_scale = grad_scale * F.minimum(self.max_grad_norm / grad_norm, 1.0)
+        self.assignadd(self.global_step, self.global_step_increase_tensor)
+
+        if not self.is_group_lr:
+            lr = (lr,) * self.param_length
+        if not self.is_group:
+            weight_decay = (weight_decay,) * self.param_length
+        stats = self.hyper_map(F.partial(lamb_update, self.beta1, self.beta2, self.eps, bias_c1, bias_c2,
+                                         grad_scale, self.trust_lo, self.trust_hi, self.clip_trust),
+                               lr, weight_decay, self.params, self.moments1, self.moments2, gradients,
+                               self.decay_flags, self.adapt_flags, self.optim_filter)
+        if self.use_parallel:
+            stats = F.depend(stats, self.broadcast_params(stats))
+        done = F.assign(self.layer_stats, self.stack(stats))
+        return F.depend(done, F.assign(self.last_grad_norm, grad_norm))
+
+    # ---- host-side readers (each reads device memory once; call them outside the step) ----
+
+    @property
+    def skipped_steps(self):
+        """Number of calls skipped because a gradient was NaN or Inf."""
+        return int(self.skipped.asnumpy())
+
+    def trust_ratios(self):
+        """dict: parameter name -> trust ratio q applied at the last step."""
+        return dict(zip(self.param_names, self.layer_stats.asnumpy()[:, 0].tolist()))
+
+    def layer_norms(self):
+        """dict: parameter name -> (q, ||w||, ||u||) of the last step; ||w|| is before the update."""
+        stats = self.layer_stats.asnumpy().copy()
+        return {name: tuple(row.tolist()) for name, row in zip(self.param_names, stats)}
+
+    @property
+    def global_grad_norm(self):
+        """G of the last call: the global L2 norm of the unscaled gradients (before max_grad_norm)."""
+        return float(self.last_grad_norm.asnumpy())
