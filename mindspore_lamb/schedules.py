@@ -1,0 +1,129 @@
+"""The BERT learning-rate schedule: linear warm-up, then polynomial decay."""
+import math
+
+import mindspore.common.dtype as mstype
+from mindspore import Tensor
+from mindspore.nn.learning_rate_schedule import LearningRateSchedule
+from mindspore.ops import functional as F
+
+_NAME = "WarmupPolynomialDecayLR"
+
+
+def _describe(value):
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_number(name, value, *, positive):
+    """A float or int (not bool), finite, > 0 (positive) or >= 0; returned as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"For '{_NAME}', the argument '{name}' must be float or int, but got {_describe(value)}.")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0 or (positive and value == 0.0):
+        bound = "greater than 0" if positive else "greater than or equal to 0"
+        raise ValueError(f"For '{_NAME}', the argument '{name}' must be a finite number {bound}, but got {value}.")
+    return value
+
+
+def _check_int(name, value, *, positive):
+    """An int (not bool), > 0 (positive) or >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"For '{_NAME}', the argument '{name}' must be int, but got {_describe(value)}.")
+    if value < 0 or (positive and value == 0):
+        bound = "greater than 0" if positive else "greater than or equal to 0"
+        raise ValueError(f"For '{_NAME}', the argument '{name}' must be {bound}, but got {value}.")
+    return value
+
+
+class WarmupPolynomialDecayLR(LearningRateSchedule):
+    r"""The BERT pretraining schedule: linear warm-up, then polynomial decay.
+
+    The same function as MindSpore model-zoo BERT's ``BertLearningRate`` (and Google's BERT
+    ``create_optimizer``): the polynomial decay runs over the *global* step from 0 (it does not
+    restart after the warm-up), and the warm-up ramp replaces it for the first `warmup_steps` steps.
+    For step :math:`s` (0-based, the optimizer's ``global_step`` before the update):
+
+    .. math::
+        \text{lr}(s) = \begin{cases}
+        \text{learning\_rate} \cdot s / \text{warmup\_steps} & s < \text{warmup\_steps} \\
+        (\text{learning\_rate} - \text{end\_learning\_rate})
+        (1 - \min(s, \text{decay\_steps}) / \text{decay\_steps})^{\text{power}}
+        + \text{end\_learning\_rate} & s \ge \text{warmup\_steps}
+        \end{cases}
+
+    So:
+
+    - at step 0 the rate is ``0.0`` when ``warmup_steps > 0`` (the first update is a no-op for the
+      weights; the moments still move), and `learning_rate` when ``warmup_steps == 0``;
+    - the last warm-up step ``warmup_steps - 1`` has ``learning_rate * (warmup_steps - 1) / warmup_steps``;
+      at the boundary ``s == warmup_steps`` the decay branch takes over with
+      ``(learning_rate - end_learning_rate) * (1 - warmup_steps / decay_steps) ** power + end_learning_rate``
+      (slightly below `learning_rate`, as in BERT);
+    - at and after ``s == decay_steps`` the rate stays at `end_learning_rate` forever.
+
+    Args:
+        learning_rate (Union[float, int]): peak rate, > 0.
+        end_learning_rate (Union[float, int]): final rate, >= 0.
+        warmup_steps (int): length of the linear warm-up, >= 0 and <= `decay_steps`; 0 disables it.
+        decay_steps (int): step at which the decay reaches `end_learning_rate`, > 0 (in BERT, the
+            total number of training steps).
+        power (Union[float, int]): exponent of the decay, > 0; 1.0 is linear decay. Default: ``1.0``.
+
+    Inputs:
+        - **global_step** (Tensor) - the step :math:`s`, a scalar int or float Tensor.
+
+    Outputs:
+        Tensor, a float32 scalar: the learning rate at `global_step`.
+
+    Raises:
+        TypeError: If `learning_rate`, `end_learning_rate` or `power` is not a float or int.
+        TypeError: If `warmup_steps` or `decay_steps` is not an int.
+        ValueError: If `learning_rate` or `power` is not > 0, or `end_learning_rate` is < 0.
+        ValueError: If `decay_steps` is not > 0, `warmup_steps` is < 0, or `warmup_steps` > `decay_steps`.
+
+    Supported Platforms:
+        ``Ascend`` ``GPU`` ``CPU``
+
+    Examples:
+        >>> import mindspore as ms
+        >>> from mindspore import nn
+        >>> from mindspore_lamb import Lamb, WarmupPolynomialDecayLR
+        >>> lr = WarmupPolynomialDecayLR(1e-3, 0.0, warmup_steps=100, decay_steps=1000, power=1.0)
+        >>> float(lr(ms.Tensor(50, ms.int32)))  # 1e-3 * 50 / 100
+        0.0005
+        >>> opt = Lamb(nn.Dense(4, 2).trainable_params(), learning_rate=lr, weight_decay=0.01)
+    """
+
+    def __init__(self, learning_rate, end_learning_rate, warmup_steps, decay_steps, power=1.0):
+        super().__init__()
+        learning_rate = _check_number("learning_rate", learning_rate, positive=True)
+        end_learning_rate = _check_number("end_learning_rate", end_learning_rate, positive=False)
+        warmup_steps = _check_int("warmup_steps", warmup_steps, positive=False)
+        decay_steps = _check_int("decay_steps", decay_steps, positive=True)
+        power = _check_number("power", power, positive=True)
+        if warmup_steps > decay_steps:
+            raise ValueError(f"For '{_NAME}', the argument 'warmup_steps' must be <= 'decay_steps' "
+                             f"({decay_steps}), but got {warmup_steps}.")
+        self.learning_rate = learning_rate
+        self.end_learning_rate = end_learning_rate
+        self.warmup_steps = warmup_steps
+        self.decay_steps = decay_steps
+        self.power = power
+        self.use_warmup = warmup_steps > 0
+        self.peak = Tensor(learning_rate, mstype.float32)
+        self.end = Tensor(end_learning_rate, mstype.float32)
+        self.diff = Tensor(learning_rate - end_learning_rate, mstype.float32)
+        self.warmup = Tensor(float(max(warmup_steps, 1)), mstype.float32)
+        self.decay = Tensor(float(decay_steps), mstype.float32)
+        self.exponent = Tensor(power, mstype.float32)
+
+    def construct(self, global_step):
+        step = F.cast(global_step, mstype.float32)
+        progress = F.minimum(step, self.decay) / self.decay
+        lr = self.diff * F.pow(1.0 - progress, self.exponent) + self.end
+        if self.use_warmup:
+            lr = F.select(step < self.warmup, self.peak * step / self.warmup, lr)
+        return lr
+
+    def extend_repr(self):
+        return (f"learning_rate={self.learning_rate}, end_learning_rate={self.end_learning_rate}, "
+                f"warmup_steps={self.warmup_steps}, decay_steps={self.decay_steps}, power={self.power}")
