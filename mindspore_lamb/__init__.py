@@ -1,6 +1,7 @@
 """mindspore_lamb: the LAMB optimizer for MindSpore, portable across CPU, GPU and Ascend."""
+from .groups import bert_param_groups
 from .lamb import Lamb
 from .schedules import WarmupPolynomialDecayLR
 
-__all__ = ["Lamb", "WarmupPolynomialDecayLR"]
+__all__ = ["Lamb", "WarmupPolynomialDecayLR", "bert_param_groups"]
 __version__ = "0.1.0"
