@@ -1,0 +1,89 @@
+"""An independent float64 NumPy implementation of the LAMB update rule (spec section 3 and 5).
+
+Written from the spec's formula, not from the Cell's code: plain loops over
+parameters, float64 everywhere, bias corrections as 1 - beta**t.
+"""
+import numpy as np
+
+
+def round_to(x, dtype):
+    """Round float64 values to a storage dtype and back: float32, float16 or 'bfloat16'."""
+    if dtype == "bfloat16":
+        bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16      # round to nearest even
+        return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+    return np.asarray(x).astype(dtype).astype(np.float64)
+
+
+class LambReference:
+    """State (w, m, v, s) and one `step` per optimizer call.
+
+    Args:
+        weights: list of arrays (initial parameter values, already in their storage precision).
+        beta1, beta2, eps: as in spec section 2.
+        loss_scale, max_grad_norm, trust_ratio_clip: as in spec section 5.
+        param_dtype: storage dtype of the parameters ('float32', 'float16', 'bfloat16');
+            w is rounded to it after each step (spec: written back in its own dtype).
+    """
+
+    def __init__(self, weights, beta1=0.9, beta2=0.999, eps=1e-6, loss_scale=1.0,
+                 max_grad_norm=None, trust_ratio_clip=None, param_dtype="float32"):
+        self.w = [np.array(w, dtype=np.float64) for w in weights]
+        self.m = [np.zeros_like(w) for w in self.w]
+        self.v = [np.zeros_like(w) for w in self.w]
+        self.s = 0
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.loss_scale = loss_scale
+        self.max_grad_norm = max_grad_norm
+        self.trust_ratio_clip = trust_ratio_clip
+        self.param_dtype = param_dtype
+        self.trust_ratios = [None] * len(self.w)
+
+    def step(self, grads, lr, weight_decay, decay=None, layer_adaptation=None, centralize=None):
+        """One call. `lr` and `weight_decay` are functions of the step s (or numbers, or per-parameter lists
+        of those); `decay[i]` says whether parameter i is decayed; `centralize[i]` applies gradient
+        centralization to parameter i."""
+        n = len(self.w)
+        decay = decay or [True] * n
+        layer_adaptation = layer_adaptation or [True] * n
+        centralize = centralize or [False] * n
+        s = self.s
+        t = s + 1
+        g = [np.array(x, dtype=np.float64) for x in grads]
+        for i in range(n):
+            if centralize[i] and g[i].ndim > 1:
+                g[i] = g[i] - g[i].mean(axis=tuple(range(1, g[i].ndim)), keepdims=True)
+        g = [x / self.loss_scale for x in g]
+        big_g = np.sqrt(sum(float(np.sum(x * x)) for x in g))
+        if not np.isfinite(big_g):
+            return False                       # documented: a non-finite call changes nothing
+        if self.max_grad_norm is not None and big_g > 0:
+            g = [x * min(1.0, self.max_grad_norm / big_g) for x in g]
+        for i in range(n):
+            lr_i = _value_at(_pick(lr, i), s)
+            wd_i = _value_at(_pick(weight_decay, i), s) if decay[i] else 0.0
+            self.m[i] = self.beta1 * self.m[i] + (1 - self.beta1) * g[i]
+            self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * g[i] ** 2
+            m_hat = self.m[i] / (1 - self.beta1 ** t)
+            v_hat = self.v[i] / (1 - self.beta2 ** t)
+            r = m_hat / (np.sqrt(v_hat) + self.eps)
+            u = r + wd_i * self.w[i]
+            w_norm = np.linalg.norm(self.w[i])
+            u_norm = np.linalg.norm(u)
+            q = w_norm / u_norm if (w_norm > 0 and u_norm > 0) else 1.0
+            if self.trust_ratio_clip is not None:
+                q = min(max(q, self.trust_ratio_clip[0]), self.trust_ratio_clip[1])
+            if not layer_adaptation[i]:
+                q = 1.0
+            self.trust_ratios[i] = q
+            self.w[i] = round_to(self.w[i] - lr_i * q * u, self.param_dtype)
+        self.s += 1
+        return True
+
+
+def _pick(value, i):
+    return value[i] if isinstance(value, (list, tuple)) else value
+
+
+def _value_at(value, s):
+    return float(value(s)) if callable(value) else float(value)
