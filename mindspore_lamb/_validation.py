@@ -218,3 +218,16 @@ def _check_order(order, grouped, prim):
     if len(set(listed)) != len(listed) or set(listed) != names:
         raise ValueError(f"For '{prim}', 'order_params' must list every grouped parameter exactly once; "
                          f"got {len(listed)} entries for {len(names)} grouped parameters.")
+
+
+def check_param_dtypes(params, device_target, prim="Lamb"):
+    """Floating parameters only; bfloat16 not on CPU (MindSpore 2.10's CPU Assign has no bfloat16 kernel)."""
+    from mindspore.common import dtype as mstype
+    for param in params:
+        if param.dtype not in (mstype.float16, mstype.float32, mstype.float64, mstype.bfloat16):
+            raise TypeError(f"For '{prim}', parameter '{param.name}' must be float16, float32, float64 or "
+                            f"bfloat16, but got {param.dtype}.")
+        if param.dtype == mstype.bfloat16 and device_target == "CPU":
+            raise TypeError(f"For '{prim}', parameter '{param.name}' is bfloat16, which MindSpore 2.10 cannot "
+                            f"write on CPU (its CPU Assign kernel has no bfloat16); use float16 or float32 "
+                            f"on CPU, bfloat16 on GPU/Ascend.")

@@ -165,6 +165,7 @@ class Lamb(Optimizer):
         self.log_beta2 = Tensor(math.log(beta2), mstype.float32)
 
         self.params = self._parameters
+        V.check_param_dtypes(self.params, self._target)
         self.moments1 = ParameterTuple(_moment(p, "lamb_m") for p in self.params)
         self.moments2 = ParameterTuple(_moment(p, "lamb_v") for p in self.params)
         self.param_names = tuple(p.name for p in self.params)

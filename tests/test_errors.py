@@ -1,0 +1,119 @@
+"""Every error of spec section 4: raised in the constructor (gradient mismatches at the first call),
+with a message naming the argument and the value received."""
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn
+
+from mindspore_lamb import Lamb
+
+
+def _params():
+    return [Parameter(Tensor(np.ones((2, 3), np.float32)), name="dense.weight"),
+            Parameter(Tensor(np.zeros((3,), np.float32)), name="dense.bias")]
+
+
+# (keyword arguments, exception, fragments that must all appear in the message)
+BAD_ARGUMENTS = [
+    (dict(learning_rate="0.1"), TypeError, ["learning_rate", "'0.1'"]),
+    (dict(learning_rate=None), TypeError, ["learning_rate", "None"]),
+    (dict(learning_rate=True), TypeError, ["learning_rate", "True"]),
+    (dict(learning_rate=nn.Dense(2, 2)), TypeError, ["learning_rate", "Dense"]),
+    (dict(learning_rate=-0.1), ValueError, ["learning_rate", "-0.1"]),
+    (dict(learning_rate=Tensor(np.ones((2, 2), np.float32))), ValueError, ["learning_rate", "(2, 2)"]),
+    (dict(learning_rate=["a", "b"]), TypeError, ["learning_rate", "'a'"]),
+    (dict(beta1=1), TypeError, ["beta1", "int 1"]),
+    (dict(beta2="0.9"), TypeError, ["beta2", "'0.9'"]),
+    (dict(eps=1), TypeError, ["eps", "int 1"]),
+    (dict(eps=0.0), ValueError, ["eps", "0.0"]),
+    (dict(eps=-1e-6), ValueError, ["eps", "-1e-06"]),
+    (dict(beta1=0.0), ValueError, ["beta1", "0.0"]),
+    (dict(beta1=1.0), ValueError, ["beta1", "1.0"]),
+    (dict(beta2=1.5), ValueError, ["beta2", "1.5"]),
+    (dict(beta2=-0.1), ValueError, ["beta2", "-0.1"]),
+    (dict(weight_decay="0.1"), TypeError, ["weight_decay", "'0.1'"]),
+    (dict(weight_decay=None), TypeError, ["weight_decay", "None"]),
+    (dict(weight_decay=-0.01), ValueError, ["weight_decay", "-0.01"]),
+    (dict(weight_decay=-1), ValueError, ["weight_decay", "-1"]),
+    (dict(loss_scale="1"), TypeError, ["loss_scale", "'1'"]),
+    (dict(loss_scale=None), TypeError, ["loss_scale", "None"]),
+    (dict(loss_scale=0.0), ValueError, ["loss_scale", "0.0"]),
+    (dict(loss_scale=-2), ValueError, ["loss_scale", "-2"]),
+    (dict(max_grad_norm="1"), TypeError, ["max_grad_norm", "'1'"]),
+    (dict(max_grad_norm=0.0), ValueError, ["max_grad_norm", "0.0"]),
+    (dict(trust_ratio_clip=10.0), TypeError, ["trust_ratio_clip", "10.0"]),
+    (dict(trust_ratio_clip=(2.0, 1.0)), ValueError, ["trust_ratio_clip", "(2.0, 1.0)"]),
+    (dict(trust_ratio_clip=(-1.0, 1.0)), ValueError, ["trust_ratio_clip", "(-1.0, 1.0)"]),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,fragments", BAD_ARGUMENTS,
+                         ids=[f"{next(iter(k))}={next(iter(k.values()))!r}"[:40] for k, _, _ in BAD_ARGUMENTS])
+def test_bad_argument(kwargs, error, fragments):
+    kwargs = dict({"learning_rate": 0.1}, **kwargs)
+    with pytest.raises(error) as info:
+        Lamb(_params(), **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def _group_cases():
+    a, b = _params()
+    return [
+        ("not a list", a, TypeError, ["params", "Parameter"]),
+        ("empty", [], ValueError, ["params", "empty"]),
+        ("element", [a, "w"], TypeError, ["params", "'w'", "index 1"]),
+        ("mixed", [a, {"params": [b]}], TypeError, ["params", "mix"]),
+        ("duplicate", [a, a], ValueError, ["dense.weight", "more than once"]),
+        ("unknown key", [{"params": [a], "momentum": 0.9}], KeyError, ["momentum", "group 0"]),
+        ("no params key", [{"lr": 0.1}], KeyError, ["params", "group 0"]),
+        ("group member", [{"params": [a, 3]}], TypeError, ["group 0", "int 3", "index 1"]),
+        ("group duplicate", [{"params": [a]}, {"params": [a, b]}], ValueError, ["dense.weight", "more than once"]),
+        ("group lr", [{"params": [a], "lr": "x"}], TypeError, ["lr (group 0)", "'x'"]),
+        ("group weight_decay", [{"params": [a], "weight_decay": -1.0}], ValueError,
+         ["weight_decay (group 0)", "-1.0"]),
+        ("group layer_adaptation", [{"params": [a], "layer_adaptation": 1}], TypeError,
+         ["layer_adaptation (group 0)", "int 1"]),
+        ("group grad_centralization", [{"params": [a], "grad_centralization": "yes"}], TypeError,
+         ["grad_centralization (group 0)", "'yes'"]),
+        ("order not alone", [{"params": [a, b]}, {"order_params": [b, a], "lr": 0.1}], ValueError,
+         ["order_params", "lr"]),
+        ("order unknown", [{"params": [a]}, {"order_params": [a, b]}], ValueError,
+         ["order_params", "dense.bias"]),
+        ("order incomplete", [{"params": [a, b]}, {"order_params": [a]}], ValueError,
+         ["order_params", "exactly once"]),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_group_cases())), ids=[c[0] for c in _group_cases()])
+def test_bad_params(case):
+    _, params, error, fragments = _group_cases()[case]
+    with pytest.raises(error) as info:
+        Lamb(params, 0.1)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_bfloat16_on_cpu_is_refused_in_constructor():
+    w = Parameter(Tensor(np.ones((2, 2), np.float32), ms.bfloat16), name="w16")
+    with pytest.raises(TypeError, match="'w16' is bfloat16"):
+        Lamb([w], 0.1)
+
+
+def test_wrong_number_of_gradients(mode):
+    params = _params()
+    opt = Lamb(params, 0.1)
+    with pytest.raises(ValueError, match=r"one gradient per parameter \(2\), but got 1"):
+        opt((Tensor(np.ones((2, 3), np.float32)),))
+
+
+def test_wrong_gradient_shape_names_the_parameter(mode):
+    params = _params()
+    opt = Lamb(params, 0.1)
+    before = params[0].asnumpy().copy()
+    grads = (Tensor(np.ones((2, 3), np.float32)), Tensor(np.ones((4,), np.float32)))
+    with pytest.raises(ValueError, match=r"'dense.bias'.*\(3,\), but got \(4,\)"):
+        opt(grads)
+    np.testing.assert_array_equal(params[0].asnumpy(), before)   # nothing was trained or lost
+    assert int(opt.global_step.asnumpy()[0]) == 0
