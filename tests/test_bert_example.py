@@ -1,0 +1,117 @@
+"""The BERT pretraining example (model_zoo_examples/bert): masking unit test and a CI smoke run."""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+BERT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_zoo_examples", "bert")
+sys.path.insert(0, BERT_DIR)
+
+PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
+VOCAB = 1000
+
+
+def _rows(rng, n_rows, seq_len=64):
+    """Rows shaped like the cache's: [CLS] a [SEP] b [SEP] then padding, ordinary ids in [5, VOCAB)."""
+    rows = []
+    for _ in range(n_rows):
+        n_real = int(rng.integers(8, seq_len + 1))
+        ids = rng.integers(5, VOCAB, n_real).astype(np.int32)
+        ids[0], ids[-1] = CLS, SEP
+        ids[int(rng.integers(1, n_real - 1))] = SEP
+        rows.append(np.concatenate([ids, np.zeros(seq_len - n_real, np.int32)]))
+    return rows
+
+
+def test_masking_proportions_and_labels(rng):
+    from pretrain_data import Masker
+    max_pred = 20
+    masker = Masker(VOCAB, [PAD, CLS, SEP, MASK, UNK], MASK, max_pred, mask_prob=0.15, seed=7)
+    chosen = to_mask = unchanged = randomized = 0
+    expected_chosen = 0
+    for row_id, row in enumerate(_rows(rng, 3000)):
+        ids, positions, labels, weights = masker(row.copy(), np.int64(row_id))
+        # independent count of the maskable tokens and of the expected number of predictions
+        n_candidates = int(sum(1 for t in row if t not in (PAD, CLS, SEP, MASK, UNK)))
+        n = min(max_pred, max(1, int(round(0.15 * n_candidates))))
+        assert weights.dtype == np.float32 and positions.shape == labels.shape == (max_pred,)
+        assert weights.tolist() == [1.0] * n + [0.0] * (max_pred - n)
+        real = positions[:n]
+        assert len(set(real.tolist())) == n and all(row[p] not in (PAD, CLS, SEP) for p in real)
+        assert (labels[:n] == row[real]).all()               # labels are the original tokens
+        assert (positions[n:] == 0).all() and (labels[n:] == 0).all()
+        untouched = np.setdiff1d(np.arange(len(row)), real)
+        assert (ids[untouched] == row[untouched]).all()      # nothing changes outside the masked positions
+        expected_chosen += n
+        chosen += n
+        to_mask += int((ids[real] == MASK).sum())
+        unchanged += int((ids[real] == row[real]).sum())
+        randomized += int(((ids[real] != MASK) & (ids[real] != row[real])).sum())
+        assert all(5 <= t < VOCAB for t in ids[real] if t != MASK)  # random tokens are ordinary tokens
+    assert chosen == expected_chosen and chosen > 20000
+    assert abs(to_mask / chosen - 0.8) < 0.015
+    assert abs(unchanged / chosen - 0.1) < 0.01   # 10% kept (+ ~0.1% random draws of the same token)
+    assert abs(randomized / chosen - 0.1) < 0.01
+    # overall masking rate of maskable tokens is 15% (before the cap of max_pred, which these rows never hit)
+
+
+def test_fixed_masks_depend_only_on_row_id(rng):
+    from pretrain_data import Masker
+    row = _rows(rng, 1)[0]
+    a = Masker(VOCAB, [PAD, CLS, SEP], MASK, 20, seed=3, fixed=True)
+    b = Masker(VOCAB, [PAD, CLS, SEP], MASK, 20, seed=3, fixed=True)
+    for x, y in zip(a(row.copy(), np.int64(5)), b(row.copy(), np.int64(5))):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a(row.copy(), np.int64(5))[1], a(row.copy(), np.int64(6))[1])
+
+
+def test_pairs_fit_and_label_random_next(rng):
+    from pretrain_data import create_pairs
+    docs = [[list(rng.integers(5, VOCAB, int(rng.integers(3, 30)))) for _ in range(12)] for _ in range(10)]
+    pairs = list(create_pairs(docs, 64, rng))
+    assert pairs and all(a and b and len(a) + len(b) <= 61 for a, b, _ in pairs)
+    assert 0.3 < np.mean([r for _, _, r in pairs]) < 0.8
+
+
+@pytest.fixture(scope="module")
+def smoke_config(tmp_path_factory):
+    with open(os.path.join(BERT_DIR, "configs", "tiny.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["model"].update(hidden_size=32, intermediate_size=64, max_position_embeddings=64)
+    cfg["data"].update(vocab_size=600, max_seq_length=64, max_predictions_per_seq=10, eval_every=5)
+    cfg["train"].update(batch_size=8, eval_batch_size=16, log_every=1, trust_ratio_every=1,
+                        accumulation_steps=2)
+    path = tmp_path_factory.mktemp("cfg") / "smoke.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_smoke_train_checkpoint_resume(smoke_config, tmp_path, capsys):
+    import train
+    out = str(tmp_path / "run")
+    common = ["--config", smoke_config, "--output_dir", out, "--max_documents", "40",
+              "--max_steps_per_epoch", "4", "--device_target", "CPU"]
+    first = train.main(common + ["--epochs", "1"])
+    log = capsys.readouterr().out
+    assert "wrote MindRecord cache" in log
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "loss.jsonl"))]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    ckpt, epochs_done = train.latest_checkpoint(os.path.join(out, "checkpoints"))
+    assert ckpt and epochs_done == 1
+    for key in ("mlm_accuracy", "nsp_accuracy", "mlm_baseline"):
+        assert 0.0 <= first["after"][key] <= 1.0
+    assert os.path.isfile(os.path.join(out, "loss.png"))
+
+    second = train.main(common + ["--epochs", "2", "--resume"])
+    log = capsys.readouterr().out
+    assert "reusing MindRecord cache" in log and "resumed from" in log
+    # the resumed run starts from the trained weights and trains only the missing epoch
+    assert second["before"]["mlm_accuracy"] == pytest.approx(first["after"]["mlm_accuracy"])
+    assert second["steps"] == 4
+    records = [json.loads(line) for line in open(os.path.join(out, "loss.jsonl"))]
+    assert len(records) == 8 and all(math.isfinite(r["loss"]) for r in records)
+    assert train.latest_checkpoint(os.path.join(out, "checkpoints"))[1] == 2
