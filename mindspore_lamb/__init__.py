@@ -2,6 +2,7 @@
 from .groups import bert_param_groups
 from .lamb import Lamb
 from .schedules import WarmupPolynomialDecayLR
+from .train_step import LossScaleTrainStep
 
-__all__ = ["Lamb", "WarmupPolynomialDecayLR", "bert_param_groups"]
+__all__ = ["Lamb", "LossScaleTrainStep", "WarmupPolynomialDecayLR", "bert_param_groups"]
 __version__ = "0.1.0"

@@ -1,0 +1,285 @@
+"""A loss-scaled training step that runs on CPU as well as GPU and Ascend.
+
+MindSpore's ``nn.TrainOneStepWithLossScaleCell`` reads the NPU float-status
+registers (``NPUGetFloatStatusV2``), which have no CPU kernel, and
+``DynamicLossScaleManager`` refuses CPU. This cell detects overflow with
+``IsFinite`` on the gradients instead, so the same graph runs everywhere.
+"""
+import math
+
+import mindspore.common.dtype as mstype
+from mindspore import Parameter, ParameterTuple, Tensor, nn
+from mindspore.common.initializer import initializer
+from mindspore.ops import composite as C
+from mindspore.ops import functional as F
+from mindspore.ops import operations as P
+
+from ._update import sum_of_squares
+
+_NAME = "LossScaleTrainStep"
+
+_unscale = C.MultitypeFuncGraph("loss_scale_unscale")
+_finite = C.MultitypeFuncGraph("loss_scale_finite")
+_mul = C.MultitypeFuncGraph("loss_scale_mul")
+_store_accum = C.MultitypeFuncGraph("loss_scale_store_accum")
+
+
+@_unscale.register("Tensor", "Tensor")
+def _unscale_one(inv_scale, grad):
+    """float32 gradient divided by the loss scale."""
+    return F.cast(grad, mstype.float32) * inv_scale
+
+
+@_finite.register("Tensor")
+def _finite_one(grad):
+    """1.0 when every element is finite, else 0.0."""
+    return F.cast(P.ReduceAll(False)(P.IsFinite()(grad)), mstype.float32)
+
+
+@_mul.register("Tensor", "Tensor")
+def _mul_one(factor, grad):
+    return grad * factor
+
+
+@_store_accum.register("Tensor", "Tensor", "Tensor")
+def _store_accum_one(reset, accum, summed):
+    """accum <- 0 when `reset`, else `summed`; a select, so a NaN in `summed` cannot survive a reset."""
+    return F.assign(accum, F.select(F.broadcast_to(reset, F.shape(summed)), F.zeros_like(summed), summed))
+
+
+def _describe(value):
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _check_number(name, value, low, *, inclusive=False, allow_none=False):
+    """A finite float or int (not bool) > low (>= low when inclusive); returned as float."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kinds = "float, int or None" if allow_none else "float or int"
+        raise TypeError(f"For '{_NAME}', the argument '{name}' must be {kinds}, but got {_describe(value)}.")
+    value = float(value)
+    if not math.isfinite(value) or value < low or (value == low and not inclusive):
+        bound = f">= {low}" if inclusive else f"> {low}"
+        raise ValueError(f"For '{_NAME}', the argument '{name}' must be a finite number {bound}, but got {value}.")
+    return value
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"For '{_NAME}', the argument '{name}' must be int, but got {_describe(value)}.")
+    if value < low:
+        raise ValueError(f"For '{_NAME}', the argument '{name}' must be >= {low}, but got {value}.")
+    return value
+
+
+class LossScaleTrainStep(nn.TrainOneStepCell):
+    r"""One training step with (dynamic) loss scaling, overflow skipping, clipping and accumulation.
+
+    Each call:
+
+    1. computes ``loss = network(*inputs)`` and the gradients of ``loss * scale`` (``scale`` is the
+       current loss scale, the Parameter :attr:`loss_scale`);
+    2. reduces the gradients across devices in data/hybrid parallel mode (``nn.DistributedGradReducer``,
+       as ``nn.TrainOneStepCell``), and divides them by ``scale``, in float32;
+    3. sets ``overflow`` when any gradient element is NaN or Inf (``IsFinite``; in distributed mode the
+       flag is all-reduced, so every device takes the same decision);
+    4. without overflow, optionally clips the unscaled gradients by global norm,
+       :math:`g \leftarrow g \cdot c / \max(\|g\|_2, c)` (the formula of ``ops.clip_by_global_norm``), and
+       calls the optimizer. On overflow the optimizer is **not** called, so weights, moments,
+       ``global_step``, the learning-rate schedule and the bias correction all stay where they were;
+    5. updates the scale when `dynamic`: on overflow ``scale = max(scale / scale_factor, min_scale)`` and
+       the good-step counter restarts; after `scale_window` consecutive steps without overflow
+       ``scale = scale * scale_factor`` (unless that would be Inf) and the counter restarts.
+
+    With ``accumulation_steps = k > 1`` the unscaled gradients of k consecutive calls are summed in
+    float32 Parameters (``accum_grad.<param name>``); every k-th call, the mean (sum / k) is clipped
+    and passed to the optimizer, unless any of the k calls overflowed, in which case the whole
+    accumulated step is dropped. The accumulators restart after every k-th call either way. The loss
+    scale is updated once per k calls (on the k-th, from the overflow of any of the k), so
+    `scale_window` counts optimizer steps, as with PyTorch's ``GradScaler``.
+
+    Use the optimizer without loss scale of its own (``loss_scale=1.0``): the gradients it receives are
+    already unscaled.
+
+    Args:
+        network (Cell): the network with its loss (e.g. ``nn.WithLossCell``), returning a scalar loss.
+        optimizer (Cell): the optimizer, e.g. :class:`mindspore_lamb.Lamb`, with ``loss_scale=1.0``.
+        init_scale (Union[float, int]): initial loss scale, > 0 and >= `min_scale`. Default: ``2.0 ** 16``.
+        scale_factor (Union[float, int]): backoff divisor and growth multiplier, > 1. Default: ``2.0``.
+        scale_window (int): steps without overflow before the scale grows, >= 1. Default: ``1000``.
+        min_scale (Union[float, int]): the scale never drops below it, > 0. Default: ``1.0``.
+        dynamic (bool): update the scale; False keeps `init_scale` (overflowing steps are still
+            skipped). Default: ``True``.
+        max_grad_norm (Union[float, int, None]): clip the unscaled gradients to this global L2 norm, > 0;
+            None disables clipping. Default: ``None``.
+        accumulation_steps (int): micro-batches per optimizer step, >= 1. Default: ``1``.
+
+    Inputs:
+        - **\*inputs** (Tuple(Tensor)) - the inputs of `network`.
+
+    Outputs:
+        Tuple of 3 Tensors ``(loss, overflow, scale)``:
+
+        - **loss** (Tensor) - the unscaled loss of this call.
+        - **overflow** (Tensor) - bool scalar: True when this step is skipped because of NaN/Inf;
+          with accumulation, True once any call of the current k-call window has overflowed
+          (on the k-th call: whether the accumulated step was dropped).
+        - **scale** (Tensor) - float32 scalar: the loss scale this call used (before its update), as
+          ``nn.TrainOneStepWithLossScaleCell`` returns it.
+
+    Raises:
+        TypeError: If `network` or `optimizer` is not a Cell, or `dynamic` is not a bool.
+        TypeError: If `init_scale`, `scale_factor`, `min_scale` or `max_grad_norm` is not a float or int,
+            or `scale_window` or `accumulation_steps` is not an int.
+        ValueError: If `init_scale` or `min_scale` is not > 0, `init_scale` < `min_scale`,
+            `scale_factor` is not > 1, `scale_window` or `accumulation_steps` is < 1,
+            or `max_grad_norm` is not > 0.
+        ValueError: If the optimizer has a ``loss_scale`` other than 1.0.
+
+    Supported Platforms:
+        ``Ascend`` ``GPU`` ``CPU``
+
+    Examples:
+        >>> import mindspore as ms
+        >>> from mindspore import nn
+        >>> from mindspore_lamb import Lamb, LossScaleTrainStep
+        >>> net = nn.Dense(4, 1)
+        >>> opt = Lamb(net.trainable_params(), learning_rate=1e-3, weight_decay=0.01)
+        >>> step = LossScaleTrainStep(nn.WithLossCell(net, nn.MSELoss()), opt, init_scale=2.0 ** 12,
+        ...                           scale_window=100, max_grad_norm=1.0)
+        >>> model = ms.train.Model(step)   # model.train(epochs, dataset), or in a loop:
+        >>> x, y = ms.ops.ones((8, 4), ms.float32), ms.ops.zeros((8, 1), ms.float32)
+        >>> loss, overflow, scale = step(x, y)
+    """
+
+    def __init__(self, network, optimizer, *, init_scale=2.0 ** 16, scale_factor=2.0, scale_window=1000,
+                 min_scale=1.0, dynamic=True, max_grad_norm=None, accumulation_steps=1):
+        if not isinstance(network, nn.Cell):
+            raise TypeError(f"For '{_NAME}', the argument 'network' must be a Cell, but got {_describe(network)}.")
+        if not isinstance(optimizer, nn.Cell):
+            raise TypeError(f"For '{_NAME}', the argument 'optimizer' must be a Cell (an nn.Optimizer), "
+                            f"but got {_describe(optimizer)}.")
+        init_scale = _check_number("init_scale", init_scale, 0.0)
+        scale_factor = _check_number("scale_factor", scale_factor, 1.0)
+        scale_window = _check_int("scale_window", scale_window, 1)
+        min_scale = _check_number("min_scale", min_scale, 0.0)
+        if init_scale < min_scale:
+            raise ValueError(f"For '{_NAME}', the argument 'init_scale' must be >= 'min_scale' ({min_scale}), "
+                             f"but got {init_scale}.")
+        if not isinstance(dynamic, bool):
+            raise TypeError(f"For '{_NAME}', the argument 'dynamic' must be bool, but got {_describe(dynamic)}.")
+        max_grad_norm = _check_number("max_grad_norm", max_grad_norm, 0.0, allow_none=True)
+        accumulation_steps = _check_int("accumulation_steps", accumulation_steps, 1)
+        opt_scale = getattr(optimizer, "loss_scale", 1.0)
+        if isinstance(opt_scale, (int, float)) and not isinstance(opt_scale, bool) and opt_scale != 1.0:
+            raise ValueError(f"For '{_NAME}', the optimizer must have loss_scale=1.0 (this cell unscales the "
+                             f"gradients itself), but got an optimizer with loss_scale={opt_scale}.")
+
+        super().__init__(network, optimizer, sens=None)
+        self.dynamic = dynamic
+        self.scale_factor = scale_factor
+        self.scale_window = scale_window
+        self.min_scale = min_scale
+        self.max_grad_norm = max_grad_norm
+        self.accumulation_steps = accumulation_steps
+
+        self.loss_scale = Parameter(Tensor(init_scale, mstype.float32), name="loss_scale", requires_grad=False)
+        self.good_steps = Parameter(Tensor(0, mstype.int32), name="loss_scale_good_steps", requires_grad=False)
+        self.factor = Tensor(scale_factor, mstype.float32)
+        self.window = Tensor(scale_window, mstype.int32)
+        self.min_scale_t = Tensor(min_scale, mstype.float32)
+        self.clip = max_grad_norm is not None
+        self.clip_norm = Tensor(max_grad_norm if self.clip else 1.0, mstype.float32)
+
+        self.accumulate = accumulation_steps > 1
+        if self.accumulate:
+            self.accum_grads = ParameterTuple(
+                Parameter(initializer("zeros", p.shape, mstype.float32), name=f"accum_grad.{p.name}",
+                          requires_grad=False) for p in self.weights)
+            self.micro_step = Parameter(Tensor(0, mstype.int32), name="accum_micro_step", requires_grad=False)
+            self.accum_overflow = Parameter(Tensor(False, mstype.bool_), name="accum_overflow",
+                                            requires_grad=False)
+            self.inv_steps = Tensor(1.0 / accumulation_steps, mstype.float32)
+            self.steps_t = Tensor(accumulation_steps, mstype.int32)
+
+        self.hyper_map = C.HyperMap()
+        self.addn = P.AddN()
+        self.n_grads = Tensor(float(len(self.weights)), mstype.float32)
+        if self.reducer_flag:
+            self.allreduce = P.AllReduce()
+
+    def construct(self, *inputs):
+        scale = self.loss_scale * 1.0   # a copy: the scale this call uses, returned after the update
+        loss = self.network(*inputs)
+        sens = F.ones_like(loss) * F.cast(scale, F.dtype(loss))
+        grads = self.grad(self.network, self.weights)(*inputs, sens)
+        grads = self.grad_reducer(grads)
+        grads = self.hyper_map(F.partial(_unscale, 1.0 / scale), grads)
+        overflow = self._overflow(grads)
+        if self.accumulate:
+            overflow = self._accumulate_step(grads, overflow)
+        else:
+            if not overflow:
+                loss = F.depend(loss, self.optimizer(self._clip(grads)))
+            loss = F.depend(loss, self._update_scale(overflow, None))
+        return loss, overflow, scale
+
+    def _overflow(self, grads):
+        """bool scalar: some gradient element is NaN or Inf (on some device, in distributed mode)."""
+        n_bad = self.n_grads - self.addn(self.hyper_map(_finite, grads))
+        if self.reducer_flag:
+            n_bad = self.allreduce(n_bad)
+        return n_bad > 0.5
+
+    def _clip(self, grads):
+        """g * c / max(||g||, c) over all gradients (no-op without max_grad_norm)."""
+        if not self.clip:
+            return grads
+        global_norm = F.sqrt(self.addn(self.hyper_map(sum_of_squares, grads)))
+        factor = self.clip_norm / F.maximum(global_norm, self.clip_norm)
+        return self.hyper_map(F.partial(_mul, factor), grads)
+
+    def _accumulate_step(self, grads, overflow):
+        """Sum this call's gradients; on the k-th call, step on the mean unless any call overflowed."""
+        micro = self.micro_step + 1
+        boundary = micro >= self.steps_t
+        any_overflow = F.logical_or(self.accum_overflow, overflow)
+        summed = self.hyper_map(F.add, self.accum_grads, grads)
+        if F.logical_and(boundary, F.logical_not(any_overflow)):
+            mean = self.hyper_map(F.partial(_mul, self.inv_steps), summed)
+            any_overflow = F.depend(any_overflow, self.optimizer(self._clip(mean)))
+        done = self.hyper_map(F.partial(_store_accum, boundary), self.accum_grads, summed)
+        any_overflow = F.depend(any_overflow, done)
+        any_overflow = F.depend(any_overflow, F.assign(self.micro_step, F.select(boundary, F.zeros_like(micro),
+                                                                                 micro)))
+        any_overflow = F.depend(any_overflow, F.assign(self.accum_overflow,
+                                                       F.logical_and(any_overflow, F.logical_not(boundary))))
+        return F.depend(any_overflow, self._update_scale(any_overflow, boundary))
+
+    def _update_scale(self, overflow, apply):
+        """Backoff on overflow, growth after `scale_window` good steps; only where `apply` (None: always)."""
+        if not self.dynamic:
+            return overflow
+        scale = self.loss_scale * 1.0
+        good = self.good_steps + 1
+        grow = good >= self.window
+        grown = scale * self.factor
+        grown = F.select(P.IsFinite()(grown), grown, scale)
+        backed_off = F.maximum(scale / self.factor, self.min_scale_t)
+        new_scale = F.select(overflow, backed_off, F.select(grow, grown, scale))
+        new_good = F.select(F.logical_or(overflow, grow), F.zeros_like(good), good)
+        if apply is not None:
+            new_scale = F.select(apply, new_scale, scale)
+            new_good = F.select(apply, new_good, good - 1)
+        done = F.assign(self.loss_scale, new_scale)
+        return F.depend(done, F.assign(self.good_steps, new_good))
+
+    # ---- host-side readers ----
+
+    def get_loss_scale(self):
+        """float: the current loss scale (one host read)."""
+        return float(self.loss_scale.asnumpy())
