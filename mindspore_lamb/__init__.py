@@ -1,8 +1,9 @@
 """mindspore_lamb: the LAMB optimizer for MindSpore, portable across CPU, GPU and Ascend."""
+from .diagnostics import TrustRatioMonitor
 from .groups import bert_param_groups
 from .lamb import Lamb
 from .schedules import WarmupPolynomialDecayLR
 from .train_step import LossScaleTrainStep
 
-__all__ = ["Lamb", "LossScaleTrainStep", "WarmupPolynomialDecayLR", "bert_param_groups"]
+__all__ = ["Lamb", "LossScaleTrainStep", "TrustRatioMonitor", "WarmupPolynomialDecayLR", "bert_param_groups"]
 __version__ = "0.1.0"

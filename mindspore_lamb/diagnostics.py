@@ -1,0 +1,204 @@
+"""Per-layer LAMB diagnostics: a Model.train callback recording trust ratios and norms."""
+import csv
+import json
+import math
+import os
+
+from mindspore.train import Callback
+
+_NAME = "TrustRatioMonitor"
+FIELDS = ("step", "global_step", "name", "trust_ratio", "w_norm", "u_norm", "grad_norm")
+_SUFFIXES = (".csv", ".json")
+
+
+def _describe(value):
+    text = repr(value)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return f"{type(value).__name__} {text}"
+
+
+def _check_path(name, path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"For '{_NAME}', the argument '{name}' must be a str or os.PathLike, "
+                        f"but got {_describe(path)}.")
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in _SUFFIXES:
+        raise ValueError(f"For '{_NAME}', the argument '{name}' must end in .csv or .json, but got {path!r}.")
+    return os.fspath(path), suffix
+
+
+class TrustRatioMonitor(Callback):
+    r"""Record LAMB's per-layer trust ratios and norms during ``Model.train``, save them, plot them.
+
+    :class:`mindspore_lamb.Lamb` writes, inside its graph, the trust ratio :math:`q`, :math:`\|w\|`
+    (before the step) and :math:`\|u\|` of every parameter into ``optimizer.layer_stats``, and the global
+    gradient norm :math:`G` into ``optimizer.last_grad_norm``. Every `every` training steps (when
+    ``cur_step_num % every == 0``) this callback reads them on the host, after the step and outside
+    it: one read of ``layer_stats`` plus two scalars (``last_grad_norm``, ``global_step``), so the
+    training step itself never synchronises with the host.
+
+    Each recorded step adds one dict per parameter to :attr:`records`, with keys ``step`` (``Model``'s
+    ``cur_step_num``, 1-based, counting every call), ``global_step`` (the optimizer's step counter after
+    the step: the number of applied updates, so it lags ``step`` after overflow-skipped steps),
+    ``name``, ``trust_ratio``, ``w_norm``, ``u_norm`` and ``grad_norm`` (the same :math:`G` on every
+    row of a step). The stats are those of the last *applied* update: after a skipped step (NaN/Inf
+    gradients) they repeat the previous one, which ``global_step`` shows.
+
+    In a custom loop, call :meth:`record` yourself after a step.
+
+    Args:
+        optimizer (Cell): a :class:`mindspore_lamb.Lamb` (anything with ``layer_stats``,
+            ``last_grad_norm``, ``global_step`` and ``param_names``).
+        every (int): record every `every` steps, >= 1. Default: ``10``.
+        path (Union[str, os.PathLike, None]): if given, :meth:`save` to it at the end of training;
+            ``.csv`` or ``.json``. Default: ``None``.
+
+    Inputs:
+        Not called directly: ``Model.train`` calls ``on_train_step_end`` and ``on_train_end``.
+
+    Outputs:
+        :attr:`records`, list[dict], as above.
+
+    Raises:
+        TypeError: If `optimizer` has no ``layer_stats``/``param_names`` (is not a Lamb).
+        TypeError: If `every` is not an int, or `path` is neither None, str nor os.PathLike.
+        ValueError: If `every` is < 1, or `path` does not end in ``.csv`` or ``.json``.
+
+    Supported Platforms:
+        ``Ascend`` ``GPU`` ``CPU``
+
+    Examples:
+        >>> import mindspore as ms
+        >>> from mindspore import nn
+        >>> from mindspore_lamb import Lamb, TrustRatioMonitor
+        >>> net = nn.Dense(4, 2)
+        >>> opt = Lamb(net.trainable_params(), learning_rate=1e-3)
+        >>> monitor = TrustRatioMonitor(opt, every=10, path="trust.csv")
+        >>> model = ms.train.Model(net, nn.MSELoss(), opt)
+        >>> # model.train(1, dataset, callbacks=[monitor]); then monitor.plot("trust.png")
+    """
+
+    def __init__(self, optimizer, every=10, path=None):
+        super().__init__()
+        for attr in ("layer_stats", "last_grad_norm", "global_step", "param_names"):
+            if not hasattr(optimizer, attr):
+                raise TypeError(f"For '{_NAME}', the argument 'optimizer' must be a mindspore_lamb.Lamb "
+                                f"(it has no '{attr}'), but got {_describe(optimizer)}.")
+        if isinstance(every, bool) or not isinstance(every, int):
+            raise TypeError(f"For '{_NAME}', the argument 'every' must be int, but got {_describe(every)}.")
+        if every < 1:
+            raise ValueError(f"For '{_NAME}', the argument 'every' must be >= 1, but got {every}.")
+        if path is not None:
+            _check_path("path", path)
+        self.optimizer = optimizer
+        self.every = every
+        self.path = path
+        self.records = []
+
+    # ---- recording ----
+
+    def record(self, step):
+        """Read the last step's stats (one host read of ``layer_stats``) and append them under `step`."""
+        opt = self.optimizer
+        stats = opt.layer_stats.asnumpy().copy()   # asnumpy shares memory on CPU: copy
+        grad_norm = float(opt.last_grad_norm.asnumpy())
+        global_step = int(opt.global_step.asnumpy().reshape(-1)[0])
+        for name, (trust, w_norm, u_norm) in zip(opt.param_names, stats.tolist()):
+            self.records.append({"step": int(step), "global_step": global_step, "name": name,
+                                 "trust_ratio": trust, "w_norm": w_norm, "u_norm": u_norm,
+                                 "grad_norm": grad_norm})
+
+    def on_train_step_end(self, run_context):
+        step = run_context.original_args().cur_step_num
+        if step % self.every == 0:
+            self.record(step)
+
+    def on_train_end(self, run_context):
+        if self.path is not None:
+            self.save(self.path)
+
+    # ---- output ----
+
+    def save(self, path):
+        """Write :attr:`records` to `path`: CSV (header ``step,global_step,name,trust_ratio,w_norm,u_norm,
+        grad_norm``, one row per parameter and recorded step) or JSON (a list of those dicts), by suffix.
+
+        Raises:
+            TypeError: If `path` is neither str nor os.PathLike.
+            ValueError: If `path` does not end in ``.csv`` or ``.json``.
+        """
+        path, suffix = _check_path("path", path)
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            if suffix == ".csv":
+                writer = csv.DictWriter(handle, fieldnames=FIELDS)
+                writer.writeheader()
+                writer.writerows(self.records)
+            else:
+                json.dump(self.records, handle, indent=1)
+        return path
+
+    def series(self):
+        """dict: parameter name -> (list of steps, list of trust ratios), in recording order."""
+        out = {}
+        for row in self.records:
+            steps, ratios = out.setdefault(row["name"], ([], []))
+            steps.append(row["step"])
+            ratios.append(row["trust_ratio"])
+        return out
+
+    def plot(self, png_path, top_k=None):
+        """Save a PNG of the trust ratio of each layer over the recorded steps (log y axis).
+
+        Needs matplotlib (``pip install matplotlib``, or the ``plot`` extra); it is imported here, not
+        at module import, and drawn with the Agg canvas, so no display and no global backend change.
+
+        Args:
+            png_path (Union[str, os.PathLike]): the file to write.
+            top_k (int): plot only the `top_k` layers whose trust ratio strays farthest from 1
+                (largest :math:`\\max |\\log q|` over the records, i.e. where LAMB departs most from
+                Adam); None plots every layer. Default: ``None``.
+
+        Raises:
+            ImportError: If matplotlib is not installed.
+            TypeError: If `top_k` is not None or an int.
+            ValueError: If `top_k` < 1, or nothing has been recorded yet.
+        """
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+            raise TypeError(f"For '{_NAME}.plot', the argument 'top_k' must be None or int, "
+                            f"but got {_describe(top_k)}.")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"For '{_NAME}.plot', the argument 'top_k' must be >= 1, but got {top_k}.")
+        if not self.records:
+            raise ValueError(f"For '{_NAME}.plot', there is nothing to plot: no step has been recorded yet.")
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as error:
+            raise ImportError(f"'{_NAME}.plot' needs matplotlib, which is not installed: "
+                              f"pip install matplotlib (or mindspore_lamb[plot]).") from error
+
+        series = self.series()
+        names = list(series)
+        if top_k is not None:
+            def spread(name):
+                return max(abs(math.log(q)) if q > 0 else math.inf for q in series[name][1])
+            names = sorted(names, key=spread, reverse=True)[:top_k]
+        fig = Figure(figsize=(8, 5))
+        FigureCanvasAgg(fig)
+        axes = fig.add_subplot(1, 1, 1)
+        for name in names:
+            steps, ratios = series[name]
+            axes.plot(steps, ratios, marker=".", label=name)
+        if all(q > 0 for name in names for q in series[name][1]):
+            axes.set_yscale("log")
+        axes.set_xlabel("step")
+        axes.set_ylabel("trust ratio  ||w|| / ||u||")
+        axes.set_title("LAMB trust ratio per layer")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize="small", loc="best")
+        fig.tight_layout()
+        fig.savefig(os.fspath(png_path), format="png")
+        return os.fspath(png_path)
