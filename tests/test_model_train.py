@@ -87,3 +87,31 @@ def test_model_train_dataset_sink_mode_matches_non_sink():
     for name, value in results[1].items():
         np.testing.assert_allclose(results[0][name], value, rtol=1e-6, atol=1e-7, err_msg=name)
     assert any(np.abs(value - params_of(make_net(0))[name]).max() > 1e-3 for name, value in results[0].items())
+
+
+def test_functional_train_step_under_jit(mode):
+    """The MindSpore 2.x functional style: value_and_grad + a jit-compiled step calling the optimizer."""
+    net = make_net(0)
+    opt = Lamb(net.trainable_params(), learning_rate=0.02, weight_decay=0.01)
+    criterion = loss_fn()
+
+    def forward(x, labels):
+        return criterion(net(x), labels)
+
+    grad_fn = ms.value_and_grad(forward, None, opt.parameters)
+
+    @ms.jit
+    def train_step(x, labels):
+        loss, grads = grad_fn(x, labels)
+        opt(grads)
+        return loss
+
+    reference = make_net(0)
+    model = Model(reference, loss_fn=loss_fn(),
+                  optimizer=Lamb(reference.trainable_params(), learning_rate=0.02, weight_decay=0.01))
+    model.train(1, make_dataset(), dataset_sink_mode=False)
+    for batch in make_dataset().create_tuple_iterator():
+        train_step(*batch)
+    assert int(opt.global_step.asnumpy()[0]) == 8
+    for name, value in params_of(reference).items():
+        np.testing.assert_allclose(params_of(net)[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
