@@ -83,8 +83,8 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
 
     1. computes ``loss = network(*inputs)`` and the gradients of ``loss * scale`` (``scale`` is the
        current loss scale, the Parameter :attr:`loss_scale`);
-    2. reduces the gradients across devices in data/hybrid parallel mode (``nn.DistributedGradReducer``,
-       as ``nn.TrainOneStepCell``), and divides them by ``scale``, in float32;
+    2. divides the gradients by ``scale``, in float32, then reduces them across devices in data/hybrid
+       parallel mode (``nn.DistributedGradReducer``, as ``nn.TrainOneStepCell``);
     3. sets ``overflow`` when any gradient element is NaN or Inf (``IsFinite``; in distributed mode the
        flag is all-reduced, so every device takes the same decision);
     4. without overflow, optionally clips the unscaled gradients by global norm,
@@ -217,8 +217,8 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         loss = self.network(*inputs)
         sens = F.ones_like(loss) * F.cast(scale, F.dtype(loss))
         grads = self.grad(self.network, self.weights)(*inputs, sens)
-        grads = self.grad_reducer(grads)
         grads = self.hyper_map(F.partial(_unscale, 1.0 / scale), grads)
+        grads = self.grad_reducer(grads)
         overflow = self._overflow(grads)
         if self.accumulate:
             overflow = self._accumulate_step(grads, overflow)
