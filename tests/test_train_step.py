@@ -315,3 +315,45 @@ def test_bad_network_and_optimizer():
         LossScaleTrainStep(nn.WithLossCell(net, nn.MSELoss()), "adam")
     with pytest.raises(ValueError, match="loss_scale=128.0"):
         LossScaleTrainStep(nn.WithLossCell(net, nn.MSELoss()), Lamb(net.trainable_params(), 0.1, loss_scale=128))
+
+
+def _free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_data_parallel_two_workers(tmp_path):
+    """msrun, 2 CPU workers: gradients reduced (same weights as one process on the combined batch),
+    and a NaN on rank 0 only makes both ranks skip the step (the overflow flag is all-reduced)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    msrun = shutil.which("msrun") or os.path.join(os.path.dirname(sys.executable), "msrun")
+    if not os.path.exists(msrun):
+        pytest.skip("msrun not found")
+    worker = os.path.join(os.path.dirname(__file__), "dist_train_step_worker.py")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={_free_port()}",
+                           f"--log_dir={tmp_path / 'logs'}", "--join=True", worker, str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240, check=False)
+    outputs = [tmp_path / f"rank_{r}.json" for r in range(2)]
+    if proc.returncode != 0 or not all(p.exists() for p in outputs):
+        logs = "".join(p.read_text()[-2000:] for p in sorted((tmp_path / "logs").glob("*.log")))
+        pytest.fail(f"msrun failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{logs}")
+    ranks = [json.loads(p.read_text()) for p in outputs]
+
+    from dist_train_step_worker import run
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    single = run(None)
+    for result in ranks:
+        assert result["overflow"] == [False, True, False]
+        assert result["step"] == 2 and result["scale"] == 512.0
+        np.testing.assert_allclose(result["w"], single["w"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(result["b"], single["b"], rtol=1e-6, atol=1e-7)
+    assert ranks[0]["w"] == ranks[1]["w"]
