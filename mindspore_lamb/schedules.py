@@ -88,7 +88,7 @@ class WarmupPolynomialDecayLR(LearningRateSchedule):
         >>> from mindspore import nn
         >>> from mindspore_lamb import Lamb, WarmupPolynomialDecayLR
         >>> lr = WarmupPolynomialDecayLR(1e-3, 0.0, warmup_steps=100, decay_steps=1000, power=1.0)
-        >>> float(lr(ms.Tensor(50, ms.int32)))  # 1e-3 * 50 / 100
+        >>> round(float(lr(ms.Tensor(50, ms.int32))), 8)  # 1e-3 * 50 / 100
         0.0005
         >>> opt = Lamb(nn.Dense(4, 2).trainable_params(), learning_rate=lr, weight_decay=0.01)
     """
