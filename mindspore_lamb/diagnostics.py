@@ -6,16 +6,11 @@ import os
 
 from mindspore.train import Callback
 
+from ._validation import _describe
+
 _NAME = "TrustRatioMonitor"
 FIELDS = ("step", "global_step", "name", "trust_ratio", "w_norm", "u_norm", "grad_norm")
 _SUFFIXES = (".csv", ".json")
-
-
-def _describe(value):
-    text = repr(value)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    return f"{type(value).__name__} {text}"
 
 
 def _check_path(name, path):

@@ -5,18 +5,12 @@ from mindspore import Parameter
 from mindspore.nn import Cell
 
 from . import _validation as V
+from ._validation import _describe
 
 _NAME = "bert_param_groups"
 # MindSpore's nn.LayerNorm (and nn.BatchNorm*) name their scale and shift `<cell>.gamma` and `<cell>.beta`,
 # so "layernorm" must also match those when the cell attribute is not itself called "layernorm".
 _KEYWORD_LEAF_ALIASES = {"layernorm": ("gamma", "beta")}
-
-
-def _describe(value):
-    text = repr(value)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    return f"{type(value).__name__} {text}"
 
 
 def _check_keywords(keywords):

@@ -15,6 +15,7 @@ from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
 from ._update import sum_of_squares
+from ._validation import _describe
 
 _NAME = "LossScaleTrainStep"
 
@@ -45,13 +46,6 @@ def _mul_one(factor, grad):
 def _store_accum_one(reset, accum, summed):
     """accum <- 0 when `reset`, else `summed`; a select, so a NaN in `summed` cannot survive a reset."""
     return F.assign(accum, F.select(F.broadcast_to(reset, F.shape(summed)), F.zeros_like(summed), summed))
-
-
-def _describe(value):
-    text = repr(value)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    return f"{type(value).__name__} {text}"
 
 
 def _check_number(name, value, low, *, inclusive=False, allow_none=False):
