@@ -69,7 +69,9 @@ def _logs(log_dir):
 def _start(out_dir, mode, port):
     """Start msrun with two local workers in its own process group; returns (process, log_dir)."""
     log_dir = os.path.join(out_dir, f"msrun_log_port{port}")
-    env = dict(os.environ, GLOG_v="2", PYTHONUNBUFFERED="1")
+    # msrun starts each worker as `python <script>` from PATH: make that this interpreter's environment
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = dict(os.environ, PATH=path, GLOG_v="2", PYTHONUNBUFFERED="1")
     cmd = [_msrun(), "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
            f"--master_port={port}", "--join=True", f"--cluster_time_out={CLUSTER_TIME_OUT}",
            f"--log_dir={log_dir}", os.path.join(HERE, "dist_worker.py"), out_dir, mode]
