@@ -80,13 +80,53 @@ def _start(out_dir, mode, port):
     return proc, log_dir
 
 
+def _descendants(pid):
+    """Process ids below `pid` (Linux /proc; empty elsewhere)."""
+    children = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill(proc):
+    """Stop msrun and everything it started: the workers run in sessions of their own (setsid), so
+    SIGINT msrun first (its handler kills workers and scheduler), then SIGKILL whatever is left."""
+    spawned = _descendants(proc.pid)
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in spawned:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
 def _wait(proc, deadline):
-    """(returncode, output) of msrun; kills its whole process group (msrun, scheduler, workers) on timeout."""
+    """(returncode, output) of msrun; on timeout kills msrun, scheduler and workers and returns (None, output)."""
     try:
         output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
         return proc.returncode, output
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill(proc)
         output, _ = proc.communicate()
         return None, output
 
@@ -113,7 +153,7 @@ def launched(request, tmp_path_factory):
     try:
         references = _references()      # while the workers start and train
     except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill(proc)
         proc.communicate()
         raise
     for attempt in range(2):
