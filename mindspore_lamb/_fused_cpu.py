@@ -1,0 +1,109 @@
+"""Optional fused CPU path of the LAMB step (issue 7): two ``ops.Custom(func_type="aot")`` kernels.
+
+``_fused_cpu.cc`` (next to this file) is compiled once with ``g++ -O3 -fopenmp`` into a shared library
+cached under ``$MINDSPORE_LAMB_CACHE`` (default ``~/.cache/mindspore_lamb``), keyed by the source's hash
+and the compiler flags. The composite graph of ``_update.py`` stays the portable path (GPU/Ascend,
+float16/bfloat16 parameters) and the reference these kernels are tested against.
+
+* :func:`sum_of_squares_op` - ``op(*gradients)`` -> float32[1], the sum of squares of every element of
+  every gradient (the global-norm / finiteness pre-pass), one kernel instead of 2n reductions + AddN.
+* :func:`lamb_step_op` - ``op(hyper, lrs, wds, flags, *params, *moments1, *moments2, *gradients)`` -> stats
+  (n, 3) float32 = (q, ||w||, ||u||) per parameter. It updates the parameters and both moments IN PLACE
+  (on CPU a Parameter handed to a kernel is its own memory), and is marked ``side_effect_mem`` so that
+  the graph keeps it ordered with other side effects; its output must be used (depend on it).
+  ``hyper`` = float32[8] (beta1, beta2, eps, 1 - beta1^t, 1 - beta2^t, grad_scale, trust_lo, trust_hi);
+  ``lrs``/``wds`` = float32[n] (wds[i] = 0 for parameters that are not decayed);
+  ``flags`` = float32[n]: 1 layer-adapted, 0 layer_adaptation=False (q = 1), -1 not updated on this rank.
+
+:func:`usable` says whether the path applies (CPU target, all parameters float32, a working
+g++ with OpenMP); the caller falls back to the composite update otherwise.
+"""
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import mindspore as ms
+import mindspore.common.dtype as mstype
+from mindspore import ops
+from mindspore.ops import composite as C
+from mindspore.ops import functional as F
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fused_cpu.cc")
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
+_lib_path = None
+_lib_error = None
+
+
+def library_path():
+    """Compile ``_fused_cpu.cc`` on first use (cached on disk) and return the .so path; raises on failure."""
+    global _lib_path, _lib_error
+    if _lib_path is not None:
+        return _lib_path
+    if _lib_error is not None:
+        raise RuntimeError(_lib_error)
+    with open(_SRC, "rb") as f:
+        key = hashlib.sha256(f.read() + " ".join(_FLAGS).encode() + os.uname().machine.encode()).hexdigest()[:16]
+    cache = os.environ.get("MINDSPORE_LAMB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindspore_lamb"))
+    path = os.path.join(cache, f"lamb_fused_cpu_{key}.so")
+    if not os.path.exists(path):
+        cxx = os.environ.get("CXX", "g++")
+        if shutil.which(cxx) is None:
+            _lib_error = f"no C++ compiler ({cxx}) found"
+            raise RuntimeError(_lib_error)
+        os.makedirs(cache, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        proc = subprocess.run([cxx, *_FLAGS, _SRC, "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            _lib_error = f"compiling {_SRC} failed: {proc.stderr[-2000:]}"
+            raise RuntimeError(_lib_error)
+        os.replace(tmp, path)  # atomic: concurrent processes never load a half-written library
+    _lib_path = path
+    return path
+
+
+def usable(params):
+    """True when the fused kernels apply: CPU target, float32 parameters, the library builds, and
+    MINDSPORE_LAMB_FUSED is not "0". (Lamb.construct is always compiled with jit, so PYNATIVE_MODE too.)"""
+    if os.environ.get("MINDSPORE_LAMB_FUSED", "1") == "0":
+        return False
+    if ms.get_context("device_target") != "CPU":
+        return False
+    if not all(p.dtype == mstype.float32 for p in params):
+        return False
+    try:
+        library_path()
+    except RuntimeError:
+        return False
+    return True
+
+
+to_f32_scalar = C.MultitypeFuncGraph("lamb_to_f32_scalar")
+
+
+@to_f32_scalar.register("Number")
+def _number_to_f32(x):
+    """A Python number (fixed weight decay) as a float32 0-D tensor."""
+    return F.scalar_to_tensor(x, mstype.float32)
+
+
+@to_f32_scalar.register("Tensor")
+def _tensor_to_f32(x):
+    """A 0-D or (1,) tensor (lr, global_step-derived values) as a float32 0-D tensor."""
+    return F.reshape(F.cast(x, mstype.float32), ())
+
+
+def sum_of_squares_op():
+    op = ops.Custom(library_path() + ":LambSumSq", out_shape=lambda *shapes: (1,), out_dtype=lambda *types: mstype.float32,
+                    func_type="aot")
+    return op
+
+
+def lamb_step_op(n_params):
+    op = ops.Custom(library_path() + ":LambStep", out_shape=lambda *shapes: (n_params, 3),
+                    out_dtype=lambda *types: mstype.float32, func_type="aot")
+    op.add_prim_attr("side_effect_mem", True)
+    return op
