@@ -18,13 +18,15 @@ from mindspore_lamb.lamb import _check_shape, _raise_on_count
 class FusedLamb(Lamb):
     """Lamb whose pre-pass and update are the two fused CPU kernels (when usable; else the composite)."""
 
+    defines = ()
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fused = _fused_cpu.usable(self.params)
         if self.fused:
             n = self.param_length
             self.fused_sumsq = _fused_cpu.sum_of_squares_op()
-            self.fused_step = _fused_cpu.lamb_step_op(n)
+            self.fused_step = _fused_cpu.lamb_step_op(n, self.defines)
             self.decay_mask = Tensor(np.array(self.decay_flags, np.float32))
             self.ones_n = Tensor(np.ones(n, np.float32))
             self.fused_flags = Tensor(np.array([(1.0 if a else 0.0) if f else -1.0
@@ -76,3 +78,4 @@ class FusedLamb(Lamb):
             stats = F.depend(stats, self.broadcast_params(stats))
         done = F.assign(self.layer_stats, stats)
         return F.depend(done, F.assign(self.last_grad_norm, grad_norm))
+

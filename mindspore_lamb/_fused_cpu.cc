@@ -11,15 +11,22 @@
 //   flags[i]: 1 = layer-adapted, 0 = q forced to 1 (layer_adaptation=False), -1 = not updated here
 //   w_i, m_i, v_i are float32 and are UPDATED IN PLACE (they are the Parameters' memory on CPU);
 //   stats[i] = (q, ||w||, ||u||), as the composite update returns.
-// The arithmetic is that of mindspore_lamb/_update.py, operation by operation, in float32
-// (no FMA contraction: -ffp-contract=off; -fno-math-errno lets sqrt vectorize, still correctly rounded);
-// only the norms accumulate in double.
-// Two passes per parameter: (1) m, v updated and stored, ||w||^2 and ||u||^2 accumulated;
-// (2) u recomputed from the stored m, v and w, w -= lr q u. 40 bytes of traffic per element.
+//
+// The arithmetic is that of mindspore_lamb/_update.py, operation by operation, in float32 (no FMA
+// contraction: -ffp-contract=off; -fno-math-errno lets sqrt vectorize, still correctly rounded); only
+// the norms accumulate in double. 40 bytes of memory traffic per element:
+//   pass 1: m, v updated and stored; ||w||^2 and ||u||^2 accumulated (read w g m v, write m v);
+//   pass 2: u recomputed from the stored m, v and w (bit-identical to pass 1's), w -= lr q u.
+// ONE OpenMP parallel region per call, each thread owning the same contiguous slice of every tensor in
+// both passes, with a single barrier between them: on a loaded machine a fork/join per tensor (~400 per
+// call for BERT-base) costs a scheduler time slice each whenever a thread is preempted.
+// Norms are summed per thread, then over threads in thread order: deterministic for a thread count.
+#include <omp.h>
+
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
-#include <cstdlib>
 #include <vector>
 
 namespace {
@@ -30,32 +37,35 @@ int64_t numel(int nd, const int64_t *shape) {
   return n;
 }
 
-constexpr int64_t kParallelMin = 1 << 15;  // below this many elements a tensor is done by one thread
-
 struct Hyper {
   float b1, b2, eps, bc1, bc2, gs, lo, hi;
   float one_minus_b1, one_minus_b2;
 };
 
 inline float update_u(const Hyper &h, float m, float v, float w, float wd) {
-  float r = (m / h.bc1) / (std::sqrt(v / h.bc2) + h.eps);
-  return r + wd * w;
+  float r = (m / h.bc1) / (std::sqrt(v / h.bc2) + h.eps);  // r = m^ / (sqrt(v^) + eps)
+  return r + wd * w;                                         // u = r + lambda w
 }
 
-// u_out: where to keep u for pass 2 (nullptr: pass 2 recomputes it from m, v, w)
-void pass1(const Hyper &h, float wd, float *w, float *m, float *v, const float *g, int64_t n,
-           double *w_sq, double *u_sq, float *u_out) {
+// [lo, hi) of thread t of nth over len elements, slices rounded to 16 floats (one cache line).
+inline void slice(int64_t len, int t, int nth, int64_t *lo, int64_t *hi) {
+  int64_t per = ((len + nth - 1) / nth + 15) / 16 * 16;
+  *lo = std::min(len, per * t);
+  *hi = std::min(len, *lo + per);
+}
+
+void pass1(const Hyper &h, float wd, const float *w, float *m, float *v, const float *g, int64_t lo, int64_t hi,
+           double *w_sq, double *u_sq) {
   double ws = 0.0, us = 0.0;
-#pragma omp parallel for simd reduction(+ : ws, us) schedule(static) if (n >= kParallelMin)
-  for (int64_t j = 0; j < n; ++j) {
-    float gj = g[j] * h.gs;
+#pragma omp simd reduction(+ : ws, us)
+  for (int64_t j = lo; j < hi; ++j) {
+    float gj = g[j] * h.gs;                               // unscale (+ NVLAMB pre-normalisation)
     float mj = h.b1 * m[j] + h.one_minus_b1 * gj;
     float vj = h.b2 * v[j] + h.one_minus_b2 * (gj * gj);
     m[j] = mj;
     v[j] = vj;
     float wj = w[j];
     float uj = update_u(h, mj, vj, wj, wd);
-    if (u_out) u_out[j] = uj;
     ws += static_cast<double>(wj) * wj;
     us += static_cast<double>(uj) * uj;
   }
@@ -63,30 +73,13 @@ void pass1(const Hyper &h, float wd, float *w, float *m, float *v, const float *
   *u_sq = us;
 }
 
-void pass2_stored(float step, float *w, const float *u, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
-  for (int64_t j = 0; j < n; ++j) w[j] = w[j] - step * u[j];
-}
-
-void pass2(const Hyper &h, float wd, float step, float *w, const float *m, const float *v, int64_t n) {
-#pragma omp parallel for simd schedule(static) if (n >= kParallelMin)
-  for (int64_t j = 0; j < n; ++j) {
+void pass2(const Hyper &h, float wd, float step, float *w, const float *m, const float *v, int64_t lo, int64_t hi) {
+#pragma omp simd
+  for (int64_t j = lo; j < hi; ++j) {
     float wj = w[j];
-    w[j] = wj - step * update_u(h, m[j], v[j], wj, wd);
+    w[j] = wj - step * update_u(h, m[j], v[j], wj, wd);  // w = w - (lr q) u
   }
 }
-
-float *scratch(int64_t n) {  // one persistent buffer, grown to the largest parameter
-  static std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-  return buf.data();
-}
-
-#ifdef LAMB_RECOMPUTE_U
-constexpr bool use_scratch = false;
-#else
-constexpr bool use_scratch = true;
-#endif
 
 bool all_float32(int from, int to, const char **dtypes) {
   for (int i = from; i < to; ++i)
@@ -94,21 +87,35 @@ bool all_float32(int from, int to, const char **dtypes) {
   return true;
 }
 
+// Few elements: one thread (a parallel region costs more than it saves).
+int threads_for(int64_t total) { return total < (1 << 16) ? 1 : omp_get_max_threads(); }
+
 }  // namespace
 
 extern "C" int LambSumSq(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                          void *stream, void *extra) {
   int n = nparam - 1;
   if (!all_float32(0, nparam, dtypes)) return 1;
-  double total = 0.0;
-  for (int i = 0; i < n; ++i) {
-    const float *g = static_cast<const float *>(params[i]);
-    int64_t len = numel(ndims[i], shapes[i]);
+  std::vector<int64_t> len(n);
+  int64_t total_len = 0;
+  for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[i], shapes[i]));
+  int nth = threads_for(total_len);
+  std::vector<double> part(nth, 0.0);
+#pragma omp parallel num_threads(nth)
+  {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
     double s = 0.0;
-#pragma omp parallel for simd reduction(+ : s) schedule(static) if (len >= kParallelMin)
-    for (int64_t j = 0; j < len; ++j) s += static_cast<double>(g[j]) * g[j];
-    total += s;
+    for (int i = 0; i < n; ++i) {
+      const float *g = static_cast<const float *>(params[i]);
+      int64_t lo, hi;
+      slice(len[i], t, nt, &lo, &hi);
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = lo; j < hi; ++j) s += static_cast<double>(g[j]) * g[j];
+    }
+    part[t] = s;
   }
+  double total = 0.0;
+  for (double s : part) total += s;
   *static_cast<float *>(params[nparam - 1]) = static_cast<float>(total);
   return 0;
 }
@@ -119,33 +126,59 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   int n = (nparam - 5) / 4;
   if (!all_float32(0, nparam, dtypes)) return 2;
   const float *hp = static_cast<const float *>(params[0]);
-  Hyper h{hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7], 1.0f - hp[0], 1.0f - hp[1]};
+  const Hyper h{hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7], 1.0f - hp[0], 1.0f - hp[1]};
   const float *lrs = static_cast<const float *>(params[1]);
   const float *wds = static_cast<const float *>(params[2]);
   const float *flags = static_cast<const float *>(params[3]);
   float *stats = static_cast<float *>(params[nparam - 1]);
-  for (int i = 0; i < n; ++i) {
-    int k = 4 + i;
-    float *w = static_cast<float *>(params[k]);
-    float *m = static_cast<float *>(params[k + n]);
-    float *v = static_cast<float *>(params[k + 2 * n]);
-    const float *g = static_cast<const float *>(params[k + 3 * n]);
-    int64_t len = numel(ndims[k], shapes[k]);
-    if (flags[i] < 0.0f) {  // updated by another rank (parallel optimizer)
-      stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
-      continue;
+  auto W = [&](int i) { return static_cast<float *>(params[4 + i]); };
+  auto M = [&](int i) { return static_cast<float *>(params[4 + n + i]); };
+  auto V = [&](int i) { return static_cast<float *>(params[4 + 2 * n + i]); };
+  auto G = [&](int i) { return static_cast<const float *>(params[4 + 3 * n + i]); };
+
+  std::vector<int64_t> len(n);
+  int64_t total_len = 0;
+  for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[4 + i], shapes[4 + i]));
+  int nth = threads_for(total_len);
+  std::vector<double> part(static_cast<size_t>(nth) * n * 2, 0.0);  // [thread][param][w_sq, u_sq]
+  std::vector<float> step(n);
+
+#pragma omp parallel num_threads(nth)
+  {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    for (int i = 0; i < n; ++i) {
+      if (flags[i] < 0.0f) continue;                      // another rank updates it (parallel optimizer)
+      int64_t lo, hi;
+      slice(len[i], t, nt, &lo, &hi);
+      double *p = &part[(static_cast<size_t>(t) * n + i) * 2];
+      pass1(h, wds[i], W(i), M(i), V(i), G(i), lo, hi, p, p + 1);
     }
-    double w_sq, u_sq;
-    float *u_buf = use_scratch ? scratch(len) : nullptr;
-    pass1(h, wds[i], w, m, v, g, len, &w_sq, &u_sq, u_buf);
-    float w_norm = std::sqrt(static_cast<float>(w_sq));
-    float u_norm = std::sqrt(static_cast<float>(u_sq));
-    float q = (w_norm > 0.0f && u_norm > 0.0f) ? w_norm / u_norm : 1.0f;
-    q = std::fmin(std::fmax(q, h.lo), h.hi);   // lo = 0, hi = inf when clipping is off
-    if (flags[i] == 0.0f) q = 1.0f;
-    if (u_buf) pass2_stored(lrs[i] * q, w, u_buf, len);
-    else pass2(h, wds[i], lrs[i] * q, w, m, v, len);
-    stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
+#pragma omp barrier
+#pragma omp single
+    for (int i = 0; i < n; ++i) {
+      if (flags[i] < 0.0f) {
+        stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
+        continue;
+      }
+      double w_sq = 0.0, u_sq = 0.0;
+      for (int k = 0; k < nt; ++k) {
+        w_sq += part[(static_cast<size_t>(k) * n + i) * 2];
+        u_sq += part[(static_cast<size_t>(k) * n + i) * 2 + 1];
+      }
+      float w_norm = std::sqrt(static_cast<float>(w_sq));
+      float u_norm = std::sqrt(static_cast<float>(u_sq));
+      float q = (w_norm > 0.0f && u_norm > 0.0f) ? w_norm / u_norm : 1.0f;  // q = 1 if a norm is 0
+      q = std::fmin(std::fmax(q, h.lo), h.hi);  // clip(q, lo, hi); lo = 0, hi = inf when off
+      if (flags[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
+      step[i] = lrs[i] * q;
+      stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
+    }  // implicit barrier: step[] is ready
+    for (int i = 0; i < n; ++i) {
+      if (flags[i] < 0.0f) continue;
+      int64_t lo, hi;
+      slice(len[i], t, nt, &lo, &hi);
+      pass2(h, wds[i], step[i], W(i), M(i), V(i), lo, hi);
+    }
   }
   return 0;
 }

@@ -32,19 +32,23 @@ from mindspore.ops import functional as F
 
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fused_cpu.cc")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-_lib_path = None
+_lib_path = {}
 _lib_error = None
 
 
-def library_path():
-    """Compile ``_fused_cpu.cc`` on first use (cached on disk) and return the .so path; raises on failure."""
-    global _lib_path, _lib_error
-    if _lib_path is not None:
-        return _lib_path
+def library_path(defines=()):
+    """Compile ``_fused_cpu.cc`` on first use (cached on disk) and return the .so path; raises on failure.
+
+    `defines`: extra -D flags, for benchmarking variants (``("LAMB_RECOMPUTE_U",)``)."""
+    global _lib_error
+    defines = tuple(defines)
+    if defines in _lib_path:
+        return _lib_path[defines]
     if _lib_error is not None:
         raise RuntimeError(_lib_error)
+    flags = _FLAGS + [f"-D{d}" for d in defines]
     with open(_SRC, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join(_FLAGS).encode() + os.uname().machine.encode()).hexdigest()[:16]
+        key = hashlib.sha256(f.read() + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
     cache = os.environ.get("MINDSPORE_LAMB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindspore_lamb"))
     path = os.path.join(cache, f"lamb_fused_cpu_{key}.so")
     if not os.path.exists(path):
@@ -55,13 +59,13 @@ def library_path():
         os.makedirs(cache, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        proc = subprocess.run([cxx, *_FLAGS, _SRC, "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *flags, _SRC, "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             os.unlink(tmp)
             _lib_error = f"compiling {_SRC} failed: {proc.stderr[-2000:]}"
             raise RuntimeError(_lib_error)
         os.replace(tmp, path)  # atomic: concurrent processes never load a half-written library
-    _lib_path = path
+    _lib_path[defines] = path
     return path
 
 
@@ -102,8 +106,8 @@ def sum_of_squares_op():
     return op
 
 
-def lamb_step_op(n_params):
-    op = ops.Custom(library_path() + ":LambStep", out_shape=lambda *shapes: (n_params, 3),
+def lamb_step_op(n_params, defines=()):
+    op = ops.Custom(library_path(defines) + ":LambStep", out_shape=lambda *shapes: (n_params, 3),
                     out_dtype=lambda *types: mstype.float32, func_type="aot")
     op.add_prim_attr("side_effect_mem", True)
     return op
