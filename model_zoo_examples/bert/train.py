@@ -15,7 +15,6 @@ import time
 
 import mindspore as ms
 import yaml
-from mindspore import nn
 from mindspore.train import CheckpointConfig, LossMonitor, Model, ModelCheckpoint, TimeMonitor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -25,17 +24,11 @@ from model import BertConfig, BertPreTraining, BertPretrainEval, BertPretrainLos
 from pretrain_data import Masker, prepare_data, pretrain_dataset  # noqa: E402
 
 from mindspore_lamb import Lamb  # noqa: E402
-from mindspore_lamb.groups import bert_param_groups  # noqa: E402
+from mindspore_lamb.groups import bert_param_groups, is_no_decay  # noqa: E402
 from mindspore_lamb.schedules import WarmupPolynomialDecayLR  # noqa: E402
 
-try:  # being written in parallel; until it lands, a plain TrainOneStepCell is used
-    from mindspore_lamb.train_step import LossScaleTrainStep
-except ImportError:  # pragma: no cover
-    LossScaleTrainStep = None
-try:
-    from mindspore_lamb.diagnostics import TrustRatioMonitor
-except ImportError:  # pragma: no cover
-    TrustRatioMonitor = None
+from mindspore_lamb.diagnostics import TrustRatioMonitor  # noqa: E402
+from mindspore_lamb.train_step import LossScaleTrainStep  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CKPT_PREFIX = "bert"
@@ -56,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--max_documents", type=int, help="use only the first N documents of the corpus")
     p.add_argument("--max_steps_per_epoch", type=int, help="cut each epoch short (smoke tests)")
     p.add_argument("--device_target", help="CPU, GPU or Ascend (default: MindSpore's choice)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config entry, e.g. --set train.learning_rate=0.02 (repeatable)")
     p.add_argument("--num_shards", type=int, help="data-parallel: number of shards of the training data")
     p.add_argument("--shard_id", type=int, help="data-parallel: this process's shard")
     return p.parse_args(argv)
@@ -72,6 +67,12 @@ def load_config(args):
             cfg["train"][key] = getattr(args, key)
     if args.max_documents:
         cfg["data"]["max_documents"] = args.max_documents
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if section not in cfg or not name or not value:
+            raise SystemExit(f"--set {item}: expected SECTION.KEY=VALUE with SECTION in {sorted(cfg)}")
+        cfg[section][name] = yaml.safe_load(value)
     return cfg
 
 
@@ -93,12 +94,20 @@ def build_optimizer(net, tcfg, optimizer_steps):
     lr = WarmupPolynomialDecayLR(tcfg["learning_rate"], tcfg["end_learning_rate"], warmup,
                                  max(optimizer_steps, 1), tcfg["power"])
     groups = bert_param_groups(net.trainable_params(), tcfg["weight_decay"])
-    return Lamb(groups, lr, beta1=tcfg["beta1"], beta2=tcfg["beta2"], eps=tcfg["eps"])
+    if not tcfg.get("no_decay_layer_adaptation", True):
+        # As tfa.optimizers.LAMB and the LAMB authors' BERT code: LayerNorm and bias parameters take
+        # plain AdamW steps (q = 1). With layer adaptation, zero-initialised ones (biases, LayerNorm
+        # beta, the MLM output bias) get q = ||w|| / ||u|| ~ 1e-3 .. 1e-6 and barely move.
+        for group in groups:
+            if "params" in group and all(is_no_decay(p.name) for p in group["params"]):
+                group["layer_adaptation"] = False
+    clip = tcfg.get("trust_ratio_clip")
+    return Lamb(groups, lr, beta1=tcfg["beta1"], beta2=tcfg["beta2"], eps=tcfg["eps"],
+                trust_ratio_clip=tuple(clip) if clip else None)
 
 
 def build_train_cell(loss_net, optimizer, tcfg):
-    if LossScaleTrainStep is None:
-        return nn.TrainOneStepCell(loss_net, optimizer)
+    """Dynamic loss scaling (a no-op for float32 on CPU, needed for float16), clipping, accumulation."""
     return LossScaleTrainStep(loss_net, optimizer, init_scale=tcfg["loss_scale"],
                               scale_window=tcfg["loss_scale_window"], max_grad_norm=tcfg["max_grad_norm"],
                               accumulation_steps=tcfg["accumulation_steps"])
@@ -174,10 +183,8 @@ def main(argv=None):
     callbacks = [LossMonitor(tcfg["log_every"]), TimeMonitor(steps_per_epoch), LossRecorder(loss_log),
                  ModelCheckpoint(CKPT_PREFIX, ckpt_dir, CheckpointConfig(
                      save_checkpoint_steps=steps_per_epoch, keep_checkpoint_max=tcfg["keep_checkpoint_max"]))]
-    trust = None
-    if TrustRatioMonitor is not None:
-        trust = TrustRatioMonitor(optimizer, every=tcfg["trust_ratio_every"])
-        callbacks.append(trust)
+    trust = TrustRatioMonitor(optimizer, every=tcfg["trust_ratio_every"])
+    callbacks.append(trust)
     t_train = time.time()
     if initial_epoch < tcfg["epochs"]:
         model.train(tcfg["epochs"], train_ds, callbacks=callbacks, dataset_sink_mode=False,
@@ -189,10 +196,13 @@ def main(argv=None):
     records = read_loss_log(loss_log)
     if records:
         print(f"loss curve: {plot_loss(records, os.path.join(out, 'loss.png'))}")
-    if trust is not None and trust.records:
-        trust.save(os.path.join(out, "trust_ratios.json"))
-        trust.plot(os.path.join(out, "trust_ratios.png"))
-        print(f"trust ratios: {os.path.join(out, 'trust_ratios.png')}")
+    if trust.records:
+        trust.save(os.path.join(out, "trust_ratios.csv"))
+        adapted = TrustRatioMonitor(optimizer)  # plot the layer-adapted parameters only (q = 1 for the others)
+        names = {n for n, a in zip(optimizer.param_names, optimizer.adapt_flags) if a}
+        adapted.records = [r for r in trust.records if r["name"] in names]
+        print(f"trust ratios: {adapted.plot(os.path.join(out, 'trust_ratios.png'))} "
+              f"(all parameters in trust_ratios.csv)")
     results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start,
                    steps=total_steps - initial_epoch * steps_per_epoch, config=cfg)
     with open(os.path.join(out, "results.json"), "w") as f:
