@@ -3,6 +3,8 @@
 A subclass, so that lamb.py stays untouched; benchmarks/integrate_fused.patch puts the same code into
 Lamb itself. Usable as ``python benchmarks/bench_step.py --opts Lamb,bench:proto_fused.FusedLamb,Adam,...``.
 """
+import os
+
 import numpy as np
 
 import mindspore.common.dtype as mstype
@@ -19,6 +21,7 @@ class FusedLamb(Lamb):
     """Lamb whose pre-pass and update are the two fused CPU kernels (when usable; else the composite)."""
 
     defines = ()
+    src = _fused_cpu._SRC
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -26,7 +29,7 @@ class FusedLamb(Lamb):
         if self.fused:
             n = self.param_length
             self.fused_sumsq = _fused_cpu.sum_of_squares_op()
-            self.fused_step = _fused_cpu.lamb_step_op(n, self.defines)
+            self.fused_step = _fused_cpu.lamb_step_op(n, self.defines, self.src)
             self.decay_mask = Tensor(np.array(self.decay_flags, np.float32))
             self.ones_n = Tensor(np.ones(n, np.float32))
             self.fused_flags = Tensor(np.array([(1.0 if a else 0.0) if f else -1.0
@@ -79,3 +82,9 @@ class FusedLamb(Lamb):
         done = F.assign(self.layer_stats, stats)
         return F.depend(done, F.assign(self.last_grad_norm, grad_norm))
 
+
+
+class FusedLambStatic(FusedLamb):
+    """Variant (measured, not kept): static per-thread slices instead of dynamic chunks; source given by
+    $LAMB_STATIC_SRC (git show 9f467d4:mindspore_lamb/_fused_cpu.cc > /tmp/fused_static.cc)."""
+    src = os.environ.get("LAMB_STATIC_SRC", "/tmp/fused_static.cc")

@@ -17,10 +17,11 @@
 // the norms accumulate in double. 40 bytes of memory traffic per element:
 //   pass 1: m, v updated and stored; ||w||^2 and ||u||^2 accumulated (read w g m v, write m v);
 //   pass 2: u recomputed from the stored m, v and w (bit-identical to pass 1's), w -= lr q u.
-// ONE OpenMP parallel region per call, each thread owning the same contiguous slice of every tensor in
-// both passes, with a single barrier between them: on a loaded machine a fork/join per tensor (~400 per
-// call for BERT-base) costs a scheduler time slice each whenever a thread is preempted.
-// Norms are summed per thread, then over threads in thread order: deterministic for a thread count.
+// ONE OpenMP parallel region per call with a single barrier between the passes (on a loaded machine a
+// fork/join per tensor, ~400 per call for BERT-base, costs a scheduler time slice whenever a thread is
+// preempted). The work is cut into chunks of kChunk elements of one tensor, handed out dynamically, so
+// a thread that runs takes the work of one that is preempted. Each chunk's partial norms are summed in
+// chunk order: the results do not depend on the number of threads or on the scheduling.
 #include <omp.h>
 
 #include <cmath>
@@ -47,11 +48,20 @@ inline float update_u(const Hyper &h, float m, float v, float w, float wd) {
   return r + wd * w;                                         // u = r + lambda w
 }
 
-// [lo, hi) of thread t of nth over len elements, slices rounded to 16 floats (one cache line).
-inline void slice(int64_t len, int t, int nth, int64_t *lo, int64_t *hi) {
-  int64_t per = ((len + nth - 1) / nth + 15) / 16 * 16;
-  *lo = std::min(len, per * t);
-  *hi = std::min(len, *lo + per);
+constexpr int64_t kChunk = 1 << 16;  // elements: 256 KiB of each array
+
+struct Chunk {
+  int tensor;
+  int64_t lo, hi;
+};
+
+std::vector<Chunk> make_chunks(const std::vector<int64_t> &len, const float *flags) {
+  std::vector<Chunk> chunks;
+  for (int i = 0; i < static_cast<int>(len.size()); ++i) {
+    if (flags != nullptr && flags[i] < 0.0f) continue;  // another rank updates it (parallel optimizer)
+    for (int64_t lo = 0; lo < len[i]; lo += kChunk) chunks.push_back({i, lo, std::min(len[i], lo + kChunk)});
+  }
+  return chunks;
 }
 
 void pass1(const Hyper &h, float wd, const float *w, float *m, float *v, const float *g, int64_t lo, int64_t hi,
@@ -99,20 +109,16 @@ extern "C" int LambSumSq(int nparam, void **params, int *ndims, int64_t **shapes
   std::vector<int64_t> len(n);
   int64_t total_len = 0;
   for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[i], shapes[i]));
-  int nth = threads_for(total_len);
-  std::vector<double> part(nth, 0.0);
-#pragma omp parallel num_threads(nth)
-  {
-    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+  std::vector<Chunk> chunks = make_chunks(len, nullptr);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  std::vector<double> part(nc);
+#pragma omp parallel for schedule(dynamic) num_threads(threads_for(total_len))
+  for (int64_t c = 0; c < nc; ++c) {
+    const float *g = static_cast<const float *>(params[chunks[c].tensor]);
     double s = 0.0;
-    for (int i = 0; i < n; ++i) {
-      const float *g = static_cast<const float *>(params[i]);
-      int64_t lo, hi;
-      slice(len[i], t, nt, &lo, &hi);
 #pragma omp simd reduction(+ : s)
-      for (int64_t j = lo; j < hi; ++j) s += static_cast<double>(g[j]) * g[j];
-    }
-    part[t] = s;
+    for (int64_t j = chunks[c].lo; j < chunks[c].hi; ++j) s += static_cast<double>(g[j]) * g[j];
+    part[c] = s;
   }
   double total = 0.0;
   for (double s : part) total += s;
@@ -139,45 +145,44 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   std::vector<int64_t> len(n);
   int64_t total_len = 0;
   for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[4 + i], shapes[4 + i]));
-  int nth = threads_for(total_len);
-  std::vector<double> part(static_cast<size_t>(nth) * n * 2, 0.0);  // [thread][param][w_sq, u_sq]
+  std::vector<Chunk> chunks = make_chunks(len, flags);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  std::vector<double> part(2 * nc);  // [chunk][w_sq, u_sq]
   std::vector<float> step(n);
 
-#pragma omp parallel num_threads(nth)
+#pragma omp parallel num_threads(threads_for(total_len))
   {
-    int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    for (int i = 0; i < n; ++i) {
-      if (flags[i] < 0.0f) continue;                      // another rank updates it (parallel optimizer)
-      int64_t lo, hi;
-      slice(len[i], t, nt, &lo, &hi);
-      double *p = &part[(static_cast<size_t>(t) * n + i) * 2];
-      pass1(h, wds[i], W(i), M(i), V(i), G(i), lo, hi, p, p + 1);
-    }
-#pragma omp barrier
+#pragma omp for schedule(dynamic)
+    for (int64_t c = 0; c < nc; ++c) {  // pass 1
+      const Chunk &k = chunks[c];
+      pass1(h, wds[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), G(k.tensor), k.lo, k.hi, &part[2 * c],
+            &part[2 * c + 1]);
+    }  // implicit barrier
 #pragma omp single
-    for (int i = 0; i < n; ++i) {
-      if (flags[i] < 0.0f) {
-        stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
-        continue;
+    {
+      std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
+      for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
+        w_sq[chunks[c].tensor] += part[2 * c];
+        u_sq[chunks[c].tensor] += part[2 * c + 1];
       }
-      double w_sq = 0.0, u_sq = 0.0;
-      for (int k = 0; k < nt; ++k) {
-        w_sq += part[(static_cast<size_t>(k) * n + i) * 2];
-        u_sq += part[(static_cast<size_t>(k) * n + i) * 2 + 1];
+      for (int i = 0; i < n; ++i) {
+        if (flags[i] < 0.0f) {
+          stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
+          continue;
+        }
+        float w_norm = std::sqrt(static_cast<float>(w_sq[i]));
+        float u_norm = std::sqrt(static_cast<float>(u_sq[i]));
+        float q = (w_norm > 0.0f && u_norm > 0.0f) ? w_norm / u_norm : 1.0f;  // q = 1 if a norm is 0
+        q = std::fmin(std::fmax(q, h.lo), h.hi);  // clip(q, lo, hi); lo = 0, hi = inf when off
+        if (flags[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
+        step[i] = lrs[i] * q;
+        stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
       }
-      float w_norm = std::sqrt(static_cast<float>(w_sq));
-      float u_norm = std::sqrt(static_cast<float>(u_sq));
-      float q = (w_norm > 0.0f && u_norm > 0.0f) ? w_norm / u_norm : 1.0f;  // q = 1 if a norm is 0
-      q = std::fmin(std::fmax(q, h.lo), h.hi);  // clip(q, lo, hi); lo = 0, hi = inf when off
-      if (flags[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
-      step[i] = lrs[i] * q;
-      stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
     }  // implicit barrier: step[] is ready
-    for (int i = 0; i < n; ++i) {
-      if (flags[i] < 0.0f) continue;
-      int64_t lo, hi;
-      slice(len[i], t, nt, &lo, &hi);
-      pass2(h, wds[i], step[i], W(i), M(i), V(i), lo, hi);
+#pragma omp for schedule(dynamic)
+    for (int64_t c = 0; c < nc; ++c) {  // pass 2
+      const Chunk &k = chunks[c];
+      pass2(h, wds[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), k.lo, k.hi);
     }
   }
   return 0;

@@ -36,18 +36,18 @@ _lib_path = {}
 _lib_error = None
 
 
-def library_path(defines=()):
+def library_path(defines=(), src=_SRC):
     """Compile ``_fused_cpu.cc`` on first use (cached on disk) and return the .so path; raises on failure.
 
-    `defines`: extra -D flags, for benchmarking variants (``("LAMB_RECOMPUTE_U",)``)."""
+    `defines` (extra -D flags) and `src` (another source file) are for benchmarking variants."""
     global _lib_error
-    defines = tuple(defines)
-    if defines in _lib_path:
-        return _lib_path[defines]
+    key_ = (tuple(defines), src)
+    if key_ in _lib_path:
+        return _lib_path[key_]
     if _lib_error is not None:
         raise RuntimeError(_lib_error)
     flags = _FLAGS + [f"-D{d}" for d in defines]
-    with open(_SRC, "rb") as f:
+    with open(src, "rb") as f:
         key = hashlib.sha256(f.read() + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
     cache = os.environ.get("MINDSPORE_LAMB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindspore_lamb"))
     path = os.path.join(cache, f"lamb_fused_cpu_{key}.so")
@@ -59,13 +59,13 @@ def library_path(defines=()):
         os.makedirs(cache, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        proc = subprocess.run([cxx, *flags, _SRC, "-o", tmp], capture_output=True, text=True)
+        proc = subprocess.run([cxx, *flags, src, "-o", tmp], capture_output=True, text=True)
         if proc.returncode != 0:
             os.unlink(tmp)
-            _lib_error = f"compiling {_SRC} failed: {proc.stderr[-2000:]}"
+            _lib_error = f"compiling {src} failed: {proc.stderr[-2000:]}"
             raise RuntimeError(_lib_error)
         os.replace(tmp, path)  # atomic: concurrent processes never load a half-written library
-    _lib_path[defines] = path
+    _lib_path[key_] = path
     return path
 
 
@@ -106,8 +106,8 @@ def sum_of_squares_op():
     return op
 
 
-def lamb_step_op(n_params, defines=()):
-    op = ops.Custom(library_path(defines) + ":LambStep", out_shape=lambda *shapes: (n_params, 3),
+def lamb_step_op(n_params, defines=(), src=_SRC):
+    op = ops.Custom(library_path(defines, src) + ":LambStep", out_shape=lambda *shapes: (n_params, 3),
                     out_dtype=lambda *types: mstype.float32, func_type="aot")
     op.add_prim_attr("side_effect_mem", True)
     return op
