@@ -12,6 +12,7 @@ from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 from mindspore.ops.primitive import _primexpr
 
+from . import _fused_cpu
 from . import _validation as V
 from ._update import centralize, lamb_update, sum_of_squares
 
@@ -182,6 +183,17 @@ class Lamb(Optimizer):
         self.stack = P.Stack()
         self.addn = P.AddN()
         self.isfinite = P.IsFinite()
+        # CPU, float32 parameters: the pre-pass and the step are two fused C++ kernels (_fused_cpu.cc);
+        # elsewhere (GPU, Ascend, float16/bfloat16) the composite graph of _update.py. Same results.
+        self.fused = _fused_cpu.usable(self.params)
+        if self.fused:
+            self.fused_sum_of_squares = _fused_cpu.sum_of_squares_op()
+            self.fused_step = _fused_cpu.lamb_step_op(self.param_length)
+            self.decay_mask = Tensor(np.array(self.decay_flags, np.float32))
+            self.ones = Tensor(np.ones(self.param_length, np.float32))
+            self.fused_flags = Tensor(np.array([(1.0 if adapt else 0.0) if mine else -1.0
+                                                for adapt, mine in zip(self.adapt_flags, self.optim_filter)],
+                                               np.float32))
 
     def gradients_centralization(self, gradients):
         """Centralize the gradients of groups with ``grad_centralization=True`` (rank >= 2 tensors)."""
@@ -194,7 +206,11 @@ class Lamb(Optimizer):
         gradients = self.flatten_gradients(gradients)
         gradients = self.gradients_centralization(gradients)
         # G: global L2 norm of the unscaled gradients; also the finiteness test (NaN/Inf anywhere -> G not finite)
-        grad_norm = F.sqrt(self.addn(self.hyper_map(sum_of_squares, gradients))) * self.inv_loss_scale
+        if self.fused:
+            sum_sq = F.reshape(self.fused_sum_of_squares(*gradients), ())
+        else:
+            sum_sq = self.addn(self.hyper_map(sum_of_squares, gradients))
+        grad_norm = F.sqrt(sum_sq) * self.inv_loss_scale
         finite = self.isfinite(grad_norm)
         if finite:
             done = F.depend(finite, self._apply(gradients, grad_norm))
@@ -215,18 +231,35 @@ class Lamb(Optimizer):
             grad_scale = grad_scale * F.minimum(self.max_grad_norm / grad_norm, 1.0)
         self.assignadd(self.global_step, self.global_step_increase_tensor)
 
-        if not self.is_group_lr:
-            lr = (lr,) * self.param_length
-        if not self.is_group:
-            weight_decay = (weight_decay,) * self.param_length
-        stats = self.hyper_map(F.partial(lamb_update, self.beta1, self.beta2, self.eps, bias_c1, bias_c2,
-                                         grad_scale, self.trust_lo, self.trust_hi, self.clip_trust),
-                               lr, weight_decay, self.params, self.moments1, self.moments2, gradients,
-                               self.decay_flags, self.adapt_flags, self.optim_filter)
+        if self.fused:
+            stats = self._fused_update(lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients)
+        else:
+            if not self.is_group_lr:
+                lr = (lr,) * self.param_length
+            if not self.is_group:
+                weight_decay = (weight_decay,) * self.param_length
+            stats = self.stack(self.hyper_map(F.partial(lamb_update, self.beta1, self.beta2, self.eps, bias_c1,
+                                                        bias_c2, grad_scale, self.trust_lo, self.trust_hi,
+                                                        self.clip_trust),
+                                              lr, weight_decay, self.params, self.moments1, self.moments2,
+                                              gradients, self.decay_flags, self.adapt_flags, self.optim_filter))
         if self.use_parallel:
             stats = F.depend(stats, self.broadcast_params(stats))
-        done = F.assign(self.layer_stats, self.stack(stats))
+        done = F.assign(self.layer_stats, stats)
         return F.depend(done, F.assign(self.last_grad_norm, grad_norm))
+
+    def _fused_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients):
+        """The update of _update.lamb_update for all parameters in one kernel (in place); returns stats (n, 3)."""
+        to_f32 = _fused_cpu.to_f32_scalar
+        lrs = self.stack(self.hyper_map(to_f32, lr)) if self.is_group_lr else self.ones * to_f32(lr)
+        if self.is_group:
+            wds = self.stack(self.hyper_map(to_f32, weight_decay)) * self.decay_mask
+        else:
+            wds = self.decay_mask * to_f32(weight_decay)
+        hyper = self.stack((self.beta1, self.beta2, self.eps, to_f32(bias_c1), to_f32(bias_c2), to_f32(grad_scale),
+                            self.trust_lo, self.trust_hi))
+        return self.fused_step(hyper, lrs, wds, self.fused_flags,
+                               *self.params, *self.moments1, *self.moments2, *gradients)
 
     # ---- host-side readers (each reads device memory once; call them outside the step) ----
 
