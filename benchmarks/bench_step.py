@@ -14,7 +14,9 @@ calls Lamb, Adam, AdamWeightDecay (rotated each round), each call followed by
 compile time (first call minus the steady-state median). Peak memory is measured in separate child
 processes, one per optimizer: RSS after building parameters, gradients and the optimizer (its moments),
 and the peak RSS (ru_maxrss) after a few calls; "extra" = peak - that, as a multiple of the parameter
-bytes (target: <= 1.0, one float32 buffer of the parameters' size).
+bytes. The moments are allocated lazily (at the first call), so every optimizer's "extra" includes its
+moments and the runtime's own buffers: compare with nn.Adam's ("-Adam" column; target <= 1.0, one float32
+buffer of the parameters' size).
 
 Run:  python benchmarks/bench_step.py [--sets base,large,small] [--repeats 15] [--no-mem]
 A tiny learning rate keeps the parameters finite for all calls (so Lamb never takes its skip branch).
@@ -86,6 +88,17 @@ def make_optimizer(kind, params):
     if kind == "Lamb":
         from mindspore_lamb import Lamb
         return Lamb(params, learning_rate=1e-7, weight_decay=0.01)
+    if kind == "Lamb-composite":        # the portable composite graph (the path of GPU/Ascend/float16)
+        from mindspore_lamb import Lamb
+        old = os.environ.get("MINDSPORE_LAMB_FUSED")
+        os.environ["MINDSPORE_LAMB_FUSED"] = "0"
+        try:
+            return Lamb(params, learning_rate=1e-7, weight_decay=0.01)
+        finally:
+            if old is None:
+                del os.environ["MINDSPORE_LAMB_FUSED"]
+            else:
+                os.environ["MINDSPORE_LAMB_FUSED"] = old
     if kind == "Adam":
         return nn.Adam(params, learning_rate=1e-7)
     if kind == "AdamWeightDecay":
@@ -210,7 +223,8 @@ def main():
     ap.add_argument("--sets", default="base,small", help="comma list of base,large,small (default base,small)")
     ap.add_argument("--repeats", type=int, default=15, help="timed calls per optimizer (after 2 warm-up calls)")
     ap.add_argument("--opts", default=",".join(OPTIMIZERS),
-                    help="optimizers, comma list; 'bench:module.Class' loads a prototype from benchmarks/")
+                    help="optimizers, comma list of Lamb (fused on CPU), Lamb-composite, Adam, AdamWeightDecay; "
+                         "'bench:module.Class' loads a prototype from benchmarks/")
     ap.add_argument("--no-mem", action="store_true", help="skip the per-optimizer peak-memory children")
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -258,9 +272,11 @@ def main():
             print("peak memory (separate process per optimizer; extra = peak RSS - RSS after construction):")
             for k in kinds:
                 m = mems[k]
+                vs = (f"  (-Adam: {(m['extra_mib'] - mems['Adam']['extra_mib']) / m['param_mib']:+.2f} x params)"
+                      if "Adam" in mems else "")
                 print(f"  {k:<32} params {m['param_mib']:>7.0f} MiB  after-construct {m['rss_before_mib']:>7.0f} MiB"
                       f"  peak {m['peak_mib']:>7.0f} MiB  extra {m['extra_mib']:>7.0f} MiB"
-                      f" = {m['extra_over_params']:.2f} x params")
+                      f" = {m['extra_over_params']:.2f} x params{vs}")
         sys.stdout.flush()
     if a.json:
         with open(a.json, "w") as f:
