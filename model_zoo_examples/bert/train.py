@@ -22,6 +22,7 @@ from corpus import write_kjv_text  # noqa: E402
 from evaluate import LossRecorder, metrics, plot_loss, read_loss_log  # noqa: E402
 from model import BertConfig, BertPreTraining, BertPretrainEval, BertPretrainLoss  # noqa: E402
 from pretrain_data import Masker, prepare_data, pretrain_dataset  # noqa: E402
+from tokenizer import WordPiece  # noqa: E402
 
 from mindspore_lamb import Lamb  # noqa: E402
 from mindspore_lamb.groups import bert_param_groups, is_no_decay  # noqa: E402
@@ -138,7 +139,6 @@ def main(argv=None):
     if not args.corpus and not os.path.isfile(corpus):
         write_kjv_text(corpus)
     info = prepare_data(os.path.join(out, "data"), corpus, dcfg, args.vocab)
-    from tokenizer import WordPiece
     wp = WordPiece(info["vocab"], dcfg["lowercase"])
     special = [wp.pad_id, wp.cls_id, wp.sep_id]
     n_pred = dcfg["max_predictions_per_seq"]
