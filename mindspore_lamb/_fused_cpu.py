@@ -36,6 +36,18 @@ _lib_path = {}
 _lib_error = None
 
 
+def _cpu_signature():
+    """Architecture and CPU feature flags: the library is built with -march=native, so a cache directory
+    shared between machines (a network home) must not hand an AVX-512 build to a CPU without it."""
+    sig = os.uname().machine
+    try:
+        with open("/proc/cpuinfo") as f:
+            sig += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return sig.encode()
+
+
 def library_path(defines=(), src=_SRC):
     """Compile ``_fused_cpu.cc`` on first use (cached on disk) and return the .so path; raises on failure.
 
@@ -48,7 +60,7 @@ def library_path(defines=(), src=_SRC):
         raise RuntimeError(_lib_error)
     flags = _FLAGS + [f"-D{d}" for d in defines]
     with open(src, "rb") as f:
-        key = hashlib.sha256(f.read() + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()[:16]
+        key = hashlib.sha256(f.read() + " ".join(flags).encode() + _cpu_signature()).hexdigest()[:16]
     cache = os.environ.get("MINDSPORE_LAMB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mindspore_lamb"))
     path = os.path.join(cache, f"lamb_fused_cpu_{key}.so")
     if not os.path.exists(path):
