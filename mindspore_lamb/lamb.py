@@ -231,22 +231,23 @@ class Lamb(Optimizer):
             grad_scale = grad_scale * F.minimum(self.max_grad_norm / grad_norm, 1.0)
         self.assignadd(self.global_step, self.global_step_increase_tensor)
 
-        if self.fused:
-            stats = self._fused_update(lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients)
-        else:
-            if not self.is_group_lr:
-                lr = (lr,) * self.param_length
-            if not self.is_group:
-                weight_decay = (weight_decay,) * self.param_length
-            stats = self.stack(self.hyper_map(F.partial(lamb_update, self.beta1, self.beta2, self.eps, bias_c1,
-                                                        bias_c2, grad_scale, self.trust_lo, self.trust_hi,
-                                                        self.clip_trust),
-                                              lr, weight_decay, self.params, self.moments1, self.moments2,
-                                              gradients, self.decay_flags, self.adapt_flags, self.optim_filter))
+        update = self._fused_update if self.fused else self._composite_update
+        stats = update(lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients)
         if self.use_parallel:
             stats = F.depend(stats, self.broadcast_params(stats))
         done = F.assign(self.layer_stats, stats)
         return F.depend(done, F.assign(self.last_grad_norm, grad_norm))
+
+    def _composite_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients):
+        """_update.lamb_update applied to every parameter with HyperMap (the portable path); returns stats (n, 3)."""
+        if not self.is_group_lr:
+            lr = (lr,) * self.param_length
+        if not self.is_group:
+            weight_decay = (weight_decay,) * self.param_length
+        return self.stack(self.hyper_map(F.partial(lamb_update, self.beta1, self.beta2, self.eps, bias_c1, bias_c2,
+                                                   grad_scale, self.trust_lo, self.trust_hi, self.clip_trust),
+                                         lr, weight_decay, self.params, self.moments1, self.moments2, gradients,
+                                         self.decay_flags, self.adapt_flags, self.optim_filter))
 
     def _fused_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients):
         """The update of _update.lamb_update for all parameters in one kernel (in place); returns stats (n, 3)."""
