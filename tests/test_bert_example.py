@@ -116,3 +116,22 @@ def test_smoke_train_checkpoint_resume(smoke_config, tmp_path, capsys):
     records = [json.loads(line) for line in open(os.path.join(out, "loss.jsonl"))]
     assert len(records) == 8 and all(math.isfinite(r["loss"]) for r in records)
     assert train.latest_checkpoint(os.path.join(out, "checkpoints"))[1] == 2
+
+
+@pytest.mark.distributed
+def test_distributed_two_workers(smoke_config, tmp_path):
+    """`train.py --distributed` under msrun: rank 0 builds the data cache while rank 1 waits, both train on
+    their shard with averaged gradients, and both evaluate the same weights; rank 0 alone writes files."""
+    import glob
+    import train
+    from msrun_launch import run_two_workers
+    out = str(tmp_path / "run")
+    run_two_workers(str(tmp_path), [os.path.join(BERT_DIR, "train.py"), "--distributed", "--config", smoke_config,
+                                    "--output_dir", out, "--max_documents", "40", "--max_steps_per_epoch", "4",
+                                    "--device_target", "CPU", "--epochs", "1"], timeout=300)
+    assert train.latest_checkpoint(os.path.join(out, "checkpoints"))[1] == 1
+    assert len(open(os.path.join(out, "loss.jsonl")).readlines()) == 4
+    after = []
+    for log in sorted(glob.glob(str(tmp_path / "msrun_log_port*" / "worker_*.log"))):
+        after += [line for line in open(log, errors="replace") if line.startswith("[eval after training]")]
+    assert len(after) == 2 and after[0] == after[1], after

@@ -52,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--device_target", help="CPU, GPU or Ascend (default: MindSpore's choice)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config entry, e.g. --set train.learning_rate=0.02 (repeatable)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel under msrun: init(), DATA_PARALLEL with gradients_mean, one data shard "
+                        "per worker; rank 0 prepares the data and writes checkpoints and pictures")
     p.add_argument("--num_shards", type=int, help="data-parallel: number of shards of the training data")
     p.add_argument("--shard_id", type=int, help="data-parallel: this process's shard")
     return p.parse_args(argv)
@@ -122,6 +125,15 @@ def evaluate(model, dataset, label):
     return result
 
 
+def init_data_parallel(args):
+    """msrun worker: join the group, average gradients across it, read one shard per worker; returns the rank."""
+    from mindspore.communication import get_group_size, get_rank, init
+    init()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
+    args.num_shards, args.shard_id = get_group_size(), get_rank()
+    return args.shard_id
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args)
@@ -132,13 +144,20 @@ def main(argv=None):
     if args.device_target:
         ms.set_context(device_target=args.device_target)
     ms.set_seed(dcfg["seed"])
+    rank = init_data_parallel(args) if args.distributed else 0
     t_start = time.time()
 
-    # ---- data: corpus -> vocab -> MindRecord cache (reused by later runs) ----
+    # ---- data: corpus -> vocab -> MindRecord cache (reused by later runs; built by rank 0 alone) ----
     corpus = args.corpus or os.path.join(out, "corpus", "kjv.txt")
-    if not args.corpus and not os.path.isfile(corpus):
-        write_kjv_text(corpus)
-    info = prepare_data(os.path.join(out, "data"), corpus, dcfg, args.vocab)
+    if rank == 0:
+        if not args.corpus and not os.path.isfile(corpus):
+            write_kjv_text(corpus)
+        info = prepare_data(os.path.join(out, "data"), corpus, dcfg, args.vocab)
+    if args.distributed:
+        from mindspore.mint.distributed import barrier
+        barrier()                                  # the other ranks wait for the cache, then reuse it
+        if rank != 0:
+            info = prepare_data(os.path.join(out, "data"), corpus, dcfg, args.vocab, log=lambda *_: None)
     wp = WordPiece(info["vocab"], dcfg["lowercase"])
     special = [wp.pad_id, wp.cls_id, wp.sep_id]
     n_pred = dcfg["max_predictions_per_seq"]
@@ -174,23 +193,25 @@ def main(argv=None):
             print(f"resumed from {path}: {initial_epoch} epochs done", flush=True)
         else:
             print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch", flush=True)
-    if initial_epoch == 0 and os.path.exists(loss_log):
+    if rank == 0 and initial_epoch == 0 and os.path.exists(loss_log):
         os.remove(loss_log)
 
     results = {"before": evaluate(model, eval_ds, "before training" if initial_epoch == 0 else "at resume")}
 
     # ---- train ----
-    callbacks = [LossMonitor(tcfg["log_every"]), TimeMonitor(steps_per_epoch), LossRecorder(loss_log),
-                 ModelCheckpoint(CKPT_PREFIX, ckpt_dir, CheckpointConfig(
-                     save_checkpoint_steps=steps_per_epoch, keep_checkpoint_max=tcfg["keep_checkpoint_max"]))]
+    callbacks = [LossMonitor(tcfg["log_every"]), TimeMonitor(steps_per_epoch)]
     trust = TrustRatioMonitor(optimizer, every=tcfg["trust_ratio_every"])
-    callbacks.append(trust)
+    if rank == 0:                                  # data parallel: every rank holds the same weights
+        callbacks += [LossRecorder(loss_log), trust, ModelCheckpoint(CKPT_PREFIX, ckpt_dir, CheckpointConfig(
+            save_checkpoint_steps=steps_per_epoch, keep_checkpoint_max=tcfg["keep_checkpoint_max"]))]
     t_train = time.time()
     if initial_epoch < tcfg["epochs"]:
         model.train(tcfg["epochs"], train_ds, callbacks=callbacks, dataset_sink_mode=False,
                     initial_epoch=initial_epoch)
     train_seconds = time.time() - t_train
     results["after"] = evaluate(model, eval_ds, "after training")
+    if rank != 0:
+        return results
 
     # ---- pictures and numbers ----
     records = read_loss_log(loss_log)
