@@ -181,7 +181,8 @@ class TrustRatioMonitor(Callback):
             def spread(name):
                 return max(abs(math.log(q)) if q > 0 else math.inf for q in series[name][1])
             names = sorted(names, key=spread, reverse=True)[:top_k]
-        fig = Figure(figsize=(8, 5))
+        outside = len(names) > 8                 # a long legend goes beside the axes, not over the curves
+        fig = Figure(figsize=(13 if outside else 8, 5))
         FigureCanvasAgg(fig)
         axes = fig.add_subplot(1, 1, 1)
         for name in names:
@@ -193,7 +194,10 @@ class TrustRatioMonitor(Callback):
         axes.set_ylabel("trust ratio  ||w|| / ||u||")
         axes.set_title("LAMB trust ratio per layer")
         axes.grid(True, alpha=0.3)
-        axes.legend(fontsize="small", loc="best")
-        fig.tight_layout()
-        fig.savefig(os.fspath(png_path), format="png")
+        if outside:
+            axes.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                        ncol=1 + len(names) // 30)
+        else:
+            axes.legend(fontsize="small", loc="best")
+        fig.savefig(os.fspath(png_path), format="png", bbox_inches="tight")
         return os.fspath(png_path)
