@@ -6,7 +6,9 @@
 // LambSumSq(g_0 .. g_{n-1}) -> float32[1]: sum of g^2 over every gradient (double accumulators).
 //
 // LambStep(hyper, lrs, wds, flags, w_0..w_{n-1}, m_0..m_{n-1}, v_0..v_{n-1}, g_0..g_{n-1}) -> stats (n, 3)
-//   hyper = float32[8]: beta1, beta2, eps, bias_c1, bias_c2, grad_scale, trust_lo, trust_hi
+//   hyper = float32[9]: beta1, beta2, eps, bias_c1, bias_c2, grad_scale, trust_lo, trust_hi, apply
+//   (apply = 0 for a call with a NaN/Inf gradient: nothing is touched, stats = (1, 0, 0); the caller
+//   keeps its previous stats)
 //   lrs[i], wds[i]: learning rate and weight decay of parameter i (wds[i] = 0 when i is not decayed)
 //   flags[i]: 1 = layer-adapted, 0 = q forced to 1 (layer_adaptation=False), -1 = not updated here
 //   w_i, m_i, v_i are float32 and are UPDATED IN PLACE (they are the Parameters' memory on CPU);
@@ -133,10 +135,16 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   if (!all_float32(0, nparam, dtypes)) return 2;
   const float *hp = static_cast<const float *>(params[0]);
   const Hyper h{hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7], 1.0f - hp[0], 1.0f - hp[1]};
+  float *stats = static_cast<float *>(params[nparam - 1]);
+  if (hp[8] == 0.0f) {  // skipped call: w, m, v untouched
+    for (int i = 0; i < n; ++i) {
+      stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
+    }
+    return 0;
+  }
   const float *lrs = static_cast<const float *>(params[1]);
   const float *wds = static_cast<const float *>(params[2]);
   const float *flags = static_cast<const float *>(params[3]);
-  float *stats = static_cast<float *>(params[nparam - 1]);
   auto W = [&](int i) { return static_cast<float *>(params[4 + i]); };
   auto M = [&](int i) { return static_cast<float *>(params[4 + n + i]); };
   auto V = [&](int i) { return static_cast<float *>(params[4 + 2 * n + i]); };

@@ -211,15 +211,12 @@ class Lamb(Optimizer):
         else:
             sum_sq = self.addn(self.hyper_map(sum_of_squares, gradients))
         grad_norm = F.sqrt(sum_sq) * self.inv_loss_scale
-        finite = self.isfinite(grad_norm)
-        if finite:
-            done = F.depend(finite, self._apply(gradients, grad_norm))
-        else:
-            done = F.depend(finite, F.assign_add(self.skipped, 1))  # nothing else changes: weights, moments, step
-        return F.depend(self.success, done)
+        return F.depend(self.success, self._apply(gradients, grad_norm, self.isfinite(grad_norm)))
 
-    def _apply(self, gradients, grad_norm):
-        """The step proper, taken only when every gradient is finite."""
+    def _apply(self, gradients, grad_norm, finite):
+        """The step. When `finite` is False it writes everything back unchanged (weights, moments, step,
+        diagnostics) and counts the call in `skipped`: arithmetic, not a graph `if`, whose branches keep
+        stale parameter memory once `Parameter.set_data` (e.g. load_param_into_net) replaced it."""
         lr = self.get_lr()                                   # lr_s, the step before this call
         weight_decay = self.get_weight_decay()               # lambda_s
         t = F.cast(self.global_step, mstype.float32) + 1.0   # bias correction uses t = s + 1
@@ -229,27 +226,31 @@ class Lamb(Optimizer):
         if self.max_grad_norm is not None:
             # NVLAMB: g * min(1, max_grad_norm / G); G == 0 gives inf -> 1
             grad_scale = grad_scale * F.minimum(self.max_grad_norm / grad_norm, 1.0)
-        self.assignadd(self.global_step, self.global_step_increase_tensor)
+        step = F.cast(finite, mstype.int32)
+        self.assignadd(self.global_step, self.global_step_increase_tensor * step)
+        F.assign_add(self.skipped, 1 - step)
 
         update = self._fused_update if self.fused else self._composite_update
-        stats = update(lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients)
+        stats = update(lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, finite)
         if self.use_parallel:
             stats = F.depend(stats, self.broadcast_params(stats))
-        done = F.assign(self.layer_stats, stats)
-        return F.depend(done, F.assign(self.last_grad_norm, grad_norm))
+        done = F.assign(self.layer_stats, F.select(finite, stats, self.layer_stats))
+        return F.depend(done, F.assign(self.last_grad_norm, F.select(finite, grad_norm, self.last_grad_norm)))
 
-    def _composite_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients):
+    def _composite_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, finite):
         """_update.lamb_update applied to every parameter with HyperMap (the portable path); returns stats (n, 3)."""
         if not self.is_group_lr:
             lr = (lr,) * self.param_length
         if not self.is_group:
             weight_decay = (weight_decay,) * self.param_length
-        return self.stack(self.hyper_map(F.partial(lamb_update, self.beta1, self.beta2, self.eps, bias_c1, bias_c2,
-                                                   grad_scale, self.trust_lo, self.trust_hi, self.clip_trust),
+        beta1 = F.select(finite, self.beta1, 1.0)           # skipped call: m = 1 m + 0 g, v = 1 v + 0 g^2
+        beta2 = F.select(finite, self.beta2, 1.0)
+        return self.stack(self.hyper_map(F.partial(lamb_update, beta1, beta2, self.eps, bias_c1, bias_c2,
+                                                   grad_scale, finite, self.trust_lo, self.trust_hi, self.clip_trust),
                                          lr, weight_decay, self.params, self.moments1, self.moments2, gradients,
                                          self.decay_flags, self.adapt_flags, self.optim_filter))
 
-    def _fused_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients):
+    def _fused_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, finite):
         """The update of _update.lamb_update for all parameters in one kernel (in place); returns stats (n, 3)."""
         to_f32 = _fused_cpu.to_f32_scalar
         lrs = self.stack(self.hyper_map(to_f32, lr)) if self.is_group_lr else self.ones * to_f32(lr)
@@ -258,7 +259,7 @@ class Lamb(Optimizer):
         else:
             wds = self.decay_mask * to_f32(weight_decay)
         hyper = self.stack((self.beta1, self.beta2, self.eps, to_f32(bias_c1), to_f32(bias_c2), to_f32(grad_scale),
-                            self.trust_lo, self.trust_hi))
+                            self.trust_lo, self.trust_hi, F.cast(finite, mstype.float32)))  # 0: change nothing
         return self.fused_step(hyper, lrs, wds, self.fused_flags,
                                *self.params, *self.moments1, *self.moments2, *gradients)
 
