@@ -15,6 +15,7 @@ from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
 from ._update import sum_of_squares
+from .lamb import Lamb
 from ._validation import _describe
 
 _NAME = "LossScaleTrainStep"
@@ -98,6 +99,12 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
 
     Use the optimizer without loss scale of its own (``loss_scale=1.0``): the gradients it receives are
     already unscaled.
+
+    With :class:`mindspore_lamb.Lamb` and ``accumulation_steps=1`` the optimizer is called on every step
+    and skips an overflowing one by itself (its gradients hold the NaN/Inf), so the step has no graph
+    branch and ``load_param_into_net`` into a cell that has already run is seen by later steps. Other
+    optimizers, and accumulation, are called inside a graph ``if``: there, load checkpoints before the
+    first step (MindSpore 2.10 keeps stale parameter memory in such a branch after ``set_data``).
 
     Args:
         network (Cell): the network with its loss (e.g. ``nn.WithLossCell``), returning a scalar loss.
@@ -190,6 +197,7 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         self.clip_norm = Tensor(max_grad_norm if self.clip else 1.0, mstype.float32)
 
         self.accumulate = accumulation_steps > 1
+        self.branch_free = isinstance(optimizer, Lamb)
         if self.accumulate:
             self.accum_grads = ParameterTuple(
                 Parameter(initializer("zeros", p.shape, mstype.float32), name=f"accum_grad.{p.name}",
@@ -216,6 +224,11 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         overflow = self._overflow(grads)
         if self.accumulate:
             overflow = self._accumulate_step(grads, overflow)
+        elif self.branch_free:
+            # Lamb skips a call whose gradients hold a NaN/Inf by itself, without a graph branch (a branch
+            # keeps stale parameter memory after Parameter.set_data, e.g. load_param_into_net)
+            loss = F.depend(loss, self.optimizer(self._clip(grads)))
+            loss = F.depend(loss, self._update_scale(overflow, None))
         else:
             if not overflow:
                 loss = F.depend(loss, self.optimizer(self._clip(grads)))
