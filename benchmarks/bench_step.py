@@ -68,7 +68,6 @@ SETS = {"base": lambda: bert_shapes(12, 768, 3072),
 
 def build(set_name, seed=0):
     import numpy as np
-    import mindspore as ms
     from mindspore import Parameter, Tensor
     rng = np.random.default_rng(seed)
     params, grads = [], []

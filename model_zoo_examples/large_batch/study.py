@@ -14,7 +14,6 @@ mean and standard deviation over all seeds. Writes runs.csv, table.csv, table.md
 accuracy_vs_batch.png under --output_dir.
 """
 import argparse
-import csv
 import os
 import sys
 import time
@@ -63,7 +62,7 @@ def main(argv=None):
     ms.set_device("CPU")
     os.makedirs(args.output_dir, exist_ok=True)
     sets, n_classes = data.splits(args.data, args.data_file)
-    (x_tr, y_tr), n_in = sets["train"], sets["train"][0].shape[1]
+    y_tr, n_in = sets["train"][1], sets["train"][0].shape[1]
     b0 = min(args.batch_sizes)
     print(f"data {args.data}: train {len(y_tr)}, val {len(sets['val'][1])}, test {len(sets['test'][1])}; "
           f"{args.epochs} epochs; lr = base * sqrt(batch / {b0})", flush=True)
