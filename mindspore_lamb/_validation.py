@@ -147,7 +147,7 @@ def check_params(params, prim="Lamb"):
         if any(isinstance(item, dict) for item in params):
             raise TypeError(f"For '{prim}', the argument 'params' must hold only Parameters or only dicts, "
                             f"but got a mix: {[type(item).__name__ for item in params]}.")
-        _check_unique([p for p in params], prim)
+        _check_unique(params, prim)
         return params
 
     grouped, order, groups = [], None, []

@@ -34,14 +34,11 @@ def _check_params(params):
     params = list(params)
     if not params:
         raise ValueError(f"For '{_NAME}', the argument 'params' must not be empty, but got [].")
-    seen = set()
     for index, param in enumerate(params):
         if not isinstance(param, Parameter):
             raise TypeError(f"For '{_NAME}', the argument 'params' must hold only Parameters, "
                             f"but got {_describe(param)} at index {index}.")
-        if param.name in seen:
-            raise ValueError(f"For '{_NAME}', the parameter '{param.name}' appears more than once in 'params'.")
-        seen.add(param.name)
+    V._check_unique(params, _NAME)
     return params
 
 
