@@ -3,21 +3,23 @@
 // MindSpore's aot calling convention (CPU): int f(int nparam, void **params, int *ndims,
 // int64_t **shapes, const char **dtypes, void *stream, void *extra); inputs first, then outputs.
 //
-// LambSumSq(g_0 .. g_{n-1}) -> float32[1]: sum of g^2 over every gradient (double accumulators).
+// LambSumSq(g_0 .. g_{n-1}) -> float32[1]: sum of g^2 over every gradient (double accumulators). The
+//   pre-pass, run only when G is needed before the update (max_grad_norm, exact_skip, parallel optimizer).
 //
-// LambStep(hyper, lrs, wds, flags, w_0..w_{n-1}, m_0..m_{n-1}, v_0..v_{n-1}, g_0..g_{n-1}) -> stats (n, 3)
-//   hyper = float32[9]: beta1, beta2, eps, bias_c1, bias_c2, grad_scale, trust_lo, trust_hi, apply
-//   (apply = 0 for a call with a NaN/Inf gradient: nothing is touched, stats = (1, 0, 0); the caller
-//   keeps its previous stats)
+// LambStep(hyper, lrs, wds, flags, w_0..w_{n-1}, m_0..m_{n-1}, v_0..v_{n-1}, g_0..g_{n-1}) -> stats (n + 1, 3)
+//   hyper = float32[10]: beta1, beta2, eps, bias_c1, bias_c2, grad_scale, trust_lo, trust_hi, apply,
+//   inv_loss_scale. apply = 0: the caller already knows this call is skipped: nothing is touched.
 //   lrs[i], wds[i]: learning rate and weight decay of parameter i (wds[i] = 0 when i is not decayed)
 //   flags[i]: 1 = layer-adapted, 0 = q forced to 1 (layer_adaptation=False), -1 = not updated here
 //   w_i, m_i, v_i are float32 and are UPDATED IN PLACE (they are the Parameters' memory on CPU);
-//   stats[i] = (q, ||w||, ||u||), as the composite update returns.
+//   stats[i] = (q, ||w||, ||u||), as the composite update returns; stats[n] = (sum of g^2, applied, 0).
 //
 // The arithmetic is that of mindspore_lamb/_update.py, operation by operation, in float32 (no FMA
 // contraction: -ffp-contract=off; -fno-math-errno lets sqrt vectorize, still correctly rounded); only
 // the norms accumulate in double. 40 bytes of memory traffic per element:
-//   pass 1: m, v updated and stored; ||w||^2 and ||u||^2 accumulated (read w g m v, write m v);
+//   pass 1: m, v updated and stored; ||w||^2, ||u||^2 and ||g||^2 accumulated (read w g m v, write m v);
+//           an element whose new v is not finite (g NaN/Inf, or g^2 overflowing) keeps its m and v;
+//   G = sqrt(sum g^2) / loss_scale; not finite: pass 2 is skipped and applied = 0 (w untouched);
 //   pass 2: u recomputed from the stored m, v and w (bit-identical to pass 1's), w -= lr q u.
 // ONE OpenMP parallel region per call with a single barrier between the passes (on a loaded machine a
 // fork/join per tensor, ~400 per call for BERT-base, costs a scheduler time slice whenever a thread is
@@ -26,6 +28,7 @@
 // chunk order: the results do not depend on the number of threads or on the scheduling.
 #include <omp.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <algorithm>
@@ -67,22 +70,30 @@ std::vector<Chunk> make_chunks(const std::vector<int64_t> &len, const float *fla
 }
 
 void pass1(const Hyper &h, float wd, const float *w, float *m, float *v, const float *g, int64_t lo, int64_t hi,
-           double *w_sq, double *u_sq) {
-  double ws = 0.0, us = 0.0;
-#pragma omp simd reduction(+ : ws, us)
+           double *sums) {
+  double ws = 0.0, us = 0.0, gsq = 0.0;
+#pragma omp simd reduction(+ : ws, us, gsq)
   for (int64_t j = lo; j < hi; ++j) {
-    float gj = g[j] * h.gs;                               // unscale (+ NVLAMB pre-normalisation)
-    float mj = h.b1 * m[j] + h.one_minus_b1 * gj;
-    float vj = h.b2 * v[j] + h.one_minus_b2 * (gj * gj);
+    float graw = g[j];
+    float gj = graw * h.gs;                               // unscale (+ NVLAMB pre-normalisation)
+    float mj = h.b1 * m[j] + h.one_minus_b1 * gj;         // m = b1 m + (1 - b1) g
+    float vj = h.b2 * v[j] + h.one_minus_b2 * (gj * gj);  // v = b2 v + (1 - b2) g^2
+    // g NaN/Inf (or g^2 overflowing) makes v NaN/Inf: that element keeps its moments. G is then not
+    // finite either, so pass 2 is skipped and the call is counted as skipped.
+    bool ok = std::fabs(vj) <= FLT_MAX;
+    mj = ok ? mj : m[j];
+    vj = ok ? vj : v[j];
     m[j] = mj;
     v[j] = vj;
     float wj = w[j];
     float uj = update_u(h, mj, vj, wj, wd);
     ws += static_cast<double>(wj) * wj;
     us += static_cast<double>(uj) * uj;
+    gsq += static_cast<double>(graw) * graw;
   }
-  *w_sq = ws;
-  *u_sq = us;
+  sums[0] = ws;
+  sums[1] = us;
+  sums[2] = gsq;
 }
 
 void pass2(const Hyper &h, float wd, float step, float *w, const float *m, const float *v, int64_t lo, int64_t hi) {
@@ -135,13 +146,13 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   if (!all_float32(0, nparam, dtypes)) return 2;
   const float *hp = static_cast<const float *>(params[0]);
   const Hyper h{hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7], 1.0f - hp[0], 1.0f - hp[1]};
+  const float inv_loss_scale = hp[9];
   float *stats = static_cast<float *>(params[nparam - 1]);
-  if (hp[8] == 0.0f) {  // skipped call: w, m, v untouched
-    for (int i = 0; i < n; ++i) {
-      stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
-    }
-    return 0;
+  for (int i = 0; i < n; ++i) {  // what a skipped call reports (the caller keeps its previous stats)
+    stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
   }
+  stats[3 * n] = 0.0f; stats[3 * n + 1] = 0.0f; stats[3 * n + 2] = 0.0f;
+  if (hp[8] == 0.0f) return 0;  // known-skipped call: w, m, v untouched
   const float *lrs = static_cast<const float *>(params[1]);
   const float *wds = static_cast<const float *>(params[2]);
   const float *flags = static_cast<const float *>(params[3]);
@@ -155,29 +166,32 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[4 + i], shapes[4 + i]));
   std::vector<Chunk> chunks = make_chunks(len, flags);
   const int64_t nc = static_cast<int64_t>(chunks.size());
-  std::vector<double> part(2 * nc);  // [chunk][w_sq, u_sq]
+  std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, g_sq]
   std::vector<float> step(n);
+  bool applied = false;
 
 #pragma omp parallel num_threads(threads_for(total_len))
   {
 #pragma omp for schedule(dynamic)
     for (int64_t c = 0; c < nc; ++c) {  // pass 1
       const Chunk &k = chunks[c];
-      pass1(h, wds[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), G(k.tensor), k.lo, k.hi, &part[2 * c],
-            &part[2 * c + 1]);
+      pass1(h, wds[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), G(k.tensor), k.lo, k.hi, &part[3 * c]);
     }  // implicit barrier
 #pragma omp single
     {
       std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
+      double g_sq = 0.0;
       for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
-        w_sq[chunks[c].tensor] += part[2 * c];
-        u_sq[chunks[c].tensor] += part[2 * c + 1];
+        w_sq[chunks[c].tensor] += part[3 * c];
+        u_sq[chunks[c].tensor] += part[3 * c + 1];
+        g_sq += part[3 * c + 2];
       }
-      for (int i = 0; i < n; ++i) {
-        if (flags[i] < 0.0f) {
-          stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
-          continue;
-        }
+      const float g_sq_f = static_cast<float>(g_sq);
+      applied = std::isfinite(std::sqrt(g_sq_f) * inv_loss_scale);  // G finite: the same test as Lamb's
+      stats[3 * n] = g_sq_f;
+      stats[3 * n + 1] = applied ? 1.0f : 0.0f;
+      for (int i = 0; i < n && applied; ++i) {
+        if (flags[i] < 0.0f) continue;
         float w_norm = std::sqrt(static_cast<float>(w_sq[i]));
         float u_norm = std::sqrt(static_cast<float>(u_sq[i]));
         float q = (w_norm > 0.0f && u_norm > 0.0f) ? w_norm / u_norm : 1.0f;  // q = 1 if a norm is 0
@@ -186,11 +200,13 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
         step[i] = lrs[i] * q;
         stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
       }
-    }  // implicit barrier: step[] is ready
+    }  // implicit barrier: applied and step[] are ready
+    if (applied) {
 #pragma omp for schedule(dynamic)
-    for (int64_t c = 0; c < nc; ++c) {  // pass 2
-      const Chunk &k = chunks[c];
-      pass2(h, wds[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), k.lo, k.hi);
+      for (int64_t c = 0; c < nc; ++c) {  // pass 2
+        const Chunk &k = chunks[c];
+        pass2(h, wds[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), k.lo, k.hi);
+      }
     }
   }
   return 0;

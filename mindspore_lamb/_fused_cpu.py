@@ -6,14 +6,18 @@ and the compiler flags. The composite graph of ``_update.py`` stays the portable
 float16/bfloat16 parameters) and the reference these kernels are tested against.
 
 * :func:`sum_of_squares_op` - ``op(*gradients)`` -> float32[1], the sum of squares of every element of
-  every gradient (the global-norm / finiteness pre-pass), one kernel instead of 2n reductions + AddN.
+  every gradient: the pre-pass, run only when G is needed before the update (``max_grad_norm``, an exact
+  skip, the parallel optimizer), one kernel instead of 2n reductions + AddN.
 * :func:`lamb_step_op` - ``op(hyper, lrs, wds, flags, *params, *moments1, *moments2, *gradients)`` -> stats
-  (n, 3) float32 = (q, ||w||, ||u||) per parameter. It updates the parameters and both moments IN PLACE
-  (on CPU a Parameter handed to a kernel is its own memory), and is marked ``side_effect_mem`` so that
-  the graph keeps it ordered with other side effects; its output must be used (depend on it).
-  ``hyper`` = float32[8] (beta1, beta2, eps, 1 - beta1^t, 1 - beta2^t, grad_scale, trust_lo, trust_hi);
-  ``lrs``/``wds`` = float32[n] (wds[i] = 0 for parameters that are not decayed);
-  ``flags`` = float32[n]: 1 layer-adapted, 0 layer_adaptation=False (q = 1), -1 not updated on this rank.
+  (n + 1, 3) float32: (q, ||w||, ||u||) per parameter, then (sum of g^2, applied, 0). It updates the
+  parameters and both moments IN PLACE (on CPU a Parameter handed to a kernel is its own memory), and is
+  marked ``side_effect_mem`` so that the graph keeps it ordered with other side effects; its output must
+  be used (depend on it). ``hyper`` = float32[10] (beta1, beta2, eps, 1 - beta1^t, 1 - beta2^t,
+  grad_scale, trust_lo, trust_hi, apply, 1 / loss_scale); apply = 0 skips the call untouched, else the
+  kernel skips the weight update itself when G = sqrt(sum of g^2) / loss_scale is not finite (elements
+  with a NaN/Inf gradient keep their moments); ``lrs``/``wds`` = float32[n] (wds[i] = 0 for parameters
+  that are not decayed); ``flags`` = float32[n]: 1 layer-adapted, 0 layer_adaptation=False (q = 1), -1
+  not updated on this rank.
 
 :func:`usable` says whether the path applies (CPU target, all parameters float32, a working
 g++ with OpenMP); the caller falls back to the composite update otherwise.
@@ -119,7 +123,7 @@ def sum_of_squares_op():
 
 
 def lamb_step_op(n_params, defines=(), src=_SRC):
-    op = ops.Custom(library_path(defines, src) + ":LambStep", out_shape=lambda *shapes: (n_params, 3),
+    op = ops.Custom(library_path(defines, src) + ":LambStep", out_shape=lambda *shapes: (n_params + 1, 3),
                     out_dtype=lambda *types: mstype.float32, func_type="aot")
     op.add_prim_attr("side_effect_mem", True)
     return op

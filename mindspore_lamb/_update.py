@@ -14,6 +14,7 @@ from mindspore.ops import operations as P
 _reduce_sum = P.ReduceSum(keep_dims=False)
 _reduce_mean = P.ReduceMean(keep_dims=True)
 _stack = P.Stack()
+_isfinite = P.IsFinite()
 _ONE = Tensor(1.0, mstype.float32)
 _ZERO = Tensor(0.0, mstype.float32)
 _NO_UPDATE = Tensor([1.0, 0.0, 0.0], mstype.float32)
@@ -50,17 +51,17 @@ def _centralize(flag, gradient):
 
 
 @lamb_update.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                      "Bool", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Bool", "Bool", "Bool")
-def _lamb_update(beta1, beta2, eps, bias_c1, bias_c2, grad_scale, keep, trust_lo, trust_hi, clip_trust,
+                      "Tensor", "Bool", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Bool", "Bool", "Bool")
+def _lamb_update(beta1, beta2, eps, bias_c1, bias_c2, grad_scale, apply, accept, trust_lo, trust_hi, clip_trust,
                  lr, weight_decay, param, m, v, gradient, decay_flag, adapt_flag, optim_filter):
     """One LAMB step for one parameter; returns [q, ||w||, ||u||] after assigning w, m, v.
 
     Shared (bound with F.partial): beta1, beta2, eps; bias_c1 = 1 - beta1^t and
     bias_c2 = 1 - beta2^t; grad_scale = (1 / loss_scale) * min(1, max_grad_norm / G);
-    `keep`, False for a call with a NaN/Inf gradient: then the gradient is zeroed, q = 0, and the
-    caller passes beta1 = beta2 = 1, so w, m and v are written back unchanged (no graph `if`: a
-    branch would keep stale parameter memory after `Parameter.set_data`);
-    the trust-ratio clip bounds and whether to clip.
+    `apply`, False for a skipped call (a NaN/Inf gradient): q = 0, so w is written back unchanged;
+    `accept`, False when a skipped call must not change the moments either (an exact skip); else the
+    elements whose gradient is finite take it (no graph `if`: a branch would keep stale parameter
+    memory after `Parameter.set_data`); the trust-ratio clip bounds and whether to clip.
     Per parameter: lr_s, lambda_s, w, m, v, g, and the flags (decayed, layer-adapted,
     owned by this rank under the parallel optimizer).
     """
@@ -69,10 +70,14 @@ def _lamb_update(beta1, beta2, eps, bias_c1, bias_c2, grad_scale, keep, trust_lo
 
     w = F.cast(param, mstype.float32)
     g = F.cast(gradient, mstype.float32) * grad_scale                     # unscale (+ NVLAMB pre-normalisation)
-    g = F.select(keep, g, F.zeros_like(g))                                # skipped call: no NaN/Inf gets in
 
     m_t = beta1 * m + (1.0 - beta1) * g                                   # m = b1 m + (1 - b1) g
     v_t = beta2 * v + (1.0 - beta2) * F.square(g)                         # v = b2 v + (1 - b2) g^2
+    # g NaN/Inf (or g^2 overflowing) makes v NaN/Inf: that element keeps its moments (the call is
+    # skipped: G is not finite either); an exact skip keeps all of them
+    keep_new = F.logical_and(accept, _isfinite(v_t))
+    m_t = F.select(keep_new, m_t, m)
+    v_t = F.select(keep_new, v_t, v)
     r = (m_t / bias_c1) / (F.sqrt(v_t / bias_c2) + eps)                   # r = m^ / (sqrt(v^) + eps)
     u = r + weight_decay * w if decay_flag else r                         # u = r + lambda w
 
@@ -84,7 +89,7 @@ def _lamb_update(beta1, beta2, eps, bias_c1, bias_c2, grad_scale, keep, trust_lo
         q = F.minimum(F.maximum(q, trust_lo), trust_hi)                   # q = clip(q, lo, hi)
     if not adapt_flag:
         q = _ONE                                                          # excluded from layer adaptation (AdamW step)
-    q = F.select(keep, q, _ZERO)                                          # skipped call: w - lr * 0 * u = w
+    q = F.select(apply, q, _ZERO)                                         # skipped call: w - lr * 0 * u = w
 
     w_t = w - lr * q * u                                                  # w = w - lr q u
     stats = _stack((q, w_norm, u_norm))

@@ -118,9 +118,13 @@ def check_trust_ratio_clip(value, prim="Lamb"):
     return lo, hi
 
 
-def _check_bool(name, value, prim):
+def _check_bool(name, value, prim, what="group key"):
     if not isinstance(value, bool):
-        raise TypeError(f"For '{prim}', the group key '{name}' must be bool, but got {_describe(value)}.")
+        raise TypeError(f"For '{prim}', the {what} '{name}' must be bool, but got {_describe(value)}.")
+
+
+def check_bool(name, value, prim="Lamb"):
+    _check_bool(name, value, prim, what="argument")
 
 
 def check_params(params, prim="Lamb"):

@@ -88,15 +88,23 @@ class Lamb(Optimizer):
             gradients of the call. Default: ``None`` (off).
         trust_ratio_clip (tuple[float, float]): keyword-only; ``(lo, hi)`` clamps :math:`q`;
             ``(0.0, 10.0)`` reproduces MindSpore's GPU kernel. Default: ``None`` (off).
+        exact_skip (bool): keyword-only; what a call with a NaN or Inf gradient leaves behind (it never
+            touches the parameters or ``global_step``, and it counts in :attr:`skipped_steps`).
+            ``True``: nothing at all changes; on CPU this costs one extra read of the gradients per call
+            (about 10 % of the step). ``False``: the moments of the elements whose gradient is finite take
+            this call's gradient, the others keep theirs. The skip is exact anyway when the finiteness is
+            known before the update: with `max_grad_norm`, under the parallel optimizer, and when the
+            caller passes `finite` (:class:`mindspore_lamb.LossScaleTrainStep` does). Default: ``False``.
 
     Inputs:
         - **gradients** (tuple[Tensor]) - one gradient per parameter, of the parameter's shape.
+        - **finite** (Tensor, optional) - bool scalar, the caller's own finiteness test of `gradients`
+          (e.g. a loss-scale cell's ``not overflow``): False skips the call exactly. Default: ``None``.
 
     Outputs:
         tuple[bool], all elements ``True``.
 
-        A call whose gradients hold a NaN or Inf changes nothing (parameters, moments and
-        ``global_step`` keep their values) and increments ``skipped_steps``; see :attr:`skipped_steps`.
+        A call whose gradients hold a NaN or Inf is skipped: see `exact_skip` and :attr:`skipped_steps`.
 
     Raises:
         TypeError: If `learning_rate` is not one of int, float, Tensor, Iterable, LearningRateSchedule.
@@ -126,7 +134,7 @@ class Lamb(Optimizer):
 
     @opt_init_args_register
     def __init__(self, params, learning_rate, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, *,
-                 loss_scale=1.0, max_grad_norm=None, trust_ratio_clip=None):
+                 loss_scale=1.0, max_grad_norm=None, trust_ratio_clip=None, exact_skip=False):
         params = V.check_params(params)
         learning_rate = V.check_learning_rate("learning_rate", learning_rate)
         V.check_open_unit_interval("beta1", beta1)
@@ -137,6 +145,7 @@ class Lamb(Optimizer):
         if max_grad_norm is not None:
             max_grad_norm = V.check_positive_number("max_grad_norm", max_grad_norm)
         trust_ratio_clip = V.check_trust_ratio_clip(trust_ratio_clip)
+        V.check_bool("exact_skip", exact_skip)
 
         adapt_by_name = {}
         if isinstance(params[0], dict):
@@ -151,6 +160,9 @@ class Lamb(Optimizer):
         self.loss_scale = loss_scale
         self.inv_loss_scale = Tensor(1.0 / loss_scale, mstype.float32)
         self.max_grad_norm = None if max_grad_norm is None else Tensor(max_grad_norm, mstype.float32)
+        # G is needed before the update (NVLAMB clipping; a parallel-optimizer rank sees only its own
+        # parameters' gradients in the fused pass 1): the skip is exact at no extra cost.
+        self.exact_skip = exact_skip or max_grad_norm is not None or self.use_parallel
         self.trust_ratio_clip = trust_ratio_clip
         self.clip_trust = trust_ratio_clip is not None
         lo, hi = trust_ratio_clip if self.clip_trust else (0.0, math.inf)
@@ -200,23 +212,33 @@ class Lamb(Optimizer):
         return self.map_(centralize, self.grad_centralization_flags, gradients)
 
     @jit(backend="ms_backend")
-    def construct(self, gradients):
+    def construct(self, gradients, finite=None):
         _raise_on_count(len(gradients), self.param_length)
         self.hyper_map(_check_shape, self.param_names, self.params, gradients)
         gradients = self.flatten_gradients(gradients)
         gradients = self.gradients_centralization(gradients)
-        # G: global L2 norm of the unscaled gradients; also the finiteness test (NaN/Inf anywhere -> G not finite)
+        # the caller's finite=False skips exactly; True (or None) leaves the test of the gradients to us
+        told = F.ones((), mstype.bool_) if finite is None else finite
+        if self.fused and not self.exact_skip:
+            # no pre-pass: the kernel's pass 1 accumulates ||g||^2 and skips pass 2 when G is not finite
+            return F.depend(self.success, self._apply(gradients, None, told, told))
+        # G: global L2 norm of the unscaled gradients, before the update; G not finite <=> a NaN/Inf gradient
         if self.fused:
             sum_sq = F.reshape(self.fused_sum_of_squares(*gradients), ())
         else:
             sum_sq = self.addn(self.hyper_map(sum_of_squares, gradients))
         grad_norm = F.sqrt(sum_sq) * self.inv_loss_scale
-        return F.depend(self.success, self._apply(gradients, grad_norm, self.isfinite(grad_norm)))
+        ok = F.logical_and(self.isfinite(grad_norm), told)
+        # a skipped call keeps every moment when exact; else each element whose gradient is finite takes it
+        accept = ok if self.exact_skip else told
+        return F.depend(self.success, self._apply(gradients, grad_norm, ok, accept))
 
-    def _apply(self, gradients, grad_norm, finite):
-        """The step. When `finite` is False it writes everything back unchanged (weights, moments, step,
-        diagnostics) and counts the call in `skipped`: arithmetic, not a graph `if`, whose branches keep
-        stale parameter memory once `Parameter.set_data` (e.g. load_param_into_net) replaced it."""
+    def _apply(self, gradients, grad_norm, ok, accept):
+        """The step. `ok` False: the call is skipped (weights, step and diagnostics written back unchanged);
+        `accept` False: the moments too. `grad_norm` None: G comes from the fused kernel, which then also
+        skips the weight update itself when G is not finite.
+        The skip is arithmetic, not a graph `if`, whose branches keep stale parameter memory once
+        `Parameter.set_data` (e.g. load_param_into_net) replaced it. Skipped calls count in `skipped`."""
         lr = self.get_lr()                                   # lr_s, the step before this call
         weight_decay = self.get_weight_decay()               # lambda_s
         t = F.cast(self.global_step, mstype.float32) + 1.0   # bias correction uses t = s + 1
@@ -226,32 +248,40 @@ class Lamb(Optimizer):
         if self.max_grad_norm is not None:
             # NVLAMB: g * min(1, max_grad_norm / G); G == 0 gives inf -> 1
             grad_scale = grad_scale * F.minimum(self.max_grad_norm / grad_norm, 1.0)
-        step = F.cast(finite, mstype.int32)
-        self.assignadd(self.global_step, self.global_step_increase_tensor * step)
-        F.assign_add(self.skipped, 1 - step)
 
-        update = self._fused_update if self.fused else self._composite_update
-        stats = update(lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, finite)
+        if self.fused:
+            stats = self._fused_update(lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, ok)
+            sums = stats[self.param_length]                  # (sum of g^2, applied, 0)
+            stats = stats[:self.param_length]
+            applied = sums[1] > 0.5
+            if grad_norm is None:
+                grad_norm = F.sqrt(sums[0]) * self.inv_loss_scale
+        else:
+            stats = self._composite_update(lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, ok, accept)
+            applied = ok
+        step = F.cast(applied, mstype.int32)
+        stats = F.depend(stats, self.assignadd(self.global_step, self.global_step_increase_tensor * step))
+        stats = F.depend(stats, F.assign_add(self.skipped, 1 - step))
         if self.use_parallel:
             stats = F.depend(stats, self.broadcast_params(stats))
-        done = F.assign(self.layer_stats, F.select(finite, stats, self.layer_stats))
-        return F.depend(done, F.assign(self.last_grad_norm, F.select(finite, grad_norm, self.last_grad_norm)))
+        done = F.assign(self.layer_stats, F.select(applied, stats, self.layer_stats))
+        return F.depend(done, F.assign(self.last_grad_norm, F.select(applied, grad_norm, self.last_grad_norm)))
 
-    def _composite_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, finite):
+    def _composite_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, ok, accept):
         """_update.lamb_update applied to every parameter with HyperMap (the portable path); returns stats (n, 3)."""
         if not self.is_group_lr:
             lr = (lr,) * self.param_length
         if not self.is_group:
             weight_decay = (weight_decay,) * self.param_length
-        beta1 = F.select(finite, self.beta1, 1.0)           # skipped call: m = 1 m + 0 g, v = 1 v + 0 g^2
-        beta2 = F.select(finite, self.beta2, 1.0)
-        return self.stack(self.hyper_map(F.partial(lamb_update, beta1, beta2, self.eps, bias_c1, bias_c2,
-                                                   grad_scale, finite, self.trust_lo, self.trust_hi, self.clip_trust),
+        return self.stack(self.hyper_map(F.partial(lamb_update, self.beta1, self.beta2, self.eps, bias_c1, bias_c2,
+                                                   grad_scale, ok, accept, self.trust_lo, self.trust_hi,
+                                                   self.clip_trust),
                                          lr, weight_decay, self.params, self.moments1, self.moments2, gradients,
                                          self.decay_flags, self.adapt_flags, self.optim_filter))
 
-    def _fused_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, finite):
-        """The update of _update.lamb_update for all parameters in one kernel (in place); returns stats (n, 3)."""
+    def _fused_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, ok):
+        """The update of _update.lamb_update for all parameters in one kernel (in place); returns stats
+        (n + 1, 3): (q, ||w||, ||u||) per parameter, then (sum of g^2, applied, 0)."""
         to_f32 = _fused_cpu.to_f32_scalar
         lrs = self.stack(self.hyper_map(to_f32, lr)) if self.is_group_lr else self.ones * to_f32(lr)
         if self.is_group:
@@ -259,7 +289,8 @@ class Lamb(Optimizer):
         else:
             wds = self.decay_mask * to_f32(weight_decay)
         hyper = self.stack((self.beta1, self.beta2, self.eps, to_f32(bias_c1), to_f32(bias_c2), to_f32(grad_scale),
-                            self.trust_lo, self.trust_hi, F.cast(finite, mstype.float32)))  # 0: change nothing
+                            self.trust_lo, self.trust_hi, F.cast(ok, mstype.float32),  # 0: change nothing
+                            self.inv_loss_scale))
         return self.fused_step(hyper, lrs, wds, self.fused_flags,
                                *self.params, *self.moments1, *self.moments2, *gradients)
 

@@ -101,8 +101,8 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
     already unscaled.
 
     With :class:`mindspore_lamb.Lamb` and ``accumulation_steps=1`` the optimizer is called on every step
-    and skips an overflowing one by itself (its gradients hold the NaN/Inf), so the step has no graph
-    branch and ``load_param_into_net`` into a cell that has already run is seen by later steps. Other
+    with this cell's verdict (``finite = not overflow``) and skips an overflowing one exactly by itself,
+    so the step has no graph branch and ``load_param_into_net`` into a cell that has already run is seen by later steps. Other
     optimizers, and accumulation, are called inside a graph ``if``: there, load checkpoints before the
     first step (MindSpore 2.10 keeps stale parameter memory in such a branch after ``set_data``).
 
@@ -225,9 +225,9 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         if self.accumulate:
             overflow = self._accumulate_step(grads, overflow)
         elif self.branch_free:
-            # Lamb skips a call whose gradients hold a NaN/Inf by itself, without a graph branch (a branch
-            # keeps stale parameter memory after Parameter.set_data, e.g. load_param_into_net)
-            loss = F.depend(loss, self.optimizer(self._clip(grads)))
+            # Lamb skips the call exactly when told, without a graph branch (a branch keeps stale parameter
+            # memory after Parameter.set_data, e.g. load_param_into_net), and needs no pre-pass for it
+            loss = F.depend(loss, self.optimizer(self._clip(grads), F.logical_not(overflow)))
             loss = F.depend(loss, self._update_scale(overflow, None))
         else:
             if not overflow:

@@ -18,6 +18,14 @@ def mode(request):
     ms.set_context(mode=ms.GRAPH_MODE)
 
 
+@pytest.fixture(params=["fused", "composite"])
+def path(request, monkeypatch):
+    """float32 on CPU takes the fused C++ kernels; MINDSPORE_LAMB_FUSED=0 forces the composite graph that
+    GPU/Ascend (and float16 here) run. Both are held to the same reference."""
+    monkeypatch.setenv("MINDSPORE_LAMB_FUSED", "1" if request.param == "fused" else "0")
+    return request.param
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)

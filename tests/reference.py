@@ -22,12 +22,16 @@ class LambReference:
         weights: list of arrays (initial parameter values, already in their storage precision).
         beta1, beta2, eps: as in spec section 2.
         loss_scale, max_grad_norm, trust_ratio_clip: as in spec section 5.
+        exact_skip: as documented for Lamb (docs/api/lamb.md, "Non-finite gradients"): a call whose
+            global norm G is not finite never changes w or s; with exact_skip or max_grad_norm it changes
+            nothing, else each moment element whose gradient and its square are finite in float32 takes
+            it and the others keep theirs.
         param_dtype: storage dtype of the parameters ('float32', 'float16', 'bfloat16');
             w is rounded to it after each step (spec: written back in its own dtype).
     """
 
     def __init__(self, weights, beta1=0.9, beta2=0.999, eps=1e-6, loss_scale=1.0,
-                 max_grad_norm=None, trust_ratio_clip=None, param_dtype="float32"):
+                 max_grad_norm=None, trust_ratio_clip=None, param_dtype="float32", exact_skip=False):
         self.w = [np.array(w, dtype=np.float64) for w in weights]
         self.m = [np.zeros_like(w) for w in self.w]
         self.v = [np.zeros_like(w) for w in self.w]
@@ -37,6 +41,7 @@ class LambReference:
         self.max_grad_norm = max_grad_norm
         self.trust_ratio_clip = trust_ratio_clip
         self.param_dtype = param_dtype
+        self.exact_skip = exact_skip
         self.trust_ratios = [None] * len(self.w)
 
     def step(self, grads, lr, weight_decay, decay=None, layer_adaptation=None, centralize=None):
@@ -54,9 +59,20 @@ class LambReference:
             if centralize[i] and g[i].ndim > 1:
                 g[i] = g[i] - g[i].mean(axis=tuple(range(1, g[i].ndim)), keepdims=True)
         g = [x / self.loss_scale for x in g]
-        big_g = np.sqrt(sum(float(np.sum(x * x)) for x in g))
-        if not np.isfinite(big_g):
-            return False                       # documented: a non-finite call changes nothing
+        with np.errstate(invalid="ignore", over="ignore"):
+            sum_sq = sum(float(np.sum(x * x)) for x in g)
+            big_g = np.sqrt(sum_sq)
+            # the Cell sums the squares of the gradients as received (before unscaling) in float32 range:
+            # beyond it, as for a NaN/Inf element, the call is skipped
+            if not np.isfinite(np.float32(sum_sq * self.loss_scale ** 2)):
+                if not (self.exact_skip or self.max_grad_norm is not None):
+                    for i in range(n):         # moments take the call's gradient where they stay finite
+                        m = self.beta1 * self.m[i] + (1 - self.beta1) * g[i]
+                        v = self.beta2 * self.v[i] + (1 - self.beta2) * g[i] ** 2
+                        ok = np.isfinite(np.float32(g[i] ** 2)) & np.isfinite(np.float32(v))  # float32 g^2, v
+                        self.m[i] = np.where(ok, m, self.m[i])
+                        self.v[i] = np.where(ok, v, self.v[i])
+                return False                   # w and s never change
         if self.max_grad_norm is not None and big_g > 0:
             g = [x * min(1.0, self.max_grad_norm / big_g) for x in g]
         for i in range(n):

@@ -45,6 +45,8 @@ BAD_ARGUMENTS = [
     (dict(trust_ratio_clip=10.0), TypeError, ["trust_ratio_clip", "10.0"]),
     (dict(trust_ratio_clip=(2.0, 1.0)), ValueError, ["trust_ratio_clip", "(2.0, 1.0)"]),
     (dict(trust_ratio_clip=(-1.0, 1.0)), ValueError, ["trust_ratio_clip", "(-1.0, 1.0)"]),
+    (dict(exact_skip=1), TypeError, ["exact_skip", "1"]),
+    (dict(exact_skip="yes"), TypeError, ["exact_skip", "'yes'"]),
 ]
 
 

@@ -1,6 +1,8 @@
-"""Documented behaviour of a NaN/Inf gradient without the loss-scale cell (spec sections 3 and 6):
-the call changes nothing (parameters, moments, global_step), counts itself in skipped_steps, and
-training continues exactly as if that call had not happened."""
+"""Documented behaviour of a NaN/Inf gradient without the loss-scale cell (spec sections 3 and 6,
+docs/api/lamb.md "Non-finite gradients"): the call never touches the weights or global_step and counts
+in skipped_steps; with exact_skip (or max_grad_norm, or the caller's finite=False) it changes nothing at
+all, else each moment element whose new value is finite takes the gradient. Training then continues as
+tests/reference.py says, on both the fused and the composite path."""
 import numpy as np
 import pytest
 
@@ -9,37 +11,105 @@ from mindspore import Parameter, Tensor
 from mindspore_lamb import Lamb
 from reference import LambReference
 
+BAD = {"nan": np.nan, "+inf": np.inf, "-inf": -np.inf,
+       "g2_overflow": 1e20}   # finite, but g^2 (and G's sum of squares) overflows float32
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_nonfinite_gradient_changes_nothing(mode, bad, rng):
+# Lamb keyword arguments -> whether a skipped call keeps the moments exactly
+SKIPS = {"default": ({}, False),
+         "exact_skip": ({"exact_skip": True}, True),
+         "max_grad_norm": ({"max_grad_norm": 1e30}, True)}
+
+
+def _state(opt):
+    return [x.asnumpy().copy() for x in list(opt.params) + list(opt.moments1) + list(opt.moments2)]
+
+
+def _build(rng, **kwargs):
     init = [rng.standard_normal((4, 6)), rng.standard_normal((6,))]
     params = [Parameter(Tensor(w.astype(np.float32)), name=n) for w, n in zip(init, ("fc.weight", "fc.bias"))]
-    opt = Lamb(params, learning_rate=0.01, weight_decay=0.01)
-    ref = LambReference([w.astype(np.float32) for w in init])
-    steps = [[rng.standard_normal(p.shape) for p in params] for _ in range(4)]
+    opt = Lamb(params, learning_rate=0.01, weight_decay=0.01, **kwargs)
+    ref = LambReference([w.astype(np.float32) for w in init], max_grad_norm=kwargs.get("max_grad_norm"),
+                        exact_skip=kwargs.get("exact_skip", False))
+    return opt, ref
+
+
+def _call(opt, grads, finite=None):
+    grads = tuple(Tensor(np.asarray(g, np.float32)) for g in grads)
+    return opt(grads) if finite is None else opt(grads, Tensor(finite))
+
+
+def _assert_matches(opt, ref):
+    for i in range(len(ref.w)):
+        for got, want in ((opt.params[i], ref.w[i]), (opt.moments1[i], ref.m[i])):
+            assert np.isfinite(got.asnumpy()).all()
+            np.testing.assert_allclose(got.asnumpy(), want, rtol=2e-5, atol=2e-6)
+        np.testing.assert_allclose(opt.moments2[i].asnumpy(), ref.v[i], rtol=2e-5, atol=1e-10)
+
+
+@pytest.mark.parametrize("skip", sorted(SKIPS))
+@pytest.mark.parametrize("bad", sorted(BAD))
+def test_nonfinite_call_is_skipped(mode, path, skip, bad, rng):
+    kwargs, exact = SKIPS[skip]
+    opt, ref = _build(rng, **kwargs)
+    assert opt.fused == (path == "fused")
+    steps = [[rng.standard_normal(p.shape) for p in opt.params] for _ in range(4)]
     poisoned = [g.copy() for g in steps[1]]
-    poisoned[1][3] = bad                                    # one element of one gradient
+    poisoned[0][1, 3] = BAD[bad]                            # one element of one gradient
 
     for i, grads in enumerate(steps):
         if i == 2:
-            before = [p.asnumpy().copy() for p in params + list(opt.moments1) + list(opt.moments2)]
-            result = opt(tuple(Tensor(g.astype(np.float32)) for g in poisoned))
+            before = _state(opt)
+            result = _call(opt, poisoned)
             assert all(bool(x) for x in result)
-            after = [p.asnumpy() for p in params + list(opt.moments1) + list(opt.moments2)]
-            for b, a in zip(before, after):
+            after = _state(opt)
+            assert not ref.step(poisoned, lr=0.01, weight_decay=0.01)
+            n = len(ref.w)
+            for b, a in zip(before[:n], after[:n]):             # the weights never move
                 np.testing.assert_array_equal(a, b)
+            for k in range(1, 3):                               # the poisoned element keeps its moments
+                np.testing.assert_array_equal(after[k * n][1, 3], before[k * n][1, 3])
+            if exact:
+                for b, a in zip(before[n:], after[n:]):
+                    np.testing.assert_array_equal(a, b)
+            else:
+                assert not np.array_equal(after[n + 1], before[n + 1])  # the bias's moments took its gradient
+            _assert_matches(opt, ref)
             assert int(opt.global_step.asnumpy()[0]) == 2
             assert opt.skipped_steps == 1
-            assert not ref.step(poisoned, lr=0.01, weight_decay=0.01)
-        opt(tuple(Tensor(g.astype(np.float32)) for g in grads))
+        _call(opt, grads)
         assert ref.step(grads, lr=0.01, weight_decay=0.01)
+        _assert_matches(opt, ref)
     assert int(opt.global_step.asnumpy()[0]) == 4
-    for p, w in zip(params, ref.w):
-        assert np.isfinite(p.asnumpy()).all()
-        np.testing.assert_allclose(p.asnumpy(), w, rtol=2e-5, atol=2e-6)
+    assert opt.skipped_steps == 1
 
 
-def test_zero_gradient_on_zero_parameter_is_a_no_op(mode):
+def test_callers_verdict(mode, path, rng):
+    """finite=False (a loss-scale cell's overflow) skips exactly even with finite gradients; finite=True
+    leaves the test to Lamb: finite gradients step as usual, a NaN is still skipped."""
+    opt, ref = _build(rng)
+    grads = [rng.standard_normal(p.shape) for p in opt.params]
+    _call(opt, grads)
+    assert ref.step(grads, lr=0.01, weight_decay=0.01)
+
+    before = _state(opt)
+    _call(opt, grads, finite=False)
+    for b, a in zip(before, _state(opt)):
+        np.testing.assert_array_equal(a, b)
+    assert (int(opt.global_step.asnumpy()[0]), opt.skipped_steps) == (1, 1)
+
+    _call(opt, grads, finite=True)
+    assert ref.step(grads, lr=0.01, weight_decay=0.01)
+    _assert_matches(opt, ref)
+
+    poisoned = [g.copy() for g in grads]
+    poisoned[1][0] = np.nan
+    _call(opt, poisoned, finite=True)
+    assert not ref.step(poisoned, lr=0.01, weight_decay=0.01)
+    _assert_matches(opt, ref)
+    assert (int(opt.global_step.asnumpy()[0]), opt.skipped_steps) == (2, 2)
+
+
+def test_zero_gradient_on_zero_parameter_is_a_no_op(mode, path):
     w = Parameter(Tensor(np.zeros((3, 3), np.float32)), name="w")
     opt = Lamb([w], learning_rate=0.1, weight_decay=0.1)
     for _ in range(3):

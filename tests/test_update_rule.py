@@ -219,14 +219,6 @@ def run_against_reference(config, dtype, seed=0, steps=STEPS):
     return opt, ref
 
 
-@pytest.fixture(params=["fused", "composite"])
-def path(request, monkeypatch):
-    """float32 on CPU takes the fused C++ kernels; MINDSPORE_LAMB_FUSED=0 forces the composite graph that
-    GPU/Ascend (and float16 here) run. Both are held to the same reference."""
-    monkeypatch.setenv("MINDSPORE_LAMB_FUSED", "1" if request.param == "fused" else "0")
-    return request.param
-
-
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_matches_reference_float32(mode, path, config):
     opt, _ = run_against_reference(config, "float32")
