@@ -87,6 +87,9 @@ def make_optimizer(kind, params):
     if kind == "Lamb":
         from mindspore_lamb import Lamb
         return Lamb(params, learning_rate=1e-7, weight_decay=0.01)
+    if kind == "Lamb-exact":            # exact_skip=True: the gradient pre-pass (4 more bytes an element)
+        from mindspore_lamb import Lamb
+        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, exact_skip=True)
     if kind == "Lamb-composite":        # the portable composite graph (the path of GPU/Ascend/float16)
         from mindspore_lamb import Lamb
         old = os.environ.get("MINDSPORE_LAMB_FUSED")
@@ -222,7 +225,8 @@ def main():
     ap.add_argument("--sets", default="base,small", help="comma list of base,large,small (default base,small)")
     ap.add_argument("--repeats", type=int, default=15, help="timed calls per optimizer (after 2 warm-up calls)")
     ap.add_argument("--opts", default=",".join(OPTIMIZERS),
-                    help="optimizers, comma list of Lamb (fused on CPU), Lamb-composite, Adam, AdamWeightDecay; "
+                    help="optimizers, comma list of Lamb (fused on CPU), Lamb-exact (exact_skip=True), "
+                         "Lamb-composite, Adam, AdamWeightDecay; "
                          "'bench:module.Class' loads a prototype from benchmarks/")
     ap.add_argument("--no-mem", action="store_true", help="skip the per-optimizer peak-memory children")
     ap.add_argument("--json", help="also write all results to this file")

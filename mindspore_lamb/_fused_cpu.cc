@@ -7,7 +7,7 @@
 //   pre-pass, run only when G is needed before the update (max_grad_norm, exact_skip, parallel optimizer).
 //
 // LambStep(hyper, lrs, wds, flags, w_0..w_{n-1}, m_0..m_{n-1}, v_0..v_{n-1}, g_0..g_{n-1}) -> stats (n + 1, 3)
-//   hyper = float32[10]: beta1, beta2, eps, bias_c1, bias_c2, grad_scale, trust_lo, trust_hi, apply,
+//   hyper = float32[10]: beta1, beta2, eps, 1 / (1 - beta1^t), 1 / (1 - beta2^t), grad_scale, trust_lo, trust_hi, apply,
 //   inv_loss_scale. apply = 0: the caller already knows this call is skipped: nothing is touched.
 //   lrs[i], wds[i]: learning rate and weight decay of parameter i (wds[i] = 0 when i is not decayed)
 //   flags[i]: 1 = layer-adapted, 0 = q forced to 1 (layer_adaptation=False), -1 = not updated here
@@ -44,12 +44,12 @@ int64_t numel(int nd, const int64_t *shape) {
 }
 
 struct Hyper {
-  float b1, b2, eps, bc1, bc2, gs, lo, hi;
+  float b1, b2, eps, inv_bc1, inv_bc2, gs, lo, hi;
   float one_minus_b1, one_minus_b2;
 };
 
 inline float update_u(const Hyper &h, float m, float v, float w, float wd) {
-  float r = (m / h.bc1) / (std::sqrt(v / h.bc2) + h.eps);  // r = m^ / (sqrt(v^) + eps)
+  float r = (m * h.inv_bc1) / (std::sqrt(v * h.inv_bc2) + h.eps);  // r = m^ / (sqrt(v^) + eps)
   return r + wd * w;                                         // u = r + lambda w
 }
 

@@ -12,7 +12,7 @@ float16/bfloat16 parameters) and the reference these kernels are tested against.
   (n + 1, 3) float32: (q, ||w||, ||u||) per parameter, then (sum of g^2, applied, 0). It updates the
   parameters and both moments IN PLACE (on CPU a Parameter handed to a kernel is its own memory), and is
   marked ``side_effect_mem`` so that the graph keeps it ordered with other side effects; its output must
-  be used (depend on it). ``hyper`` = float32[10] (beta1, beta2, eps, 1 - beta1^t, 1 - beta2^t,
+  be used (depend on it). ``hyper`` = float32[10] (beta1, beta2, eps, 1 / (1 - beta1^t), 1 / (1 - beta2^t),
   grad_scale, trust_lo, trust_hi, apply, 1 / loss_scale); apply = 0 skips the call untouched, else the
   kernel skips the weight update itself when G = sqrt(sum of g^2) / loss_scale is not finite (elements
   with a NaN/Inf gradient keep their moments); ``lrs``/``wds`` = float32[n] (wds[i] = 0 for parameters

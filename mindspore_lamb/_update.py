@@ -51,13 +51,15 @@ def _centralize(flag, gradient):
 
 
 @lamb_update.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                      "Tensor", "Bool", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Bool", "Bool", "Bool")
-def _lamb_update(beta1, beta2, eps, bias_c1, bias_c2, grad_scale, apply, accept, trust_lo, trust_hi, clip_trust,
-                 lr, weight_decay, param, m, v, gradient, decay_flag, adapt_flag, optim_filter):
+                      "Tensor", "Bool", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                      "Bool", "Bool", "Bool")
+def _lamb_update(beta1, beta2, eps, inv_bias_c1, inv_bias_c2, grad_scale, apply, accept, trust_lo, trust_hi,
+                 clip_trust, lr, weight_decay, param, m, v, gradient, decay_flag, adapt_flag, optim_filter):
     """One LAMB step for one parameter; returns [q, ||w||, ||u||] after assigning w, m, v.
 
-    Shared (bound with F.partial): beta1, beta2, eps; bias_c1 = 1 - beta1^t and
-    bias_c2 = 1 - beta2^t; grad_scale = (1 / loss_scale) * min(1, max_grad_norm / G);
+    Shared (bound with F.partial): beta1, beta2, eps; inv_bias_c1 = 1 / (1 - beta1^t) and
+    inv_bias_c2 = 1 / (1 - beta2^t) (one division per call, not two per element);
+    grad_scale = (1 / loss_scale) * min(1, max_grad_norm / G);
     `apply`, False for a skipped call (a NaN/Inf gradient): q = 0, so w is written back unchanged;
     `accept`, False when a skipped call must not change the moments either (an exact skip); else the
     elements whose gradient is finite take it (no graph `if`: a branch would keep stale parameter
@@ -78,7 +80,7 @@ def _lamb_update(beta1, beta2, eps, bias_c1, bias_c2, grad_scale, apply, accept,
     keep_new = F.logical_and(accept, _isfinite(v_t))
     m_t = F.select(keep_new, m_t, m)
     v_t = F.select(keep_new, v_t, v)
-    r = (m_t / bias_c1) / (F.sqrt(v_t / bias_c2) + eps)                   # r = m^ / (sqrt(v^) + eps)
+    r = (m_t * inv_bias_c1) / (F.sqrt(v_t * inv_bias_c2) + eps)           # r = m^ / (sqrt(v^) + eps)
     u = r + weight_decay * w if decay_flag else r                         # u = r + lambda w
 
     w_norm = F.sqrt(_sum_of_squares(w))                                   # ||w||

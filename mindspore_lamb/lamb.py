@@ -242,22 +242,23 @@ class Lamb(Optimizer):
         lr = self.get_lr()                                   # lr_s, the step before this call
         weight_decay = self.get_weight_decay()               # lambda_s
         t = F.cast(self.global_step, mstype.float32) + 1.0   # bias correction uses t = s + 1
-        bias_c1 = -F.expm1(t * self.log_beta1)               # 1 - beta1^t
-        bias_c2 = -F.expm1(t * self.log_beta2)               # 1 - beta2^t
+        inv_bias_c1 = 1.0 / -F.expm1(t * self.log_beta1)     # 1 / (1 - beta1^t)
+        inv_bias_c2 = 1.0 / -F.expm1(t * self.log_beta2)     # 1 / (1 - beta2^t)
         grad_scale = self.inv_loss_scale
         if self.max_grad_norm is not None:
             # NVLAMB: g * min(1, max_grad_norm / G); G == 0 gives inf -> 1
             grad_scale = grad_scale * F.minimum(self.max_grad_norm / grad_norm, 1.0)
 
         if self.fused:
-            stats = self._fused_update(lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, ok)
+            stats = self._fused_update(lr, weight_decay, inv_bias_c1, inv_bias_c2, grad_scale, gradients, ok)
             sums = stats[self.param_length]                  # (sum of g^2, applied, 0)
             stats = stats[:self.param_length]
             applied = sums[1] > 0.5
             if grad_norm is None:
                 grad_norm = F.sqrt(sums[0]) * self.inv_loss_scale
         else:
-            stats = self._composite_update(lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, ok, accept)
+            stats = self._composite_update(lr, weight_decay, inv_bias_c1, inv_bias_c2, grad_scale, gradients, ok,
+                                           accept)
             applied = ok
         step = F.cast(applied, mstype.int32)
         stats = F.depend(stats, self.assignadd(self.global_step, self.global_step_increase_tensor * step))
@@ -267,19 +268,19 @@ class Lamb(Optimizer):
         done = F.assign(self.layer_stats, F.select(applied, stats, self.layer_stats))
         return F.depend(done, F.assign(self.last_grad_norm, F.select(applied, grad_norm, self.last_grad_norm)))
 
-    def _composite_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, ok, accept):
+    def _composite_update(self, lr, weight_decay, inv_bias_c1, inv_bias_c2, grad_scale, gradients, ok, accept):
         """_update.lamb_update applied to every parameter with HyperMap (the portable path); returns stats (n, 3)."""
         if not self.is_group_lr:
             lr = (lr,) * self.param_length
         if not self.is_group:
             weight_decay = (weight_decay,) * self.param_length
-        return self.stack(self.hyper_map(F.partial(lamb_update, self.beta1, self.beta2, self.eps, bias_c1, bias_c2,
-                                                   grad_scale, ok, accept, self.trust_lo, self.trust_hi,
+        return self.stack(self.hyper_map(F.partial(lamb_update, self.beta1, self.beta2, self.eps, inv_bias_c1,
+                                                   inv_bias_c2, grad_scale, ok, accept, self.trust_lo, self.trust_hi,
                                                    self.clip_trust),
                                          lr, weight_decay, self.params, self.moments1, self.moments2, gradients,
                                          self.decay_flags, self.adapt_flags, self.optim_filter))
 
-    def _fused_update(self, lr, weight_decay, bias_c1, bias_c2, grad_scale, gradients, ok):
+    def _fused_update(self, lr, weight_decay, inv_bias_c1, inv_bias_c2, grad_scale, gradients, ok):
         """The update of _update.lamb_update for all parameters in one kernel (in place); returns stats
         (n + 1, 3): (q, ||w||, ||u||) per parameter, then (sum of g^2, applied, 0)."""
         to_f32 = _fused_cpu.to_f32_scalar
@@ -288,8 +289,9 @@ class Lamb(Optimizer):
             wds = self.stack(self.hyper_map(to_f32, weight_decay)) * self.decay_mask
         else:
             wds = self.decay_mask * to_f32(weight_decay)
-        hyper = self.stack((self.beta1, self.beta2, self.eps, to_f32(bias_c1), to_f32(bias_c2), to_f32(grad_scale),
-                            self.trust_lo, self.trust_hi, F.cast(ok, mstype.float32),  # 0: change nothing
+        hyper = self.stack((self.beta1, self.beta2, self.eps, to_f32(inv_bias_c1), to_f32(inv_bias_c2),
+                            to_f32(grad_scale), self.trust_lo, self.trust_hi,
+                            F.cast(ok, mstype.float32),  # 0: change nothing
                             self.inv_loss_scale))
         return self.fused_step(hyper, lrs, wds, self.fused_flags,
                                *self.params, *self.moments1, *self.moments2, *gradients)
