@@ -1,0 +1,156 @@
+"""The fused CPU kernel alone (ctypes, no MindSpore): where the time of a LAMB step goes (issue 7).
+
+Calls ``LambStep`` of ``mindspore_lamb/_fused_cpu.cc`` directly on NumPy arrays, interleaved call by
+call with:
+
+* ``lamb``: the shipped kernel, both passes (40 bytes an element: pass 1 reads w g m v and writes m v,
+  pass 2 reads w m v and writes w);
+* ``lamb pass 1``: the same kernel on gradients whose last element is NaN, so that it runs pass 1 and
+  skips pass 2 (G not finite) - the cost of pass 1 alone;
+* ``lamb, trivial math`` (and its pass 1): the kernel with ``r = m + v`` instead of
+  ``m^ / (sqrt(v^) + eps)``, built from a patched copy of the source: the cost of the memory traffic
+  alone;
+* ``adam-like``: a single pass that reads w g m v and writes w m v (28 bytes an element), the same
+  chunking and OpenMP structure, compiled with the same flags: what one pass of nn.Adam's kind costs.
+
+Run:  python benchmarks/bench_kernel.py [--elems 13700000] [--tensors 8] [--repeats 30]
+"""
+import argparse
+import ctypes
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mindspore_lamb import _fused_cpu  # noqa: E402  (compiles and caches the shipped kernel)
+
+ADAM_LIKE = r"""
+#include <cmath>
+#include <cstdint>
+#include <omp.h>
+extern "C" void AdamLike(int n, float **w, float **m, float **v, const float **g, const int64_t *len) {
+  const float b1 = 0.9f, b2 = 0.999f, c1 = 10.0f, c2 = 1000.0f, eps = 1e-6f, lr = 1e-7f;
+  const int64_t chunk = 1 << 16;
+  int64_t nc = 0;
+  for (int i = 0; i < n; ++i) nc += (len[i] + chunk - 1) / chunk;
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t c = 0; c < nc; ++c) {
+    int i = 0; int64_t k = c;
+    while (k >= (len[i] + chunk - 1) / chunk) { k -= (len[i] + chunk - 1) / chunk; ++i; }
+    int64_t lo = k * chunk, hi = lo + chunk < len[i] ? lo + chunk : len[i];
+    float *W = w[i], *M = m[i], *V = v[i]; const float *G = g[i];
+#pragma omp simd
+    for (int64_t j = lo; j < hi; ++j) {
+      float mj = b1 * M[j] + (1.0f - b1) * G[j];
+      float vj = b2 * V[j] + (1.0f - b2) * (G[j] * G[j]);
+      M[j] = mj; V[j] = vj;
+      W[j] = W[j] - lr * (mj * c1) / (std::sqrt(vj * c2) + eps);
+    }
+  }
+}
+"""
+R_LINE = "float r = (m * h.inv_bc1) / (std::sqrt(v * h.inv_bc2) + h.eps);"
+
+
+def _build(tmp):
+    shipped = _fused_cpu.library_path()
+    with open(_fused_cpu._SRC) as f:
+        src = f.read()
+    if R_LINE not in src:
+        raise SystemExit(f"bench_kernel: the line to patch ({R_LINE}) is no longer in _fused_cpu.cc")
+    trivial_src = os.path.join(tmp, "lamb_trivial.cc")
+    with open(trivial_src, "w") as f:
+        f.write(src.replace(R_LINE, "float r = m + v;"))
+    trivial = _fused_cpu.library_path(src=trivial_src)
+    adam_src = os.path.join(tmp, "adam_like.cc")
+    with open(adam_src, "w") as f:
+        f.write(ADAM_LIKE)
+    adam = os.path.join(tmp, "adam_like.so")
+    subprocess.run(["g++", *_fused_cpu._FLAGS, adam_src, "-o", adam], check=True)
+    return shipped, trivial, adam
+
+
+class Arrays:
+    def __init__(self, n_tensors, numel, nan_last=False):
+        rng = np.random.default_rng(0)
+        self.hyper = np.array([0.9, 0.999, 1e-6, 10.0, 1000.0, 1.0, 0.0, np.inf, 1.0, 1.0], np.float32)
+        self.lrs = np.full(n_tensors, 1e-7, np.float32)
+        self.wds = np.full(n_tensors, 0.01, np.float32)
+        self.flags = np.ones(n_tensors, np.float32)
+        self.w = [rng.standard_normal(numel).astype(np.float32) for _ in range(n_tensors)]
+        self.m = [np.zeros(numel, np.float32) for _ in range(n_tensors)]
+        self.v = [np.zeros(numel, np.float32) for _ in range(n_tensors)]
+        self.g = [rng.standard_normal(numel).astype(np.float32) * 1e-3 for _ in range(n_tensors)]
+        self.g_nan = [x.copy() for x in self.g]
+        self.g_nan[-1][-1] = np.nan
+        self.stats = np.zeros((n_tensors + 1, 3), np.float32)
+
+    def lamb_args(self, nan):
+        arrs = [self.hyper, self.lrs, self.wds, self.flags, *self.w, *self.m, *self.v,
+                *(self.g_nan if nan else self.g), self.stats]
+        n = len(arrs)
+        shapes = [np.array(a.shape, np.int64) for a in arrs]
+        args = (ctypes.c_int(n), (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrs]),
+                (ctypes.c_int * n)(*[a.ndim for a in arrs]),
+                (ctypes.POINTER(ctypes.c_int64) * n)(*[s.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
+                                                        for s in shapes]),
+                (ctypes.c_char_p * n)(*[b"float32"] * n), None, None)
+        return args, shapes        # keep `shapes` alive while `args` is used
+
+    def adam_args(self):
+        n = len(self.w)
+        ptrs = lambda xs: (ctypes.POINTER(ctypes.c_float) * n)(  # noqa: E731
+            *[x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) for x in xs])
+        lens = np.array([x.size for x in self.w], np.int64)
+        return (ctypes.c_int(n), ptrs(self.w), ptrs(self.m), ptrs(self.v), ptrs(self.g),
+                lens.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))), lens
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--elems", type=int, default=13_700_000, help="elements per tensor")
+    ap.add_argument("--tensors", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=30)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        shipped, trivial, adam = _build(tmp)
+        arrays = Arrays(a.tensors, a.elems)
+        kernels = {}
+        keep = []
+        for name, path in (("lamb", shipped), ("lamb, trivial math", trivial)):
+            f = ctypes.CDLL(path).LambStep
+            for suffix, nan in (("", False), (" pass 1", True)):
+                args, shapes = arrays.lamb_args(nan)
+                keep.append(shapes)
+                kernels[name + suffix] = (f, args)
+        args, lens = arrays.adam_args()
+        keep.append(lens)
+        kernels["adam-like"] = (ctypes.CDLL(adam).AdamLike, args)
+
+        names = list(kernels)
+        for f, args in kernels.values():
+            f(*args)
+        times = {k: [] for k in names}
+        for r in range(a.repeats):
+            for k in names[r % len(names):] + names[:r % len(names)]:
+                f, args = kernels[k]
+                t0 = time.perf_counter()
+                f(*args)
+                times[k].append(time.perf_counter() - t0)
+    total = a.tensors * a.elems
+    print(f"{a.tensors} x {a.elems} float32 elements, {a.repeats} interleaved calls each, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}")
+    print(f"{'kernel':<26}{'median ms':>10}{'min ms':>9}{'ns/elem':>9}{'x adam-like':>12}")
+    ref = statistics.median(times["adam-like"])
+    for k in names:
+        med = statistics.median(times[k])
+        print(f"{k:<26}{med * 1e3:>10.2f}{min(times[k]) * 1e3:>9.2f}{med / total * 1e9:>9.3f}{med / ref:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
