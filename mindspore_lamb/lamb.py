@@ -33,6 +33,21 @@ def _raise_on_shape(name, param_shape, grad_shape):
                          f"{tuple(param_shape)}, but got {tuple(grad_shape)}.")
 
 
+@_primexpr
+def _raise_on_flag_shape(shape):
+    if len(shape) > 1 or (len(shape) == 1 and shape[0] != 1):
+        raise ValueError(f"For 'Lamb', the argument 'finite' must be a bool scalar (or a 1-element Tensor), "
+                         f"but got a Tensor of shape {tuple(shape)}.")
+
+
+def _as_flag(finite):
+    """The caller's `finite` (Python bool or 1-element Tensor) as a bool 0-D Tensor."""
+    if isinstance(finite, bool):
+        return F.scalar_to_tensor(finite, mstype.bool_)
+    _raise_on_flag_shape(F.shape(finite))
+    return F.reshape(F.cast(finite, mstype.bool_), ())
+
+
 @_check_shape.register("String", "Tensor", "Tensor")
 def _check_one_shape(name, param, gradient):
     _raise_on_shape(name, F.shape(param), F.shape(gradient))
@@ -98,8 +113,9 @@ class Lamb(Optimizer):
 
     Inputs:
         - **gradients** (tuple[Tensor]) - one gradient per parameter, of the parameter's shape.
-        - **finite** (Tensor, optional) - bool scalar, the caller's own finiteness test of `gradients`
-          (e.g. a loss-scale cell's ``not overflow``): False skips the call exactly. Default: ``None``.
+        - **finite** (Union[Tensor, bool], optional) - bool scalar (or 1-element Tensor), the caller's own
+          finiteness test of `gradients` (e.g. a loss-scale cell's ``not overflow``): False skips the call
+          exactly; True leaves the test to Lamb. Default: ``None``.
 
     Outputs:
         tuple[bool], all elements ``True``.
@@ -117,7 +133,9 @@ class Lamb(Optimizer):
         ValueError: If `weight_decay` is less than 0.
         ValueError: If `loss_scale` or `max_grad_norm` is less than or equal to 0.
         KeyError: If a parameter group has an unknown key.
+        TypeError: If `exact_skip` is not a bool.
         ValueError: If a parameter appears twice, or the gradients do not match the parameters.
+        ValueError: If `finite` is a Tensor of more than one element.
 
     Supported Platforms:
         ``Ascend`` ``GPU`` ``CPU``
@@ -218,7 +236,7 @@ class Lamb(Optimizer):
         gradients = self.flatten_gradients(gradients)
         gradients = self.gradients_centralization(gradients)
         # the caller's finite=False skips exactly; True (or None) leaves the test of the gradients to us
-        told = F.ones((), mstype.bool_) if finite is None else finite
+        told = F.ones((), mstype.bool_) if finite is None else _as_flag(finite)
         if self.fused and not self.exact_skip:
             # no pre-pass: the kernel's pass 1 accumulates ||g||^2 and skips pass 2 when G is not finite
             return F.depend(self.success, self._apply(gradients, None, told, told))

@@ -119,3 +119,17 @@ def test_wrong_gradient_shape_names_the_parameter(mode):
         opt(grads)
     np.testing.assert_array_equal(params[0].asnumpy(), before)   # nothing was trained or lost
     assert int(opt.global_step.asnumpy()[0]) == 0
+
+
+def test_finite_flag_must_be_a_scalar(mode):
+    params = _params()
+    opt = Lamb(params, 0.1)
+    before = params[0].asnumpy().copy()
+    grads = tuple(Tensor(np.ones(p.shape, np.float32)) for p in params)
+    with pytest.raises(ValueError, match=r"'finite' must be a bool scalar.*shape \(2,\)"):
+        opt(grads, Tensor(np.array([True, False])))
+    np.testing.assert_array_equal(params[0].asnumpy(), before)
+    opt(grads, Tensor(np.array([False])))          # a 1-element Tensor and a Python bool are accepted
+    opt(grads, False)
+    np.testing.assert_array_equal(params[0].asnumpy(), before)
+    assert opt.skipped_steps == 2
