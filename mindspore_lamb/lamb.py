@@ -318,7 +318,7 @@ class Lamb(Optimizer):
 
     @property
     def skipped_steps(self):
-        """Number of calls skipped because a gradient was NaN or Inf."""
+        """Number of calls skipped: a gradient was NaN or Inf, or the caller passed ``finite=False``."""
         return int(self.skipped.asnumpy())
 
     def trust_ratios(self):
@@ -332,5 +332,6 @@ class Lamb(Optimizer):
 
     @property
     def global_grad_norm(self):
-        """G of the last call: the global L2 norm of the unscaled gradients (before max_grad_norm)."""
+        """G of the last applied (not skipped) call: the global L2 norm of the unscaled gradients (before
+        max_grad_norm)."""
         return float(self.last_grad_norm.asnumpy())
