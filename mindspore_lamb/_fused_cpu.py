@@ -19,8 +19,9 @@ float16/bfloat16 parameters) and the reference these kernels are tested against.
   that are not decayed); ``flags`` = float32[n]: 1 layer-adapted, 0 layer_adaptation=False (q = 1), -1
   not updated on this rank.
 
-:func:`usable` says whether the path applies (CPU target, all parameters float32, a working
-g++ with OpenMP); the caller falls back to the composite update otherwise.
+:func:`available` says whether the kernels can run (CPU target, a working g++ with OpenMP), :func:`usable`
+whether the step applies to a parameter list (float32 too); the caller falls back to the composite graph
+otherwise.
 """
 import hashlib
 import os
@@ -85,20 +86,23 @@ def library_path(defines=(), src=_SRC):
     return path
 
 
-def usable(params):
-    """True when the fused kernels apply: CPU target, float32 parameters, the library builds, and
-    MINDSPORE_LAMB_FUSED is not "0". (Lamb.construct is always compiled with jit, so PYNATIVE_MODE too.)"""
+def available():
+    """True when the fused kernels can run: CPU target, the library builds, and MINDSPORE_LAMB_FUSED is not
+    "0". (Lamb.construct is always compiled with jit, so PYNATIVE_MODE too.)"""
     if os.environ.get("MINDSPORE_LAMB_FUSED", "1") == "0":
         return False
     if ms.get_context("device_target") != "CPU":
-        return False
-    if not all(p.dtype == mstype.float32 for p in params):
         return False
     try:
         library_path()
     except RuntimeError:
         return False
     return True
+
+
+def usable(params):
+    """True when the fused LAMB step applies: :func:`available`, and every parameter is float32."""
+    return all(p.dtype == mstype.float32 for p in params) and available()
 
 
 to_f32_scalar = C.MultitypeFuncGraph("lamb_to_f32_scalar")

@@ -315,3 +315,31 @@ def test_bad_network_and_optimizer():
         LossScaleTrainStep(nn.WithLossCell(net, nn.MSELoss()), "adam")
     with pytest.raises(ValueError, match="loss_scale=128.0"):
         LossScaleTrainStep(nn.WithLossCell(net, nn.MSELoss()), Lamb(net.trainable_params(), 0.1, loss_scale=128))
+
+
+class _Dot(nn.Cell):
+    """loss = sum(w * x): the gradient with respect to w is x itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = ms.Parameter(ms.Tensor(np.ones(4, np.float32)), name="w")
+
+    def construct(self, x):
+        return (self.w * x).sum()
+
+
+@pytest.mark.parametrize("scale", [1e18, 1e20])
+def test_overflow_is_a_non_finite_sum_of_squares(mode, path, scale):
+    """Every gradient element finite, but at 1e20 the sum of squares (4e40) exceeds float32: an overflow,
+    the step is skipped and the scale backs off; at 1e18 (4e36) it is a normal step. Both paths: the fused
+    sum-of-squares kernel on CPU and the composite HyperMap + AddN."""
+    net = _Dot()
+    opt = Lamb(net.trainable_params(), learning_rate=0.1)
+    cell = LossScaleTrainStep(net, opt, init_scale=1.0, min_scale=0.25)
+    assert (cell.fused_sum_of_squares is not None) == (path == "fused")
+    _, overflow, _ = cell(ms.Tensor(np.full(4, scale, np.float32)))
+    assert bool(overflow.asnumpy()) == (scale > 1e19)
+    assert cell.get_loss_scale() == (0.5 if scale > 1e19 else 1.0)
+    assert (opt.skipped_steps, int(opt.global_step.asnumpy()[0])) == ((1, 0) if scale > 1e19 else (0, 1))
+    moved = not np.array_equal(net.w.asnumpy(), np.ones(4, np.float32))
+    assert moved == (scale < 1e19)
