@@ -18,15 +18,15 @@ Run:  python benchmarks/bench_kernel.py [--elems 13700000] [--tensors 8] [--repe
 import argparse
 import ctypes
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import interleave, median_ms  # noqa: E402
 from mindspore_lamb import _fused_cpu  # noqa: E402  (compiles and caches the shipped kernel)
 
 ADAM_LIKE = r"""
@@ -132,24 +132,17 @@ def main():
         keep.append(lens)
         kernels["adam-like"] = (ctypes.CDLL(adam).AdamLike, args)
 
-        names = list(kernels)
         for f, args in kernels.values():
             f(*args)
-        times = {k: [] for k in names}
-        for r in range(a.repeats):
-            for k in names[r % len(names):] + names[:r % len(names)]:
-                f, args = kernels[k]
-                t0 = time.perf_counter()
-                f(*args)
-                times[k].append(time.perf_counter() - t0)
+        times = interleave({k: (lambda f=f, args=args: f(*args)) for k, (f, args) in kernels.items()}, a.repeats)
     total = a.tensors * a.elems
     print(f"{a.tensors} x {a.elems} float32 elements, {a.repeats} interleaved calls each, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"{'kernel':<26}{'median ms':>10}{'min ms':>9}{'ns/elem':>9}{'x adam-like':>12}")
-    ref = statistics.median(times["adam-like"])
-    for k in names:
-        med = statistics.median(times[k])
-        print(f"{k:<26}{med * 1e3:>10.2f}{min(times[k]) * 1e3:>9.2f}{med / total * 1e9:>9.3f}{med / ref:>12.2f}")
+    ref = median_ms(times["adam-like"])
+    for k, t in times.items():
+        med = median_ms(t)
+        print(f"{k:<26}{med:>10.2f}{min(t) * 1e3:>9.2f}{med / total * 1e6:>9.3f}{med / ref:>12.2f}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ Run:  python benchmarks/bench_overflow_check.py [--repeats 15]
 """
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("GLOG_v", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +25,7 @@ from mindspore.ops import composite as C  # noqa: E402
 from mindspore.ops import functional as F  # noqa: E402
 from mindspore.ops import operations as P  # noqa: E402
 
+from _timing import interleave, median_ms  # noqa: E402
 from bench_step import build  # noqa: E402
 from mindspore_lamb import Lamb, _fused_cpu  # noqa: E402
 from mindspore_lamb._update import sum_of_squares  # noqa: E402
@@ -82,20 +81,16 @@ def main():
     for cell in cells.values():
         cell(grads)
         ms.runtime.synchronize()
-    names = list(cells)
-    times = {k: [] for k in names}
-    for r in range(a.repeats):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            cells[k](grads)
-            ms.runtime.synchronize()
-            times[k].append(time.perf_counter() - t0)
+    def run(cell):
+        return lambda: (cell(grads), ms.runtime.synchronize())
+
+    times = interleave({k: run(cell) for k, cell in cells.items()}, a.repeats)
     print(f"BERT-base gradients: {len(grads)} tensors, {sum(g.size for g in grads) / 1e6:.1f}M elements; "
           f"{a.repeats} interleaved calls each")
-    ref = statistics.median(times["Lamb step"])
-    for k in names:
-        med = statistics.median(times[k])
-        print(f"{k:<36} median {med * 1e3:8.1f} ms  min {min(times[k]) * 1e3:8.1f} ms  x Lamb step {med / ref:5.2f}")
+    ref = median_ms(times["Lamb step"])
+    for k, t in times.items():
+        med = median_ms(t)
+        print(f"{k:<36} median {med:8.1f} ms  min {min(t) * 1e3:8.1f} ms  x Lamb step {med / ref:5.2f}")
 
 
 if __name__ == "__main__":
