@@ -7,8 +7,9 @@
 //   pre-pass, run only when G is needed before the update (max_grad_norm, exact_skip, parallel optimizer).
 //
 // LambStep(hyper, lrs, wds, flags, w_0..w_{n-1}, m_0..m_{n-1}, v_0..v_{n-1}, g_0..g_{n-1}) -> stats (n + 1, 3)
-//   hyper = float32[10]: beta1, beta2, eps, 1 / (1 - beta1^t), 1 / (1 - beta2^t), grad_scale, trust_lo, trust_hi, apply,
-//   inv_loss_scale. apply = 0: the caller already knows this call is skipped: nothing is touched.
+//   hyper = float32[10]: beta1, beta2, eps, 1 / (1 - beta1^t), 1 / (1 - beta2^t), grad_scale, trust_lo,
+//   trust_hi, apply, 1 / loss_scale. apply = 0: the caller already knows this call is skipped: nothing is
+//   touched.
 //   lrs[i], wds[i]: learning rate and weight decay of parameter i (wds[i] = 0 when i is not decayed)
 //   flags[i]: 1 = layer-adapted, 0 = q forced to 1 (layer_adaptation=False), -1 = not updated here
 //   w_i, m_i, v_i are float32 and are UPDATED IN PLACE (they are the Parameters' memory on CPU);

@@ -107,9 +107,10 @@ class Lamb(Optimizer):
             touches the parameters or ``global_step``, and it counts in :attr:`skipped_steps`).
             ``True``: nothing at all changes; on CPU this costs one extra read of the gradients per call
             (about 10 % of the step). ``False``: the moments of the elements whose gradient is finite take
-            this call's gradient, the others keep theirs. The skip is exact anyway when the finiteness is
-            known before the update: with `max_grad_norm`, under the parallel optimizer, and when the
-            caller passes `finite` (:class:`mindspore_lamb.LossScaleTrainStep` does). Default: ``False``.
+            this call's gradient, the others keep theirs. The skip is exact anyway where the finiteness
+            is known before the update: with `max_grad_norm`, under the parallel optimizer, and when the
+            caller passes ``finite=False`` (:class:`mindspore_lamb.LossScaleTrainStep` does on overflow).
+            Default: ``False``.
 
     Inputs:
         - **gradients** (tuple[Tensor]) - one gradient per parameter, of the parameter's shape.
