@@ -157,6 +157,20 @@ def test_record_in_a_custom_loop(mode, rng):
     assert monitor.records[0]["grad_norm"] == pytest.approx(want_g, rel=1e-5)
 
 
+@pytest.mark.parametrize("exact_skip", [False, True])
+@pytest.mark.parametrize("loss_scale", [1.0, 8.0])
+def test_global_grad_norm(mode, path, exact_skip, loss_scale, rng):
+    """G of the unscaled gradients, from the fused kernel's first pass (default) or from the pre-pass
+    (exact_skip), or from the composite graph: all equal NumPy's."""
+    net = Block()
+    opt = Lamb(net.trainable_params(), learning_rate=0.1, loss_scale=loss_scale, exact_skip=exact_skip)
+    assert opt.fused == (path == "fused")
+    grads = tuple(ms.Tensor(rng.standard_normal(p.shape).astype(np.float32)) for p in net.trainable_params())
+    opt(grads)
+    want_g = np.sqrt(sum(np.sum(g.asnumpy().astype(np.float64) ** 2) for g in grads)) / loss_scale
+    assert opt.global_grad_norm == pytest.approx(want_g, rel=1e-6)
+
+
 def test_missing_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
     opt = Lamb(Block().trainable_params(), learning_rate=0.1)
     monitor = TrustRatioMonitor(opt)
