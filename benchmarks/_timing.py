@@ -17,5 +17,9 @@ def interleave(fns, repeats):
     return times
 
 
-def median_ms(seconds):
-    return statistics.median(seconds) * 1e3
+def summary(times, ref):
+    """Rows (name, median ms, min ms, median / median of `ref`), in the order of `times`."""
+    ref_ms = statistics.median(times[ref]) * 1e3
+    for name, seconds in times.items():
+        med = statistics.median(seconds) * 1e3
+        yield name, med, min(seconds) * 1e3, med / ref_ms

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import interleave, median_ms  # noqa: E402
+from _timing import interleave, summary  # noqa: E402
 from mindspore_lamb import _fused_cpu  # noqa: E402  (compiles and caches the shipped kernel)
 
 ADAM_LIKE = r"""
@@ -139,10 +139,8 @@ def main():
     print(f"{a.tensors} x {a.elems} float32 elements, {a.repeats} interleaved calls each, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"{'kernel':<26}{'median ms':>10}{'min ms':>9}{'ns/elem':>9}{'x adam-like':>12}")
-    ref = median_ms(times["adam-like"])
-    for k, t in times.items():
-        med = median_ms(t)
-        print(f"{k:<26}{med:>10.2f}{min(t) * 1e3:>9.2f}{med / total * 1e6:>9.3f}{med / ref:>12.2f}")
+    for k, med, low, ratio in summary(times, "adam-like"):
+        print(f"{k:<26}{med:>10.2f}{low:>9.2f}{med / total * 1e6:>9.3f}{ratio:>12.2f}")
 
 
 if __name__ == "__main__":

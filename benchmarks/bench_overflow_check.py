@@ -25,7 +25,7 @@ from mindspore.ops import composite as C  # noqa: E402
 from mindspore.ops import functional as F  # noqa: E402
 from mindspore.ops import operations as P  # noqa: E402
 
-from _timing import interleave, median_ms  # noqa: E402
+from _timing import interleave, summary  # noqa: E402
 from bench_step import build  # noqa: E402
 from mindspore_lamb import Lamb, _fused_cpu  # noqa: E402
 from mindspore_lamb._update import sum_of_squares  # noqa: E402
@@ -87,10 +87,8 @@ def main():
     times = interleave({k: run(cell) for k, cell in cells.items()}, a.repeats)
     print(f"BERT-base gradients: {len(grads)} tensors, {sum(g.size for g in grads) / 1e6:.1f}M elements; "
           f"{a.repeats} interleaved calls each")
-    ref = median_ms(times["Lamb step"])
-    for k, t in times.items():
-        med = median_ms(t)
-        print(f"{k:<36} median {med:8.1f} ms  min {min(t) * 1e3:8.1f} ms  x Lamb step {med / ref:5.2f}")
+    for k, med, low, ratio in summary(times, "Lamb step"):
+        print(f"{k:<36} median {med:8.1f} ms  min {low:8.1f} ms  x Lamb step {ratio:5.2f}")
 
 
 if __name__ == "__main__":
