@@ -127,6 +127,18 @@ def check_bool(name, value, prim="Lamb"):
     _check_bool(name, value, prim, what="argument")
 
 
+def parameter_list(members, subject, prim, empty_detail=""):
+    """`members` (an iterable) as a non-empty list of Parameters; `subject` names it in the errors."""
+    members = list(members)
+    if not members:
+        raise ValueError(f"For '{prim}', {subject} must not be empty{empty_detail}.")
+    for pos, member in enumerate(members):
+        if not isinstance(member, Parameter):
+            raise TypeError(f"For '{prim}', {subject} must hold only Parameters, "
+                            f"but got {_describe(member)} at index {pos}.")
+    return members
+
+
 def check_params(params, prim="Lamb"):
     """Validate `params` (a list of Parameter, or of group dicts) and return it as a list.
 
@@ -173,14 +185,7 @@ def check_params(params, prim="Lamb"):
         if isinstance(members, Parameter) or not isinstance(members, Iterable):
             raise TypeError(f"For '{prim}', 'params' of group {index} must be a list of Parameter, "
                             f"but got {_describe(members)}.")
-        members = list(members)
-        if not members:
-            raise ValueError(f"For '{prim}', 'params' of group {index} must not be empty.")
-        for pos, member in enumerate(members):
-            if not isinstance(member, Parameter):
-                raise TypeError(f"For '{prim}', 'params' of group {index} must hold only Parameters, "
-                                f"but got {_describe(member)} at index {pos}.")
-        group = dict(group, params=members)
+        group = dict(group, params=parameter_list(members, f"'params' of group {index}", prim))
         if "lr" in group:
             group["lr"] = check_learning_rate(f"lr (group {index})", group["lr"], prim)
         if "weight_decay" in group:

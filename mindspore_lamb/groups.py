@@ -31,13 +31,7 @@ def _check_params(params):
     if isinstance(params, (Parameter, dict, str)) or not isinstance(params, Iterable):
         raise TypeError(f"For '{_NAME}', the argument 'params' must be a Cell or a list of Parameter, "
                         f"but got {_describe(params)}.")
-    params = list(params)
-    if not params:
-        raise ValueError(f"For '{_NAME}', the argument 'params' must not be empty, but got [].")
-    for index, param in enumerate(params):
-        if not isinstance(param, Parameter):
-            raise TypeError(f"For '{_NAME}', the argument 'params' must hold only Parameters, "
-                            f"but got {_describe(param)} at index {index}.")
+    params = V.parameter_list(params, "the argument 'params'", _NAME, empty_detail=", but got []")
     V._check_unique(params, _NAME)
     return params
 
