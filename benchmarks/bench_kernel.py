@@ -1,6 +1,6 @@
-"""The fused CPU kernel alone (ctypes, no MindSpore): where the time of a LAMB step goes (issue 7).
+"""The fused CPU kernel alone (ctypes, no MindSpore): where the time of a LAMB step goes.
 
-Calls ``LambStep`` of ``mindspore_lamb/_fused_cpu.cc`` directly on NumPy arrays, interleaved call by
+Calls ``LambStep`` of ``mindspore_lamb/backends/fused_cpu.cc`` directly on NumPy arrays, interleaved call by
 call with:
 
 * ``lamb``: the shipped kernel, both passes (40 bytes an element: pass 1 reads w g m v and writes m v,
@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import interleave, summary  # noqa: E402
-from mindspore_lamb import _fused_cpu  # noqa: E402  (compiles and caches the shipped kernel)
+from mindspore_lamb.backends import contract, fused_cpu  # noqa: E402  (compiles and caches the kernel)
 
 ADAM_LIKE = r"""
 #include <cmath>
@@ -58,27 +58,29 @@ R_LINE = "float r = (m * h.inv_bc1) / (std::sqrt(v * h.inv_bc2) + h.eps);"
 
 
 def _build(tmp):
-    shipped = _fused_cpu.library_path()
-    with open(_fused_cpu._SRC) as f:
+    shipped = fused_cpu.library_path()
+    with open(fused_cpu.SRC) as f:
         src = f.read()
     if R_LINE not in src:
-        raise SystemExit(f"bench_kernel: the line to patch ({R_LINE}) is no longer in _fused_cpu.cc")
+        raise SystemExit(f"bench_kernel: the line to patch ({R_LINE}) is no longer in fused_cpu.cc")
     trivial_src = os.path.join(tmp, "lamb_trivial.cc")
     with open(trivial_src, "w") as f:
         f.write(src.replace(R_LINE, "float r = m + v;"))
-    trivial = _fused_cpu.library_path(src=trivial_src)
+    trivial = fused_cpu.library_path(src=trivial_src)
     adam_src = os.path.join(tmp, "adam_like.cc")
     with open(adam_src, "w") as f:
         f.write(ADAM_LIKE)
     adam = os.path.join(tmp, "adam_like.so")
-    subprocess.run(["g++", *_fused_cpu._FLAGS, adam_src, "-o", adam], check=True)
+    subprocess.run(["g++", *fused_cpu.FLAGS, adam_src, "-o", adam], check=True)
     return shipped, trivial, adam
 
 
 class Arrays:
     def __init__(self, n_tensors, numel, nan_last=False):
         rng = np.random.default_rng(0)
-        self.hyper = np.array([0.9, 0.999, 1e-6, 10.0, 1000.0, 1.0, 0.0, np.inf, 1.0, 1.0], np.float32)
+        self.hyper = np.array(contract.pack(beta1=0.9, beta2=0.999, one_minus_beta1=0.1, one_minus_beta2=1e-3,
+                                            eps=1e-6, inv_bias_c1=10.0, inv_bias_c2=1000.0, grad_scale=1.0,
+                                            trust_lo=0.0, trust_hi=np.inf, proceed=1.0), np.float32)
         self.lrs = np.full(n_tensors, 1e-7, np.float32)
         self.wds = np.full(n_tensors, 0.01, np.float32)
         self.flags = np.ones(n_tensors, np.float32)

@@ -27,8 +27,8 @@ from mindspore.ops import operations as P  # noqa: E402
 
 from _timing import interleave, summary  # noqa: E402
 from bench_step import build  # noqa: E402
-from mindspore_lamb import Lamb, _fused_cpu  # noqa: E402
-from mindspore_lamb._update import sum_of_squares  # noqa: E402
+from mindspore_lamb import Lamb  # noqa: E402
+from mindspore_lamb.backends import composite, fused_cpu  # noqa: E402
 
 _all_finite = C.MultitypeFuncGraph("bench_all_finite")
 
@@ -49,23 +49,15 @@ class ElementWise(nn.Cell):
         return self.n - self.addn(self.hyper_map(_all_finite, grads)) > 0.5
 
 
-class FusedSum(nn.Cell):
-    def __init__(self):
+class Overflow(nn.Cell):
+    """The loss-scale cell's test: the sum of squares of all gradients is not finite."""
+
+    def __init__(self, sum_of_squares):
         super().__init__()
-        self.op = _fused_cpu.sum_of_squares_op()
+        self.sum_of_squares = sum_of_squares
 
     def construct(self, grads):
-        return F.logical_not(P.IsFinite()(F.reshape(self.op(*grads), ())))
-
-
-class CompositeSum(nn.Cell):
-    def __init__(self):
-        super().__init__()
-        self.hyper_map = C.HyperMap()
-        self.addn = P.AddN()
-
-    def construct(self, grads):
-        return F.logical_not(P.IsFinite()(self.addn(self.hyper_map(sum_of_squares, grads))))
+        return F.logical_not(P.IsFinite()(self.sum_of_squares(grads)))
 
 
 def main():
@@ -75,8 +67,8 @@ def main():
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     params, grads = build("base")
     cells = {"IsFinite + ReduceAll per gradient": ElementWise(len(grads)),
-             "fused sum of squares": FusedSum(),
-             "HyperMap sum of squares": CompositeSum(),
+             "fused sum of squares": Overflow(fused_cpu.SumOfSquares()),
+             "HyperMap sum of squares": Overflow(composite.SumOfSquares()),
              "Lamb step": Lamb(params, learning_rate=1e-7, weight_decay=0.01)}
     for cell in cells.values():
         cell(grads)

@@ -1,4 +1,4 @@
-"""Time one optimizer call of mindspore_lamb.Lamb against nn.Adam and nn.AdamWeightDecay (issue 7).
+"""Time one optimizer call of mindspore_lamb.Lamb against nn.Adam and nn.AdamWeightDecay.
 
 Parameter sets (fixed random parameters and gradients, float32):
 

@@ -1,4 +1,4 @@
-"""Peers on torch CPU (issue 7): timm's Lamb vs torch.optim.Adam (fused and foreach) on BERT-base shapes.
+"""Peers on torch CPU: timm's Lamb vs torch.optim.Adam (fused and foreach) on BERT-base shapes.
 
 Needs torch and timm, NOT installed in the project's venv; use a separate one:
     python -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 timm "numpy<2"

@@ -1,4 +1,4 @@
-"""Accuracy of Lamb's fused CPU path against tests/reference.py (LambReference), next to the composite path.
+"""Accuracy of Lamb's fused CPU path against tests/helpers/reference.py (LambReference), next to the composite path.
 
 BERT-shaped parameters at hidden 128 (one 30522x128 embedding: 3.9M elements, so the kernels' threaded
 slices and double-accumulated norms are exercised), 6 steps, several configurations; prints the largest
@@ -14,7 +14,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "helpers"))
 
 import mindspore as ms  # noqa: E402
 from mindspore import Parameter, Tensor  # noqa: E402

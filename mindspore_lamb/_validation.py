@@ -1,12 +1,15 @@
-"""Argument validation for :class:`mindspore_lamb.Lamb` (spec section 4).
+"""Argument validation for every Cell and helper of the package (docs/api/lamb.md, "Raises").
 
-Every check runs in the constructor, before anything is built, so that bad
-input never reaches graph compilation. Every message names the argument and
-the value received.
+Every check runs in a constructor, before anything is built, so that bad input
+never reaches graph compilation. Every message names the argument and the value
+received. Numbers are checked as float32, the math dtype, will see them.
 """
 import math
 from collections.abc import Iterable
 
+import numpy as np
+
+import mindspore.common.dtype as mstype
 from mindspore import Parameter, Tensor
 from mindspore.nn import Cell
 from mindspore.nn.learning_rate_schedule import LearningRateSchedule
@@ -14,7 +17,11 @@ from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 GROUP_KEYS = ("params", "lr", "weight_decay", "grad_centralization", "order_params", "layer_adaptation")
 
 
-def _describe(value):
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)      # smallest normal float32
+
+
+def describe(value):
     """`type` and a short `repr` of a received value, for error messages."""
     text = repr(value)
     if len(text) > 80:
@@ -22,109 +29,169 @@ def _describe(value):
     return f"{type(value).__name__} {text}"
 
 
-def _is_number(value):
+def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def as_float32(value):
+    """`value` as float32 will see it (a Python float; inf when it overflows)."""
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
+
+
+def check_number(name, value, prim, *, low=0.0, inclusive=False, allow_none=False, normal=False):
+    """A float or int (not bool), finite in float32, > low (>= low when `inclusive`); returned as float.
+    `normal`: also a normal float32 (not 0, not denormal: float32 rounds 1e-50 to 0)."""
+    if value is None and allow_none:
+        return None
+    if not is_number(value):
+        kinds = "float, int or None" if allow_none else "float or int"
+        raise TypeError(f"For '{prim}', the argument '{name}' must be {kinds}, but got {describe(value)}.")
+    value = float(value)
+    bound = f">= {low}" if inclusive else f"> {low}"
+    if not math.isfinite(value) or value < low or (value == low and not inclusive):
+        raise ValueError(f"For '{prim}', the argument '{name}' must be a finite number {bound}, but got {value}.")
+    if abs(as_float32(value)) > FLOAT32_MAX:
+        raise ValueError(f"For '{prim}', the argument '{name}' must be finite as float32 (at most {FLOAT32_MAX:.4g}), "
+                         f"but got {value}.")
+    if normal and abs(as_float32(value)) < FLOAT32_TINY and (value != 0.0 or not inclusive):
+        raise ValueError(f"For '{prim}', the argument '{name}' must be at least {FLOAT32_TINY:.4g} (the smallest "
+                         f"normal float32; float32 rounds smaller values to 0 or loses their precision), "
+                         f"but got {value}.")
+    return value
+
+
+def check_int(name, value, prim, *, low):
+    """An int (not bool) >= low."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"For '{prim}', the argument '{name}' must be int, but got {describe(value)}.")
+    if value < low:
+        raise ValueError(f"For '{prim}', the argument '{name}' must be >= {low}, but got {value}.")
+    return value
+
+
+def check_bool(name, value, prim="Lamb"):
+    if not isinstance(value, bool):
+        raise TypeError(f"For '{prim}', the argument '{name}' must be bool, but got {describe(value)}.")
+    return value
+
+
 def check_float(name, value, prim="Lamb"):
-    """`value` must be a Python float (MindSpore rejects ints for beta1/beta2/eps)."""
+    """`value` must be a Python float (MindSpore rejects ints for beta1/beta2/eps), finite."""
     if not isinstance(value, float):
-        raise TypeError(f"For '{prim}', the argument '{name}' must be float, but got {_describe(value)}.")
+        raise TypeError(f"For '{prim}', the argument '{name}' must be float, but got {describe(value)}.")
     if not math.isfinite(value):
         raise ValueError(f"For '{prim}', the argument '{name}' must be finite, but got {value}.")
     return value
 
 
-def check_open_unit_interval(name, value, prim="Lamb"):
+def check_beta(name, value, prim="Lamb"):
+    """A float in (0, 1), also as float32 (float32 rounds 1 - 1e-9 to 1.0: the moment would never decay)."""
     check_float(name, value, prim)
     if not 0.0 < value < 1.0:
         raise ValueError(f"For '{prim}', the argument '{name}' must be in the open interval (0.0, 1.0), "
                          f"but got {value}.")
+    if not 0.0 < as_float32(value) < 1.0:
+        raise ValueError(f"For '{prim}', the argument '{name}' must be in the open interval (0.0, 1.0) as "
+                         f"float32 sees it, but got {value}, which float32 rounds to {as_float32(value)}.")
     return value
+
+
+def check_eps(name, value, prim="Lamb"):
+    """A float > 0 that float32 keeps > 0 (sqrt(0) + eps must not be 0: 0 / 0 is NaN)."""
+    check_float(name, value, prim)
+    return check_number(name, value, prim, normal=True)
 
 
 def check_positive_float(name, value, prim="Lamb"):
     check_float(name, value, prim)
-    if value <= 0.0:
-        raise ValueError(f"For '{prim}', the argument '{name}' must be greater than 0, but got {value}.")
+    return check_number(name, value, prim)
+
+
+def check_loss_scale(name, value, prim="Lamb"):
+    """A number > 0 such that it and 1 / value are finite, normal float32 numbers."""
+    value = check_number(name, value, prim, normal=True)
+    if not FLOAT32_TINY <= as_float32(1.0 / value) <= FLOAT32_MAX:
+        raise ValueError(f"For '{prim}', the argument '{name}' must have a reciprocal that is a normal float32 "
+                         f"(between {1 / FLOAT32_MAX:.4g} and {1 / FLOAT32_TINY:.4g}), but got {value}.")
     return value
 
 
-def check_positive_number(name, value, prim="Lamb"):
-    """float or int (not bool), finite and > 0; returned as float."""
-    if not _is_number(value):
-        raise TypeError(f"For '{prim}', the argument '{name}' must be float or int, but got {_describe(value)}.")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"For '{prim}', the argument '{name}' must be a finite number greater than 0, "
-                         f"but got {value}.")
-    return value
+def check_max_grad_norm(name, value, prim="Lamb"):
+    """None, or a number > 0 that is a normal float32."""
+    return check_number(name, value, prim, allow_none=True, normal=True)
 
 
 def check_weight_decay(name, value, prim="Lamb"):
-    """float or int >= 0, or a Cell called with the step (dynamic weight decay)."""
+    """float or int >= 0 (finite in float32), or a Cell called with the step (dynamic weight decay)."""
     if isinstance(value, Cell):
         return value
-    if not _is_number(value):
+    if not is_number(value):
         raise TypeError(f"For '{prim}', the argument '{name}' must be float, int or Cell, "
-                        f"but got {_describe(value)}.")
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0.0):
-        raise ValueError(f"For '{prim}', the argument '{name}' must be a finite number >= 0, but got {value}.")
-    return value
+                        f"but got {describe(value)}.")
+    return check_number(name, value, prim, inclusive=True)
+
+
+def _check_sequence_values(name, values, prim):
+    """1-D float values of a learning-rate sequence: non-empty, finite in float32, >= 0."""
+    values = np.asarray(values, np.float64).reshape(-1)
+    if values.size == 0:
+        raise ValueError(f"For '{prim}', the argument '{name}' must not be empty.")
+    bad = np.flatnonzero(~np.isfinite(values.astype(np.float32)) | (values < 0))
+    if bad.size:
+        raise ValueError(f"For '{prim}', the argument '{name}' must hold finite numbers >= 0 (as float32), but "
+                         f"element {int(bad[0])} is {values[bad[0]]}.")
+    return values.astype(np.float32)
 
 
 def check_learning_rate(name, value, prim="Lamb"):
-    """float/int >= 0, 0-D or 1-D Tensor, Iterable of numbers, or LearningRateSchedule."""
+    """float/int >= 0, Tensor (0-D: fixed, 1-D: per step), Iterable of numbers, or LearningRateSchedule.
+
+    Returned as a float, a 0-D float32 Tensor, a float32 NumPy array (a per-step sequence: Lamb holds its
+    last value once the steps run past its end), or the schedule."""
     if isinstance(value, LearningRateSchedule):
         return value
     if isinstance(value, bool):
         raise TypeError(f"For '{prim}', the argument '{name}' must be int, float, Tensor, Iterable or "
-                        f"LearningRateSchedule, but got {_describe(value)}.")
-    if _is_number(value):
-        value = float(value)
-        if not (math.isfinite(value) and value >= 0.0):
-            raise ValueError(f"For '{prim}', the argument '{name}' must be a finite number >= 0, but got {value}.")
-        return value
+                        f"LearningRateSchedule, but got {describe(value)}.")
+    if is_number(value):
+        return check_number(name, value, prim, inclusive=True)
     if isinstance(value, Tensor):
         if value.ndim > 1:
             raise ValueError(f"For '{prim}', the argument '{name}' must be a 0-D or 1-D Tensor, "
                              f"but got a Tensor of shape {value.shape}.")
-        return value
+        values = _check_sequence_values(name, value.asnumpy(), prim)
+        return Tensor(values[0], mstype.float32) if value.ndim == 0 else values
     if isinstance(value, Cell):
         raise TypeError(f"For '{prim}', the argument '{name}' must be a LearningRateSchedule when it is a Cell, "
-                        f"but got {_describe(value)}.")
+                        f"but got {describe(value)}.")
     if isinstance(value, Iterable) and not isinstance(value, (str, bytes, dict)):
         values = list(value)
-        if not values or not all(_is_number(v) for v in values):
+        if not values or not all(is_number(v) for v in values):
             raise TypeError(f"For '{prim}', the argument '{name}' as an Iterable must hold numbers, "
-                            f"but got {_describe(values)}.")
-        return values
+                            f"but got {describe(values)}.")
+        return _check_sequence_values(name, values, prim)
     raise TypeError(f"For '{prim}', the argument '{name}' must be int, float, Tensor, Iterable or "
-                    f"LearningRateSchedule, but got {_describe(value)}.")
+                    f"LearningRateSchedule, but got {describe(value)}.")
 
 
 def check_trust_ratio_clip(value, prim="Lamb"):
-    """None, or (lo, hi) with 0 <= lo <= hi (hi may be inf)."""
+    """None, or (lo, hi) with 0 <= lo <= hi, lo finite in float32 (hi may be inf: no upper bound)."""
     if value is None:
         return None
-    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_number(v) for v in value)):
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(is_number(v) for v in value)):
         raise TypeError(f"For '{prim}', the argument 'trust_ratio_clip' must be None or a pair (lo, hi) "
-                        f"of numbers, but got {_describe(value)}.")
+                        f"of numbers, but got {describe(value)}.")
     lo, hi = float(value[0]), float(value[1])
-    if not (0.0 <= lo <= hi) or math.isnan(hi):
-        raise ValueError(f"For '{prim}', the argument 'trust_ratio_clip' must satisfy 0 <= lo <= hi, "
-                         f"but got {value}.")
+    if not (0.0 <= lo <= hi) or math.isnan(hi) or as_float32(lo) > FLOAT32_MAX:
+        raise ValueError(f"For '{prim}', the argument 'trust_ratio_clip' must satisfy 0 <= lo <= hi with lo "
+                         f"finite in float32, but got {value}.")
     return lo, hi
 
 
 def _check_bool(name, value, prim, what="group key"):
     if not isinstance(value, bool):
-        raise TypeError(f"For '{prim}', the {what} '{name}' must be bool, but got {_describe(value)}.")
-
-
-def check_bool(name, value, prim="Lamb"):
-    _check_bool(name, value, prim, what="argument")
+        raise TypeError(f"For '{prim}', the {what} '{name}' must be bool, but got {describe(value)}.")
 
 
 def parameter_list(members, subject, prim, empty_detail=""):
@@ -135,7 +202,7 @@ def parameter_list(members, subject, prim, empty_detail=""):
     for pos, member in enumerate(members):
         if not isinstance(member, Parameter):
             raise TypeError(f"For '{prim}', {subject} must hold only Parameters, "
-                            f"but got {_describe(member)} at index {pos}.")
+                            f"but got {describe(member)} at index {pos}.")
     return members
 
 
@@ -151,19 +218,19 @@ def check_params(params, prim="Lamb"):
     """
     if isinstance(params, (Parameter, dict)) or not isinstance(params, Iterable):
         raise TypeError(f"For '{prim}', the argument 'params' must be a list of Parameter or of dict, "
-                        f"but got {_describe(params)}.")
+                        f"but got {describe(params)}.")
     params = list(params)
     if not params:
         raise ValueError(f"For '{prim}', the argument 'params' must not be empty, but got [].")
     for index, item in enumerate(params):
         if not isinstance(item, (Parameter, dict)):
             raise TypeError(f"For '{prim}', each element of 'params' must be a Parameter or a dict, "
-                            f"but got {_describe(item)} at index {index}.")
+                            f"but got {describe(item)} at index {index}.")
     if not all(isinstance(item, dict) for item in params):
         if any(isinstance(item, dict) for item in params):
             raise TypeError(f"For '{prim}', the argument 'params' must hold only Parameters or only dicts, "
                             f"but got a mix: {[type(item).__name__ for item in params]}.")
-        _check_unique(params, prim)
+        check_unique(params, prim)
         return params
 
     grouped, order, groups = [], None, []
@@ -184,7 +251,7 @@ def check_params(params, prim="Lamb"):
         members = group["params"]
         if isinstance(members, Parameter) or not isinstance(members, Iterable):
             raise TypeError(f"For '{prim}', 'params' of group {index} must be a list of Parameter, "
-                            f"but got {_describe(members)}.")
+                            f"but got {describe(members)}.")
         group = dict(group, params=parameter_list(members, f"'params' of group {index}", prim))
         if "lr" in group:
             group["lr"] = check_learning_rate(f"lr (group {index})", group["lr"], prim)
@@ -197,13 +264,13 @@ def check_params(params, prim="Lamb"):
         groups.append(group)
     if not grouped:
         raise ValueError(f"For '{prim}', the argument 'params' has no group with parameters.")
-    _check_unique(grouped, prim)
+    check_unique(grouped, prim)
     if order is not None:
         _check_order(order, grouped, prim)
     return groups
 
 
-def _check_unique(params, prim):
+def check_unique(params, prim):
     seen = set()
     for param in params:
         if param.name in seen:
@@ -213,12 +280,12 @@ def _check_unique(params, prim):
 
 def _check_order(order, grouped, prim):
     if isinstance(order, Parameter) or not isinstance(order, Iterable):
-        raise TypeError(f"For '{prim}', 'order_params' must be a list of Parameter, but got {_describe(order)}.")
+        raise TypeError(f"For '{prim}', 'order_params' must be a list of Parameter, but got {describe(order)}.")
     order = list(order)
     for pos, member in enumerate(order):
         if not isinstance(member, Parameter):
             raise TypeError(f"For '{prim}', 'order_params' must hold only Parameters, "
-                            f"but got {_describe(member)} at index {pos}.")
+                            f"but got {describe(member)} at index {pos}.")
     names = {p.name for p in grouped}
     listed = [p.name for p in order]
     missing = [name for name in listed if name not in names]
@@ -231,8 +298,10 @@ def _check_order(order, grouped, prim):
 
 def check_param_dtypes(params, device_target, prim="Lamb"):
     """Floating parameters only; bfloat16 not on CPU (MindSpore 2.10's CPU Assign has no bfloat16 kernel)."""
-    from mindspore.common import dtype as mstype
     for param in params:
+        if 0 in param.shape:
+            raise ValueError(f"For '{prim}', parameter '{param.name}' has no element (shape {param.shape}); "
+                             f"leave it out of the optimizer.")
         if param.dtype not in (mstype.float16, mstype.float32, mstype.float64, mstype.bfloat16):
             raise TypeError(f"For '{prim}', parameter '{param.name}' must be float16, float32, float64 or "
                             f"bfloat16, but got {param.dtype}.")

@@ -3,10 +3,11 @@ import csv
 import json
 import math
 import os
+import warnings
 
 from mindspore.train import Callback
 
-from ._validation import _describe
+from ._validation import describe
 
 _NAME = "TrustRatioMonitor"
 FIELDS = ("step", "global_step", "name", "trust_ratio", "w_norm", "u_norm", "grad_norm")
@@ -16,7 +17,7 @@ _SUFFIXES = (".csv", ".json")
 def _check_path(name, path):
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"For '{_NAME}', the argument '{name}' must be a str or os.PathLike, "
-                        f"but got {_describe(path)}.")
+                        f"but got {describe(path)}.")
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if suffix not in _SUFFIXES:
         raise ValueError(f"For '{_NAME}', the argument '{name}' must end in .csv or .json, but got {path!r}.")
@@ -79,9 +80,9 @@ class TrustRatioMonitor(Callback):
         for attr in ("layer_stats", "last_grad_norm", "global_step", "param_names"):
             if not hasattr(optimizer, attr):
                 raise TypeError(f"For '{_NAME}', the argument 'optimizer' must be a mindspore_lamb.Lamb "
-                                f"(it has no '{attr}'), but got {_describe(optimizer)}.")
+                                f"(it has no '{attr}'), but got {describe(optimizer)}.")
         if isinstance(every, bool) or not isinstance(every, int):
-            raise TypeError(f"For '{_NAME}', the argument 'every' must be int, but got {_describe(every)}.")
+            raise TypeError(f"For '{_NAME}', the argument 'every' must be int, but got {describe(every)}.")
         if every < 1:
             raise ValueError(f"For '{_NAME}', the argument 'every' must be >= 1, but got {every}.")
         if path is not None:
@@ -108,6 +109,13 @@ class TrustRatioMonitor(Callback):
         step = run_context.original_args().cur_step_num
         if step % self.every == 0:
             self.record(step)
+            bad = sorted({row["name"] for row in self.records[-len(self.optimizer.param_names):]
+                          if not math.isfinite(row["w_norm"])})
+            if bad:
+                warnings.warn(f"{_NAME}: step {step}: parameter(s) {bad} hold NaN or Inf values (their trust "
+                              f"ratio reads NaN; Lamb leaves them as they are); training is stopped.",
+                              RuntimeWarning, stacklevel=2)
+                run_context.request_stop()
 
     def on_train_end(self, run_context):
         if self.path is not None:
@@ -144,7 +152,7 @@ class TrustRatioMonitor(Callback):
             ratios.append(row["trust_ratio"])
         return out
 
-    def plot(self, png_path, top_k=None):
+    def plot(self, png_path, top_k=None, names=None):
         """Save a PNG of the trust ratio of each layer over the recorded steps (log y axis).
 
         Needs matplotlib (``pip install matplotlib``, or the ``plot`` extra); it is imported here, not
@@ -155,6 +163,8 @@ class TrustRatioMonitor(Callback):
             top_k (int): plot only the `top_k` layers whose trust ratio strays farthest from 1
                 (largest :math:`\\max |\\log q|` over the records, i.e. where LAMB departs most from
                 Adam); None plots every layer. Default: ``None``.
+            names (Iterable[str]): plot only these parameters (e.g. ``optimizer.layer_adapted_names()``,
+                leaving out those whose q is 1 by construction); None: all. Default: ``None``.
 
         Raises:
             ImportError: If matplotlib is not installed.
@@ -163,7 +173,7 @@ class TrustRatioMonitor(Callback):
         """
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
             raise TypeError(f"For '{_NAME}.plot', the argument 'top_k' must be None or int, "
-                            f"but got {_describe(top_k)}.")
+                            f"but got {describe(top_k)}.")
         if top_k is not None and top_k < 1:
             raise ValueError(f"For '{_NAME}.plot', the argument 'top_k' must be >= 1, but got {top_k}.")
         if not self.records:
@@ -176,6 +186,11 @@ class TrustRatioMonitor(Callback):
                               f"pip install matplotlib (or mindspore_lamb[plot]).") from error
 
         series = self.series()
+        if names is not None:
+            wanted = set(names)
+            series = {name: values for name, values in series.items() if name in wanted}
+            if not series:
+                raise ValueError(f"For '{_NAME}.plot', none of the parameters in 'names' has been recorded.")
         names = list(series)
         if top_k is not None:
             def spread(name):

@@ -5,7 +5,7 @@ from mindspore import Parameter
 from mindspore.nn import Cell
 
 from . import _validation as V
-from ._validation import _describe
+from ._validation import describe
 
 _NAME = "bert_param_groups"
 # MindSpore's nn.LayerNorm (and nn.BatchNorm*) name their scale and shift `<cell>.gamma` and `<cell>.beta`,
@@ -16,12 +16,12 @@ _KEYWORD_LEAF_ALIASES = {"layernorm": ("gamma", "beta")}
 def _check_keywords(keywords):
     if isinstance(keywords, (str, bytes)) or not isinstance(keywords, Iterable):
         raise TypeError(f"For '{_NAME}', the argument 'no_decay_keywords' must be a tuple or list of str, "
-                        f"but got {_describe(keywords)}.")
+                        f"but got {describe(keywords)}.")
     keywords = tuple(keywords)
     for keyword in keywords:
         if not isinstance(keyword, str) or not keyword:
             raise TypeError(f"For '{_NAME}', the argument 'no_decay_keywords' must hold non-empty str, "
-                            f"but got {_describe(keyword)} in {keywords!r}.")
+                            f"but got {describe(keyword)} in {keywords!r}.")
     return tuple(keyword.lower() for keyword in keywords)
 
 
@@ -30,9 +30,9 @@ def _check_params(params):
         return list(params.trainable_params())
     if isinstance(params, (Parameter, dict, str)) or not isinstance(params, Iterable):
         raise TypeError(f"For '{_NAME}', the argument 'params' must be a Cell or a list of Parameter, "
-                        f"but got {_describe(params)}.")
+                        f"but got {describe(params)}.")
     params = V.parameter_list(params, "the argument 'params'", _NAME, empty_detail=", but got []")
-    V._check_unique(params, _NAME)
+    V.check_unique(params, _NAME)
     return params
 
 

@@ -12,11 +12,14 @@ from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 from mindspore.ops.primitive import _primexpr
 
-from . import _fused_cpu
 from . import _validation as V
-from ._update import centralize, lamb_update, sum_of_squares
+from . import backends
+from ._update import centralize, expm1, global_norm_factor
+from .backends import contract
+from .schedules import as_schedule
 
-_check_shape = C.MultitypeFuncGraph("lamb_check_shape")
+_check_gradient = C.MultitypeFuncGraph("lamb_check_gradient")
+_FLOATS = (mstype.float16, mstype.bfloat16, mstype.float32, mstype.float64)
 
 
 @_primexpr
@@ -48,10 +51,29 @@ def _as_flag(finite):
     return F.reshape(F.cast(finite, mstype.bool_), ())
 
 
-@_check_shape.register("String", "Tensor", "Tensor")
-def _check_one_shape(name, param, gradient):
+@_primexpr
+def _raise_on_dtype(name, param_dtype, grad_dtype):
+    if grad_dtype not in _FLOATS:
+        raise TypeError(f"For 'Lamb', the gradient of parameter '{name}' ({param_dtype}) must be a floating "
+                        f"Tensor (float16, bfloat16, float32 or float64), but got {grad_dtype}.")
+
+
+@_check_gradient.register("String", "String", "Tensor", "Tensor")
+def _check_one_gradient(name, param_dtype, param, gradient):
+    """The gradient of `param`, checked (shape, floating dtype) and cast to float32, the math dtype: the
+    same cast on every backend, whatever the gradient's floating dtype. (`param_dtype` is a string made
+    on the host: F.dtype of a Parameter is not a constant inside a graph branch in data-parallel mode.)"""
     _raise_on_shape(name, F.shape(param), F.shape(gradient))
-    return True
+    _raise_on_dtype(name, param_dtype, F.dtype(gradient))
+    return F.cast(gradient, mstype.float32)
+
+
+def _runtime_state(value, name):
+    """A Parameter the graph writes (diagnostics) that checkpoints neither save nor expect: MindSpore's
+    save/load skip parameters flagged as pipeline-shared, the flag this sets."""
+    state = Parameter(Tensor(value), name=name, requires_grad=False)
+    state.param_info.is_pipeline_shared_param = True
+    return state
 
 
 def _moment(param, prefix):
@@ -111,9 +133,12 @@ class Lamb(Optimizer):
             is known before the update: with `max_grad_norm`, under the parallel optimizer, and when the
             caller passes ``finite=False`` (:class:`mindspore_lamb.LossScaleTrainStep` does on overflow).
             Default: ``False``.
+        bias_correction (bool): keyword-only; False drops the bias corrections :math:`1 - \beta^t` (as
+            apex, timm and DeepSpeed offer). Default: ``True``.
 
     Inputs:
-        - **gradients** (tuple[Tensor]) - one gradient per parameter, of the parameter's shape.
+        - **gradients** (tuple[Tensor]) - one gradient per parameter, of the parameter's shape and of a
+          floating dtype (cast to float32, the math dtype, on every backend).
         - **finite** (Union[Tensor, bool], optional) - bool scalar (or 1-element Tensor), the caller's own
           finiteness test of `gradients` (e.g. a loss-scale cell's ``not overflow``): False skips the call
           exactly; True leaves the test to Lamb. Default: ``None``.
@@ -122,6 +147,8 @@ class Lamb(Optimizer):
         tuple[bool], all elements ``True``.
 
         A call whose gradients hold a NaN or Inf is skipped: see `exact_skip` and :attr:`skipped_steps`.
+        A parameter that already holds a NaN or Inf is left as it is; its trust ratio reads NaN
+        (:meth:`nonfinite_parameters` names it).
 
     Raises:
         TypeError: If `learning_rate` is not one of int, float, Tensor, Iterable, LearningRateSchedule.
@@ -134,7 +161,13 @@ class Lamb(Optimizer):
         ValueError: If `weight_decay` is less than 0.
         ValueError: If `loss_scale` or `max_grad_norm` is less than or equal to 0.
         KeyError: If a parameter group has an unknown key.
-        TypeError: If `exact_skip` is not a bool.
+        TypeError: If `exact_skip` or `bias_correction` is not a bool.
+        ValueError: If a number is degenerate as float32 sees it (``eps`` or ``max_grad_norm`` below the
+            smallest normal float32, ``beta`` rounding to 1, ``1 / loss_scale`` not a normal float32, a
+            value beyond float32's range), or a learning-rate Tensor or sequence holds a NaN, Inf or
+            negative value.
+        ValueError: If a parameter has no element.
+        TypeError: If a gradient is not a floating Tensor.
         ValueError: If a parameter appears twice, or the gradients do not match the parameters.
         ValueError: If `finite` is a Tensor of more than one element.
 
@@ -150,21 +183,25 @@ class Lamb(Optimizer):
         >>> model = ms.train.Model(net, loss_fn=nn.MSELoss(), optimizer=opt)
     """
     _support_parallel_optimizer = True
+    # The loss-scale cell's protocol (docs/loss_scaling.md): this optimizer takes `finite` as a second
+    # input and skips a step told finite=False exactly, so the cell needs no graph branch around it.
+    accepts_finite_flag = True
 
     @opt_init_args_register
     def __init__(self, params, learning_rate, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, *,
-                 loss_scale=1.0, max_grad_norm=None, trust_ratio_clip=None, exact_skip=False):
+                 loss_scale=1.0, max_grad_norm=None, trust_ratio_clip=None, exact_skip=False,
+                 bias_correction=True):
         params = V.check_params(params)
-        learning_rate = V.check_learning_rate("learning_rate", learning_rate)
-        V.check_open_unit_interval("beta1", beta1)
-        V.check_open_unit_interval("beta2", beta2)
-        V.check_positive_float("eps", eps)
+        learning_rate = as_schedule(V.check_learning_rate("learning_rate", learning_rate), "learning_rate")
+        V.check_beta("beta1", beta1)
+        V.check_beta("beta2", beta2)
+        V.check_eps("eps", eps)
         weight_decay = V.check_weight_decay("weight_decay", weight_decay)
-        loss_scale = V.check_positive_number("loss_scale", loss_scale)
-        if max_grad_norm is not None:
-            max_grad_norm = V.check_positive_number("max_grad_norm", max_grad_norm)
+        loss_scale = V.check_loss_scale("loss_scale", loss_scale)
+        max_grad_norm = V.check_max_grad_norm("max_grad_norm", max_grad_norm)
         trust_ratio_clip = V.check_trust_ratio_clip(trust_ratio_clip)
         V.check_bool("exact_skip", exact_skip)
+        V.check_bool("bias_correction", bias_correction)
 
         adapt_by_name = {}
         if isinstance(params[0], dict):
@@ -172,59 +209,55 @@ class Lamb(Optimizer):
                 for param in group.get("params", ()):
                     adapt_by_name[param.name] = group.get("layer_adaptation", True)
             params = [{k: val for k, val in group.items() if k != "layer_adaptation"} for group in params]
+            for index, group in enumerate(params):   # a per-step sequence holds its last value (schedules.py)
+                if "lr" in group:
+                    group["lr"] = as_schedule(group["lr"], f"learning_rate_group_{index}")
 
         # LAMB's weight decay is decoupled from the gradient, so loss_scale must not touch it; the base
         # class multiplies the weight decay by its loss_scale, hence 1.0 there and the real one here.
         super().__init__(learning_rate, params, weight_decay, loss_scale=1.0)
         self.loss_scale = loss_scale
-        self.inv_loss_scale = Tensor(1.0 / loss_scale, mstype.float32)
-        self.max_grad_norm = None if max_grad_norm is None else Tensor(max_grad_norm, mstype.float32)
-        # G is needed before the update (NVLAMB clipping; a parallel-optimizer rank sees only its own
-        # parameters' gradients in the fused pass 1): the skip is exact at no extra cost.
-        self.exact_skip = exact_skip or max_grad_norm is not None or self.use_parallel
-        self.trust_ratio_clip = trust_ratio_clip
-        self.clip_trust = trust_ratio_clip is not None
-        lo, hi = trust_ratio_clip if self.clip_trust else (0.0, math.inf)
-        self.trust_lo = Tensor(lo, mstype.float32)
-        self.trust_hi = Tensor(hi, mstype.float32)
+        self.max_grad_norm = max_grad_norm
+        self.exact_skip = exact_skip
+        self.bias_correction = bias_correction
+        # G is computed before the update when it is needed there: NVLAMB clipping, an exact skip, or the
+        # parallel optimizer (a rank's backend sees only its own parameters' gradients).
+        self.norm_first = exact_skip or max_grad_norm is not None or self.use_parallel
 
-        self.beta1 = Tensor(beta1, mstype.float32)
-        self.beta2 = Tensor(beta2, mstype.float32)
-        self.eps = Tensor(eps, mstype.float32)
-        # 1 - beta^t = -expm1(t log beta): log beta taken in float64, so the bias correction keeps full
-        # float32 precision (1 - float32(0.999)^1 is off by 1.3e-5 relative).
-        self.log_beta1 = Tensor(math.log(beta1), mstype.float32)
-        self.log_beta2 = Tensor(math.log(beta2), mstype.float32)
+        f32 = lambda x: Tensor(x, mstype.float32)  # noqa: E731
+        self.inv_loss_scale = f32(1.0 / loss_scale)
+        self.max_grad_norm_t = f32(max_grad_norm if max_grad_norm is not None else 1.0)
+        lo, hi = trust_ratio_clip if trust_ratio_clip is not None else (0.0, math.inf)
+        self.trust_lo, self.trust_hi = f32(lo), f32(hi)
+        self.beta1, self.beta2, self.eps, self.one = f32(beta1), f32(beta2), f32(eps), f32(1.0)
+        # 1 - beta in float64, rounded once (1 - float32(0.999) is 1.3e-5 off, 19 % at 1 - 1e-7); and
+        # 1 - beta^t = -expm1(t log beta) with log beta taken in float64, for the same reason
+        self.one_minus_beta1, self.one_minus_beta2 = f32(1.0 - beta1), f32(1.0 - beta2)
+        self.log_beta1, self.log_beta2 = f32(math.log(beta1)), f32(math.log(beta2))
 
         self.params = self._parameters
         V.check_param_dtypes(self.params, self._target)
         self.moments1 = ParameterTuple(_moment(p, "lamb_m") for p in self.params)
         self.moments2 = ParameterTuple(_moment(p, "lamb_v") for p in self.params)
         self.param_names = tuple(p.name for p in self.params)
+        self.param_dtypes = tuple(str(p.dtype) for p in self.params)
         self.adapt_flags = tuple(adapt_by_name.get(name, True) for name in self.param_names)
         if not self.is_group:
             self.grad_centralization_flags = (False,) * self.param_length
 
-        # Diagnostics of the last applied step, written inside the graph (no host sync in the step).
-        self.layer_stats = Parameter(Tensor(np.zeros((self.param_length, 3), np.float32)),
-                                     name="lamb_layer_stats", requires_grad=False)
-        self.last_grad_norm = Parameter(Tensor(0.0, mstype.float32), name="lamb_grad_norm", requires_grad=False)
-        self.skipped = Parameter(Tensor(0, mstype.int32), name="lamb_skipped_steps", requires_grad=False)
+        # Diagnostics of the last applied step, written inside the graph (no host sync in the step). They
+        # are runtime state, left out of checkpoints (which keep nn.Lamb's layout: docs/api/lamb.md).
+        self.layer_stats = _runtime_state(np.zeros((self.param_length, 3), np.float32), "lamb_layer_stats")
+        self.last_grad_norm = _runtime_state(np.float32(0.0), "lamb_grad_norm")
+        self.skipped = _runtime_state(np.int32(0), "lamb_skipped_steps")
         self.success = (True,) * self.param_length
-        self.stack = P.Stack()
-        self.addn = P.AddN()
         self.isfinite = P.IsFinite()
-        # CPU, float32 parameters: the pre-pass and the step are two fused C++ kernels (_fused_cpu.cc);
-        # elsewhere (GPU, Ascend, float16/bfloat16) the composite graph of _update.py. Same results.
-        self.fused = _fused_cpu.usable(self.params)
-        if self.fused:
-            self.fused_sum_of_squares = _fused_cpu.sum_of_squares_op()
-            self.fused_step = _fused_cpu.lamb_step_op(self.param_length)
-            self.decay_mask = Tensor(np.array(self.decay_flags, np.float32))
-            self.ones = Tensor(np.ones(self.param_length, np.float32))
-            self.fused_flags = Tensor(np.array([(1.0 if adapt else 0.0) if mine else -1.0
-                                                for adapt, mine in zip(self.adapt_flags, self.optim_filter)],
-                                               np.float32))
+
+        # The backend of the update of all parameters, chosen once (backends/__init__.py).
+        backend = backends.select(self.params)
+        self.backend = backend(self.params, decay_flags=self.decay_flags, adapt_flags=self.adapt_flags,
+                               owned_flags=self.optim_filter)
+        self.fused = backend.name == "fused_cpu"
 
     def gradients_centralization(self, gradients):
         """Centralize the gradients of groups with ``grad_centralization=True`` (rank >= 2 tensors)."""
@@ -233,87 +266,50 @@ class Lamb(Optimizer):
     @jit(backend="ms_backend")
     def construct(self, gradients, finite=None):
         _raise_on_count(len(gradients), self.param_length)
-        self.hyper_map(_check_shape, self.param_names, self.params, gradients)
+        gradients = self.hyper_map(_check_gradient, self.param_names, self.param_dtypes, self.params, gradients)
         gradients = self.flatten_gradients(gradients)
         gradients = self.gradients_centralization(gradients)
-        # the caller's finite=False skips exactly; True (or None) leaves the test of the gradients to us
-        told = F.ones((), mstype.bool_) if finite is None else _as_flag(finite)
-        if self.fused and not self.exact_skip:
-            # no pre-pass: the kernel's pass 1 accumulates ||g||^2 and skips pass 2 when G is not finite
-            return F.depend(self.success, self._apply(gradients, None, told, told))
-        # G: global L2 norm of the unscaled gradients, before the update; G not finite <=> a NaN/Inf gradient
-        if self.fused:
-            sum_sq = F.reshape(self.fused_sum_of_squares(*gradients), ())
-        else:
-            sum_sq = self.addn(self.hyper_map(sum_of_squares, gradients))
-        grad_norm = F.sqrt(sum_sq) * self.inv_loss_scale
-        ok = F.logical_and(self.isfinite(grad_norm), told)
-        # a skipped call keeps every moment when exact; else each element whose gradient is finite takes it
-        accept = ok if self.exact_skip else told
-        return F.depend(self.success, self._apply(gradients, grad_norm, ok, accept))
+        # the caller's finite=False skips the step exactly; True (or None) leaves the test to us
+        proceed = F.ones((), mstype.bool_) if finite is None else _as_flag(finite)
+        grad_sq = None
+        if self.norm_first:
+            # G = ||g|| / loss_scale, before the update; not finite <=> a NaN/Inf gradient: skip exactly
+            grad_sq = self.backend.sum_of_squares(gradients)
+            proceed = F.logical_and(proceed, self.isfinite(grad_sq))
 
-    def _apply(self, gradients, grad_norm, ok, accept):
-        """The step. `ok` False: the call is skipped (weights, step and diagnostics written back unchanged);
-        `accept` False: the moments too. `grad_norm` None: G comes from the fused kernel, which then also
-        skips the weight update itself when G is not finite.
-        The skip is arithmetic, not a graph `if`, whose branches keep stale parameter memory once
-        `Parameter.set_data` (e.g. load_param_into_net) replaced it. Skipped calls count in `skipped`."""
-        lr = self.get_lr()                                   # lr_s, the step before this call
-        weight_decay = self.get_weight_decay()               # lambda_s
-        t = F.cast(self.global_step, mstype.float32) + 1.0   # bias correction uses t = s + 1
-        inv_bias_c1 = 1.0 / -F.expm1(t * self.log_beta1)     # 1 / (1 - beta1^t)
-        inv_bias_c2 = 1.0 / -F.expm1(t * self.log_beta2)     # 1 / (1 - beta2^t)
-        grad_scale = self.inv_loss_scale
+        s = self.global_step                                # 0-based step before this call
+        t = F.cast(s, mstype.float32) + 1.0                 # bias correction uses t = s + 1
+        inv_bias_c1, inv_bias_c2 = self._inverse_bias_corrections(t)
+        grad_scale = self.inv_loss_scale                    # g / loss_scale
         if self.max_grad_norm is not None:
-            # NVLAMB: g * min(1, max_grad_norm / G); G == 0 gives inf -> 1
-            grad_scale = grad_scale * F.minimum(self.max_grad_norm / grad_norm, 1.0)
+            grad_scale = grad_scale * global_norm_factor(F.sqrt(grad_sq) * self.inv_loss_scale,
+                                                         self.max_grad_norm_t)
+        scalars = contract.pack(beta1=self.beta1, beta2=self.beta2, one_minus_beta1=self.one_minus_beta1,
+                                one_minus_beta2=self.one_minus_beta2, eps=self.eps, inv_bias_c1=inv_bias_c1,
+                                inv_bias_c2=inv_bias_c2, grad_scale=grad_scale, trust_lo=self.trust_lo,
+                                trust_hi=self.trust_hi, proceed=proceed)
+        layer_stats, grad_sq, applied = self.backend(scalars, self.get_lr(), self.get_weight_decay(),
+                                                     self.params, self.moments1, self.moments2, gradients, grad_sq)
+        return F.depend(self.success, self._record(layer_stats, grad_sq, applied))
 
-        if self.fused:
-            stats = self._fused_update(lr, weight_decay, inv_bias_c1, inv_bias_c2, grad_scale, gradients, ok)
-            sums = stats[self.param_length]                  # (sum of g^2, applied, 0)
-            stats = stats[:self.param_length]
-            applied = sums[1] > 0.5
-            if grad_norm is None:
-                grad_norm = F.sqrt(sums[0]) * self.inv_loss_scale
-        else:
-            stats = self._composite_update(lr, weight_decay, inv_bias_c1, inv_bias_c2, grad_scale, gradients, ok,
-                                           accept)
-            applied = ok
+    def _inverse_bias_corrections(self, t):
+        """1 / (1 - beta1^t), 1 / (1 - beta2^t); both 1 with bias_correction=False."""
+        if not self.bias_correction:
+            return self.one, self.one
+        # 1 - beta^t = -expm1(t log beta), log beta taken in float64: full float32 precision even when
+        # beta^t is close to 1 (1 - float32(beta)^t would lose it all at beta = 1 - 1e-7)
+        return 1.0 / -expm1(t * self.log_beta1), 1.0 / -expm1(t * self.log_beta2)
+
+    def _record(self, layer_stats, grad_sq, applied):
+        """Count the step (or the skip) and keep the diagnostics of an applied step."""
         step = F.cast(applied, mstype.int32)
-        stats = F.depend(stats, self.assignadd(self.global_step, self.global_step_increase_tensor * step))
-        stats = F.depend(stats, F.assign_add(self.skipped, 1 - step))
+        layer_stats = F.depend(layer_stats, self.assignadd(self.global_step, self.global_step_increase_tensor * step))
+        layer_stats = F.depend(layer_stats, F.assign_add(self.skipped, 1 - step))
         if self.use_parallel:
-            stats = F.depend(stats, self.broadcast_params(stats))
-        done = F.assign(self.layer_stats, F.select(applied, stats, self.layer_stats))
+            layer_stats = F.depend(layer_stats, self.broadcast_params(layer_stats))
+        grad_norm = F.sqrt(grad_sq) * self.inv_loss_scale
+        done = F.assign(self.layer_stats, F.select(applied, layer_stats, self.layer_stats))
         return F.depend(done, F.assign(self.last_grad_norm, F.select(applied, grad_norm, self.last_grad_norm)))
-
-    def _composite_update(self, lr, weight_decay, inv_bias_c1, inv_bias_c2, grad_scale, gradients, ok, accept):
-        """_update.lamb_update applied to every parameter with HyperMap (the portable path); returns stats (n, 3)."""
-        if not self.is_group_lr:
-            lr = (lr,) * self.param_length
-        if not self.is_group:
-            weight_decay = (weight_decay,) * self.param_length
-        return self.stack(self.hyper_map(F.partial(lamb_update, self.beta1, self.beta2, self.eps, inv_bias_c1,
-                                                   inv_bias_c2, grad_scale, ok, accept, self.trust_lo, self.trust_hi,
-                                                   self.clip_trust),
-                                         lr, weight_decay, self.params, self.moments1, self.moments2, gradients,
-                                         self.decay_flags, self.adapt_flags, self.optim_filter))
-
-    def _fused_update(self, lr, weight_decay, inv_bias_c1, inv_bias_c2, grad_scale, gradients, ok):
-        """The update of _update.lamb_update for all parameters in one kernel (in place); returns stats
-        (n + 1, 3): (q, ||w||, ||u||) per parameter, then (sum of g^2, applied, 0)."""
-        to_f32 = _fused_cpu.to_f32_scalar
-        lrs = self.stack(self.hyper_map(to_f32, lr)) if self.is_group_lr else self.ones * to_f32(lr)
-        if self.is_group:
-            wds = self.stack(self.hyper_map(to_f32, weight_decay)) * self.decay_mask
-        else:
-            wds = self.decay_mask * to_f32(weight_decay)
-        hyper = self.stack((self.beta1, self.beta2, self.eps, to_f32(inv_bias_c1), to_f32(inv_bias_c2),
-                            to_f32(grad_scale), self.trust_lo, self.trust_hi,
-                            F.cast(ok, mstype.float32),  # 0: change nothing
-                            self.inv_loss_scale))
-        return self.fused_step(hyper, lrs, wds, self.fused_flags,
-                               *self.params, *self.moments1, *self.moments2, *gradients)
 
     # ---- host-side readers (each reads device memory once; call them outside the step) ----
 
@@ -321,6 +317,17 @@ class Lamb(Optimizer):
     def skipped_steps(self):
         """Number of calls skipped: a gradient was NaN or Inf, or the caller passed ``finite=False``."""
         return int(self.skipped.asnumpy())
+
+    def nonfinite_parameters(self):
+        """list[str]: parameters whose ||w|| was NaN or Inf at the last applied step (a NaN/Inf inside the
+        weights, e.g. from a bad checkpoint): Lamb leaves them as they are and reports their trust ratio
+        as NaN; :class:`mindspore_lamb.TrustRatioMonitor` warns and stops training when it sees one."""
+        stats = self.layer_stats.asnumpy()
+        return [name for name, w_norm in zip(self.param_names, stats[:, 1].tolist()) if not math.isfinite(w_norm)]
+
+    def layer_adapted_names(self):
+        """tuple[str]: the parameters that get a trust ratio (the others have layer_adaptation=False)."""
+        return tuple(name for name, adapt in zip(self.param_names, self.adapt_flags) if adapt)
 
     def trust_ratios(self):
         """dict: parameter name -> trust ratio q applied at the last step."""

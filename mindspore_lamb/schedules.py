@@ -1,37 +1,39 @@
 """The BERT learning-rate schedule: linear warm-up, then polynomial decay."""
-import math
+import numpy as np
 
 import mindspore.common.dtype as mstype
-from mindspore import Tensor
+from mindspore import Parameter, Tensor
 from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 from mindspore.ops import functional as F
+
+from . import _validation as V
 
 _NAME = "WarmupPolynomialDecayLR"
 
 
-def _describe(value):
-    return f"{type(value).__name__} {value!r}"
+class HeldSequenceLR(LearningRateSchedule):
+    """A learning rate per step from a sequence (a 1-D Tensor or an Iterable): element ``s`` at step ``s``,
+    and the last element at every step past the end (MindSpore's own optimizers fail there with an index
+    error about ``Gather``). Lamb builds it from a sequence `learning_rate`; the values live in the
+    Parameter `name` (``learning_rate``, as in MindSpore's optimizers), so checkpoints keep them."""
+
+    def __init__(self, values, name="learning_rate"):
+        super().__init__()
+        values = np.asarray(values, np.float32).reshape(-1)
+        self.learning_rate = Parameter(Tensor(values), name)
+        self.last = Tensor(values.size - 1, mstype.int32)
+
+    def construct(self, global_step):
+        index = F.minimum(F.cast(global_step, mstype.int32), self.last)
+        return F.gather(self.learning_rate, index, 0)
 
 
-def _check_number(name, value, *, positive):
-    """A float or int (not bool), finite, > 0 (positive) or >= 0; returned as float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"For '{_NAME}', the argument '{name}' must be float or int, but got {_describe(value)}.")
-    value = float(value)
-    if not math.isfinite(value) or value < 0.0 or (positive and value == 0.0):
-        bound = "greater than 0" if positive else "greater than or equal to 0"
-        raise ValueError(f"For '{_NAME}', the argument '{name}' must be a finite number {bound}, but got {value}.")
-    return value
-
-
-def _check_int(name, value, *, positive):
-    """An int (not bool), > 0 (positive) or >= 0."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"For '{_NAME}', the argument '{name}' must be int, but got {_describe(value)}.")
-    if value < 0 or (positive and value == 0):
-        bound = "greater than 0" if positive else "greater than or equal to 0"
-        raise ValueError(f"For '{_NAME}', the argument '{name}' must be {bound}, but got {value}.")
-    return value
+def as_schedule(learning_rate, name):
+    """A checked learning rate (see _validation.check_learning_rate) as the optimizer base class takes it:
+    a per-step sequence becomes a HeldSequenceLR."""
+    if isinstance(learning_rate, np.ndarray):
+        return HeldSequenceLR(learning_rate, name)
+    return learning_rate
 
 
 class WarmupPolynomialDecayLR(LearningRateSchedule):
@@ -95,11 +97,11 @@ class WarmupPolynomialDecayLR(LearningRateSchedule):
 
     def __init__(self, learning_rate, end_learning_rate, warmup_steps, decay_steps, power=1.0):
         super().__init__()
-        learning_rate = _check_number("learning_rate", learning_rate, positive=True)
-        end_learning_rate = _check_number("end_learning_rate", end_learning_rate, positive=False)
-        warmup_steps = _check_int("warmup_steps", warmup_steps, positive=False)
-        decay_steps = _check_int("decay_steps", decay_steps, positive=True)
-        power = _check_number("power", power, positive=True)
+        learning_rate = V.check_number("learning_rate", learning_rate, _NAME)
+        end_learning_rate = V.check_number("end_learning_rate", end_learning_rate, _NAME, inclusive=True)
+        warmup_steps = V.check_int("warmup_steps", warmup_steps, _NAME, low=0)
+        decay_steps = V.check_int("decay_steps", decay_steps, _NAME, low=1)
+        power = V.check_number("power", power, _NAME)
         if warmup_steps > decay_steps:
             raise ValueError(f"For '{_NAME}', the argument 'warmup_steps' must be <= 'decay_steps' "
                              f"({decay_steps}), but got {warmup_steps}.")

@@ -6,8 +6,6 @@ registers (``NPUGetFloatStatusV2``), which have no CPU kernel, and
 ``IsFinite`` on the sum of squares of the gradients instead (one fused kernel on
 CPU), so the same graph runs everywhere.
 """
-import math
-
 import mindspore.common.dtype as mstype
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 from mindspore.common.initializer import initializer
@@ -15,10 +13,9 @@ from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
-from . import _fused_cpu
-from ._update import sum_of_squares
-from .lamb import Lamb
-from ._validation import _describe
+from . import _validation as V
+from . import backends
+from ._update import global_norm_factor
 
 _NAME = "LossScaleTrainStep"
 
@@ -42,28 +39,6 @@ def _mul_one(factor, grad):
 def _store_accum_one(reset, accum, summed):
     """accum <- 0 when `reset`, else `summed`; a select, so a NaN in `summed` cannot survive a reset."""
     return F.assign(accum, F.select(F.broadcast_to(reset, F.shape(summed)), F.zeros_like(summed), summed))
-
-
-def _check_number(name, value, low, *, inclusive=False, allow_none=False):
-    """A finite float or int (not bool) > low (>= low when inclusive); returned as float."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        kinds = "float, int or None" if allow_none else "float or int"
-        raise TypeError(f"For '{_NAME}', the argument '{name}' must be {kinds}, but got {_describe(value)}.")
-    value = float(value)
-    if not math.isfinite(value) or value < low or (value == low and not inclusive):
-        bound = f">= {low}" if inclusive else f"> {low}"
-        raise ValueError(f"For '{_NAME}', the argument '{name}' must be a finite number {bound}, but got {value}.")
-    return value
-
-
-def _check_int(name, value, low):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"For '{_NAME}', the argument '{name}' must be int, but got {_describe(value)}.")
-    if value < low:
-        raise ValueError(f"For '{_NAME}', the argument '{name}' must be >= {low}, but got {value}.")
-    return value
 
 
 class LossScaleTrainStep(nn.TrainOneStepCell):
@@ -97,11 +72,15 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
     Use the optimizer without loss scale of its own (``loss_scale=1.0``): the gradients it receives are
     already unscaled.
 
-    With :class:`mindspore_lamb.Lamb` and ``accumulation_steps=1`` the optimizer is called on every step
-    with this cell's verdict (``finite = not overflow``) and skips an overflowing one exactly by itself,
-    so the step has no graph branch and ``load_param_into_net`` into a cell that has already run is seen by later steps. Other
-    optimizers, and accumulation, are called inside a graph ``if``: there, load checkpoints before the
-    first step (MindSpore 2.10 keeps stale parameter memory in such a branch after ``set_data``).
+    An optimizer whose class sets ``accepts_finite_flag = True`` (:class:`mindspore_lamb.Lamb` does) is,
+    with ``accumulation_steps=1``, called on every step with this cell's verdict (``finite = not
+    overflow``) and skips an overflowing one exactly by itself, so the step has no graph branch and
+    ``load_param_into_net`` into a cell that has already run is seen by later steps. Other optimizers,
+    and accumulation, are called inside a graph ``if``: there, load checkpoints before the first step
+    (MindSpore 2.10 keeps stale parameter memory in such a branch after ``set_data``).
+
+    The scale stays where ``1 / scale`` is a normal float32 (about 1.2e-38 to 8.5e37): `init_scale` and
+    `min_scale` outside that range are refused, and growth stops at its top.
 
     Args:
         network (Cell): the network with its loss (e.g. ``nn.WithLossCell``), returning a scalar loss.
@@ -136,7 +115,8 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         ValueError: If `init_scale` or `min_scale` is not > 0, `init_scale` < `min_scale`,
             `scale_factor` is not > 1, `scale_window` or `accumulation_steps` is < 1,
             or `max_grad_norm` is not > 0.
-        ValueError: If the optimizer has a ``loss_scale`` other than 1.0.
+        ValueError: If the optimizer has a ``loss_scale`` other than 1.0, or a ``max_grad_norm`` of its own
+            while `max_grad_norm` is set here too.
 
     Supported Platforms:
         ``Ascend`` ``GPU`` ``CPU``
@@ -157,25 +137,28 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
     def __init__(self, network, optimizer, *, init_scale=2.0 ** 16, scale_factor=2.0, scale_window=1000,
                  min_scale=1.0, dynamic=True, max_grad_norm=None, accumulation_steps=1):
         if not isinstance(network, nn.Cell):
-            raise TypeError(f"For '{_NAME}', the argument 'network' must be a Cell, but got {_describe(network)}.")
+            raise TypeError(f"For '{_NAME}', the argument 'network' must be a Cell, but got {V.describe(network)}.")
         if not isinstance(optimizer, nn.Cell):
             raise TypeError(f"For '{_NAME}', the argument 'optimizer' must be a Cell (an nn.Optimizer), "
-                            f"but got {_describe(optimizer)}.")
-        init_scale = _check_number("init_scale", init_scale, 0.0)
-        scale_factor = _check_number("scale_factor", scale_factor, 1.0)
-        scale_window = _check_int("scale_window", scale_window, 1)
-        min_scale = _check_number("min_scale", min_scale, 0.0)
+                            f"but got {V.describe(optimizer)}.")
+        # every scale this cell can reach keeps 1 / scale a normal float32 (the unscaling multiplies by it)
+        init_scale = V.check_loss_scale("init_scale", init_scale, _NAME)
+        scale_factor = V.check_number("scale_factor", scale_factor, _NAME, low=1.0)
+        scale_window = V.check_int("scale_window", scale_window, _NAME, low=1)
+        min_scale = V.check_loss_scale("min_scale", min_scale, _NAME)
         if init_scale < min_scale:
             raise ValueError(f"For '{_NAME}', the argument 'init_scale' must be >= 'min_scale' ({min_scale}), "
                              f"but got {init_scale}.")
-        if not isinstance(dynamic, bool):
-            raise TypeError(f"For '{_NAME}', the argument 'dynamic' must be bool, but got {_describe(dynamic)}.")
-        max_grad_norm = _check_number("max_grad_norm", max_grad_norm, 0.0, allow_none=True)
-        accumulation_steps = _check_int("accumulation_steps", accumulation_steps, 1)
+        V.check_bool("dynamic", dynamic, _NAME)
+        max_grad_norm = V.check_max_grad_norm("max_grad_norm", max_grad_norm, _NAME)
+        accumulation_steps = V.check_int("accumulation_steps", accumulation_steps, _NAME, low=1)
         opt_scale = getattr(optimizer, "loss_scale", 1.0)
-        if isinstance(opt_scale, (int, float)) and not isinstance(opt_scale, bool) and opt_scale != 1.0:
+        if V.is_number(opt_scale) and opt_scale != 1.0:
             raise ValueError(f"For '{_NAME}', the optimizer must have loss_scale=1.0 (this cell unscales the "
                              f"gradients itself), but got an optimizer with loss_scale={opt_scale}.")
+        if max_grad_norm is not None and getattr(optimizer, "max_grad_norm", None) is not None:
+            raise ValueError(f"For '{_NAME}', clip the gradients in one place: the argument 'max_grad_norm' is "
+                             f"{max_grad_norm}, and the optimizer has max_grad_norm={optimizer.max_grad_norm} too.")
 
         super().__init__(network, optimizer, sens=None)
         self.dynamic = dynamic
@@ -190,11 +173,14 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         self.factor = Tensor(scale_factor, mstype.float32)
         self.window = Tensor(scale_window, mstype.int32)
         self.min_scale_t = Tensor(min_scale, mstype.float32)
+        self.max_scale_t = Tensor(1.0 / V.FLOAT32_TINY, mstype.float32)
         self.clip = max_grad_norm is not None
         self.clip_norm = Tensor(max_grad_norm if self.clip else 1.0, mstype.float32)
 
         self.accumulate = accumulation_steps > 1
-        self.branch_free = isinstance(optimizer, Lamb)
+        # the protocol (docs/loss_scaling.md): an optimizer with `accepts_finite_flag` is called on every
+        # step as optimizer(gradients, finite) and skips a step told finite=False itself: no graph branch
+        self.branch_free = bool(getattr(optimizer, "accepts_finite_flag", False))
         if self.accumulate:
             self.accum_grads = ParameterTuple(
                 Parameter(initializer("zeros", p.shape, mstype.float32), name=f"accum_grad.{p.name}",
@@ -206,11 +192,10 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
             self.steps_t = Tensor(accumulation_steps, mstype.int32)
 
         self.hyper_map = C.HyperMap()
-        self.addn = P.AddN()
         self.isfinite = P.IsFinite()
-        # sum of squares of the (float32, unscaled) gradients: one fused kernel on CPU; IsFinite + ReduceAll
-        # per gradient took 3-4x a whole Lamb step there (310-425 ms against 16 ms on BERT-base shapes)
-        self.fused_sum_of_squares = _fused_cpu.sum_of_squares_op() if _fused_cpu.available() else None
+        # sum of squares of the (float32, unscaled) gradients, from the backend Lamb would use (one fused
+        # kernel on CPU: benchmarks/README.md has what an IsFinite per gradient costs instead)
+        self.sum_of_squares = backends.sum_of_squares()
         if self.reducer_flag:
             self.allreduce = P.AllReduce()
 
@@ -221,7 +206,7 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         grads = self.grad(self.network, self.weights)(*inputs, sens)
         grads = self.hyper_map(F.partial(_unscale, 1.0 / scale), grads)
         grads = self.grad_reducer(grads)
-        sum_sq = self._sum_of_squares(grads)
+        sum_sq = self.sum_of_squares(grads)
         overflow = self._overflow(sum_sq)
         if self.accumulate:
             overflow = self._accumulate_step(grads, overflow)
@@ -235,12 +220,6 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
                 loss = F.depend(loss, self.optimizer(self._clip(grads, sum_sq)))
             loss = F.depend(loss, self._update_scale(overflow, None))
         return loss, overflow, scale
-
-    def _sum_of_squares(self, grads):
-        """float32 scalar: sum of g^2 over every element of every (float32) gradient."""
-        if self.fused_sum_of_squares is not None:
-            return F.reshape(self.fused_sum_of_squares(*grads), ())
-        return self.addn(self.hyper_map(sum_of_squares, grads))
 
     def _overflow(self, sum_sq):
         """bool scalar: the sum of squares is not finite (a NaN/Inf element, or a norm beyond float32),
@@ -256,9 +235,8 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         if not self.clip:
             return grads
         if sum_sq is None:
-            sum_sq = self._sum_of_squares(grads)
-        global_norm = F.sqrt(sum_sq)
-        factor = self.clip_norm / F.maximum(global_norm, self.clip_norm)
+            sum_sq = self.sum_of_squares(grads)
+        factor = global_norm_factor(F.sqrt(sum_sq), self.clip_norm)
         return self.hyper_map(F.partial(_mul, factor), grads)
 
     def _accumulate_step(self, grads, overflow):
@@ -286,7 +264,7 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         good = self.good_steps + 1
         grow = good >= self.window
         grown = scale * self.factor
-        grown = F.select(P.IsFinite()(grown), grown, scale)
+        grown = F.select(grown <= self.max_scale_t, grown, scale)   # 1 / scale stays a normal float32
         backed_off = F.maximum(scale / self.factor, self.min_scale_t)
         new_scale = F.select(overflow, backed_off, F.select(grow, grown, scale))
         new_good = F.select(F.logical_or(overflow, grow), F.zeros_like(good), good)

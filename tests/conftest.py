@@ -1,9 +1,14 @@
 """Shared fixtures: MindSpore execution mode and a fixed seed."""
 import os
+import sys
 
 import mindspore as ms
 import numpy as np
 import pytest
+
+# shared helpers (the float64 reference, small nets, subprocess workers) live in tests/helpers/
+HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
+sys.path.insert(0, HELPERS)
 
 os.environ.setdefault("GLOG_v", "3")  # keep MindSpore's C++ warnings out of the test log
 

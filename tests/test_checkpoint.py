@@ -1,4 +1,4 @@
-"""Checkpoints: state names interchangeable with nn.Lamb, and save / kill / resume bit-identically (spec 2, 6)."""
+"""Checkpoints: state names interchangeable with nn.Lamb, and save / kill / resume bit-identically."""
 import os
 import subprocess
 import sys
@@ -12,7 +12,7 @@ from mindspore import nn
 from mindspore_lamb import Lamb
 from nets import loss_fn, make_data, make_net
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resume_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "resume_worker.py")
 
 
 def _run(*args):

@@ -1,6 +1,6 @@
 """Data-parallel training under msrun: two CPU workers against one process over the combined batch.
 
-msrun launches tests/dist_worker.py as two workers (`mindspore.communication.init()`, DATA_PARALLEL,
+msrun launches tests/helpers/dist_worker.py as two workers (`mindspore.communication.init()`, DATA_PARALLEL,
 gradients_mean=True), each on its shard of the data (`num_shards=2`). Both must end with identical
 parameters (weights, LAMB moments, global_step, loss scale), equal within float32 rounding to a
 single process that trains on the union of the two workers' batches of each step:
@@ -13,15 +13,13 @@ single process that trains on the union of the two workers' batches of each step
 The launch takes about 25 s (GRAPH_MODE); the PYNATIVE_MODE launch is marked slow as well.
 """
 import os
-import sys
 
 import numpy as np
 import pytest
 
 import mindspore as ms
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
 import dist_worker as W  # noqa: E402
 from msrun_launch import run_two_workers  # noqa: E402
 
@@ -47,7 +45,7 @@ def launched(request, tmp_path_factory):
     """
     mode = request.param
     out_dir = str(tmp_path_factory.mktemp(f"msrun_{mode}"))
-    references = run_two_workers(out_dir, [os.path.join(HERE, "dist_worker.py"), out_dir, mode], LAUNCH_TIMEOUT,
+    references = run_two_workers(out_dir, [os.path.join(HELPERS, "dist_worker.py"), out_dir, mode], LAUNCH_TIMEOUT,
                                  during=_references)   # the references train while the workers start
     workers = {}
     for case in ("model", "loss_scale"):

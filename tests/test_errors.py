@@ -1,4 +1,4 @@
-"""Every error of spec section 4: raised in the constructor (gradient mismatches at the first call),
+"""Every documented error (docs/api/lamb.md, "Raises"): raised in the constructor (gradient mismatches at the first call),
 with a message naming the argument and the value received."""
 import numpy as np
 import pytest

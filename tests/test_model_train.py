@@ -1,4 +1,4 @@
-"""Lamb as a drop-in optimizer for Model.train with a mindspore.dataset pipeline (spec section 2)."""
+"""Lamb as a drop-in optimizer for Model.train with a mindspore.dataset pipeline."""
 import numpy as np
 
 import mindspore as ms

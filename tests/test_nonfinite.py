@@ -1,5 +1,5 @@
-"""Documented behaviour of a NaN/Inf gradient without the loss-scale cell (spec sections 3 and 6,
-docs/api/lamb.md "Non-finite gradients"): the call never touches the weights or global_step and counts
+"""Documented behaviour of a NaN/Inf gradient without the loss-scale cell (docs/api/lamb.md "Non-finite gradients"):
+the call never touches the weights or global_step and counts
 in skipped_steps; with exact_skip (or max_grad_norm, or the caller's finite=False) it changes nothing at
 all, else each moment element whose new value is finite takes the gradient. Training then continues as
 tests/reference.py says, on both the fused and the composite path."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from mindspore_lamb.groups import bert_param_groups
-from test_update_rule import WEIGHTS, run_against_reference
+from update_cases import WEIGHTS, run_against_reference
 
 NO_DECAY = ("bias", "gamma", "beta")
 

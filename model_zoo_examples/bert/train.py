@@ -134,20 +134,8 @@ def init_data_parallel(args):
     return args.shard_id
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cfg = load_config(args)
-    dcfg, tcfg = cfg["data"], cfg["train"]
-    out = os.path.abspath(args.output_dir)
-    os.makedirs(out, exist_ok=True)
-    ms.set_context(mode=ms.GRAPH_MODE)
-    if args.device_target:
-        ms.set_context(device_target=args.device_target)
-    ms.set_seed(dcfg["seed"])
-    rank = init_data_parallel(args) if args.distributed else 0
-    t_start = time.time()
-
-    # ---- data: corpus -> vocab -> MindRecord cache (reused by later runs; built by rank 0 alone) ----
+def prepare(args, dcfg, tcfg, out, rank):
+    """Corpus -> vocab -> MindRecord cache (built by rank 0 alone, reused by later runs) -> datasets."""
     corpus = args.corpus or os.path.join(out, "corpus", "kjv.txt")
     if rank == 0:
         if not args.corpus and not os.path.isfile(corpus):
@@ -169,36 +157,73 @@ def main(argv=None):
         train_ds = train_ds.take(args.max_steps_per_epoch)
     eval_ds = pretrain_dataset(info["eval_file"], tcfg["eval_batch_size"], eval_masker, shuffle=False,
                                drop_remainder=False)
+    return info, len(wp), train_ds, eval_ds
+
+
+def resume(args, train_cell, ckpt_dir):
+    """Load the latest checkpoint of `ckpt_dir` into `train_cell` with --resume; returns the epochs done."""
+    if not args.resume:
+        return 0
+    path, initial_epoch = latest_checkpoint(ckpt_dir)
+    if path:
+        ms.load_param_into_net(train_cell, ms.load_checkpoint(path))
+        print(f"resumed from {path}: {initial_epoch} epochs done", flush=True)
+    else:
+        print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch", flush=True)
+    return initial_epoch
+
+
+def report(results, optimizer, trust, out, loss_log):
+    """Pictures (loss, trust ratios of the layer-adapted parameters) and results.json."""
+    records = read_loss_log(loss_log)
+    if records:
+        print(f"loss curve: {plot_loss(records, os.path.join(out, 'loss.png'))}")
+    if trust.records:
+        trust.save(os.path.join(out, "trust_ratios.csv"))
+        png = trust.plot(os.path.join(out, "trust_ratios.png"), names=optimizer.layer_adapted_names())
+        print(f"trust ratios: {png} (layer-adapted parameters; all parameters in trust_ratios.csv)")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    b, a = results["before"], results["after"]
+    print(f"held-out MLM accuracy: {b['mlm_accuracy']:.4f} -> {a['mlm_accuracy']:.4f} "
+          f"(most-frequent-token baseline {a['mlm_baseline']:.4f}); NSP accuracy: "
+          f"{b['nsp_accuracy']:.4f} -> {a['nsp_accuracy']:.4f}; training {results['train_seconds']:.0f}s, "
+          f"total {results['total_seconds']:.0f}s", flush=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args)
+    dcfg, tcfg = cfg["data"], cfg["train"]
+    out = os.path.abspath(args.output_dir)
+    os.makedirs(out, exist_ok=True)
+    ms.set_context(mode=ms.GRAPH_MODE)
+    if args.device_target:
+        ms.set_context(device_target=args.device_target)
+    ms.set_seed(dcfg["seed"])
+    rank = init_data_parallel(args) if args.distributed else 0
+    t_start = time.time()
+
+    info, vocab_size, train_ds, eval_ds = prepare(args, dcfg, tcfg, out, rank)
     steps_per_epoch = train_ds.get_dataset_size()
     total_steps = steps_per_epoch * tcfg["epochs"]
     optimizer_steps = total_steps // tcfg["accumulation_steps"]
-    print(f"data ready in {time.time() - t_start:.1f}s: vocab {len(wp)}, {info['train_rows']} train rows "
+    print(f"data ready in {time.time() - t_start:.1f}s: vocab {vocab_size}, {info['train_rows']} train rows "
           f"({steps_per_epoch} steps/epoch of {tcfg['batch_size']}), {info['eval_rows']} held-out rows; "
           f"{tcfg['epochs']} epochs = {optimizer_steps} optimizer steps of "
           f"{tcfg['batch_size'] * tcfg['accumulation_steps']} sequences", flush=True)
 
-    # ---- model, optimizer, train cell ----
-    net = BertPreTraining(BertConfig.from_dict({**cfg["model"], "vocab_size": len(wp)}))
+    net = BertPreTraining(BertConfig.from_dict({**cfg["model"], "vocab_size": vocab_size}))
     optimizer = build_optimizer(net, tcfg, optimizer_steps)
     train_cell = build_train_cell(BertPretrainLoss(net), optimizer, tcfg)
     model = Model(train_cell, eval_network=BertPretrainEval(net), metrics=metrics(info["most_frequent_id"]))
-
     ckpt_dir = os.path.join(out, "checkpoints")
     loss_log = os.path.join(out, "loss.jsonl")
-    initial_epoch = 0
-    if args.resume:
-        path, initial_epoch = latest_checkpoint(ckpt_dir)
-        if path:
-            ms.load_param_into_net(train_cell, ms.load_checkpoint(path))
-            print(f"resumed from {path}: {initial_epoch} epochs done", flush=True)
-        else:
-            print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch", flush=True)
+    initial_epoch = resume(args, train_cell, ckpt_dir)
     if rank == 0 and initial_epoch == 0 and os.path.exists(loss_log):
         os.remove(loss_log)
 
     results = {"before": evaluate(model, eval_ds, "before training" if initial_epoch == 0 else "at resume")}
-
-    # ---- train ----
     callbacks = [LossMonitor(tcfg["log_every"]), TimeMonitor(steps_per_epoch)]
     trust = TrustRatioMonitor(optimizer, every=tcfg["trust_ratio_every"])
     if rank == 0:                                  # data parallel: every rank holds the same weights
@@ -210,29 +235,10 @@ def main(argv=None):
                     initial_epoch=initial_epoch)
     train_seconds = time.time() - t_train
     results["after"] = evaluate(model, eval_ds, "after training")
-    if rank != 0:
-        return results
-
-    # ---- pictures and numbers ----
-    records = read_loss_log(loss_log)
-    if records:
-        print(f"loss curve: {plot_loss(records, os.path.join(out, 'loss.png'))}")
-    if trust.records:
-        trust.save(os.path.join(out, "trust_ratios.csv"))
-        adapted = TrustRatioMonitor(optimizer)  # plot the layer-adapted parameters only (q = 1 for the others)
-        names = {n for n, a in zip(optimizer.param_names, optimizer.adapt_flags) if a}
-        adapted.records = [r for r in trust.records if r["name"] in names]
-        print(f"trust ratios: {adapted.plot(os.path.join(out, 'trust_ratios.png'))} "
-              f"(all parameters in trust_ratios.csv)")
-    results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start,
-                   steps=total_steps - initial_epoch * steps_per_epoch, config=cfg)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    b, a = results["before"], results["after"]
-    print(f"held-out MLM accuracy: {b['mlm_accuracy']:.4f} -> {a['mlm_accuracy']:.4f} "
-          f"(most-frequent-token baseline {a['mlm_baseline']:.4f}); NSP accuracy: "
-          f"{b['nsp_accuracy']:.4f} -> {a['nsp_accuracy']:.4f}; training {train_seconds:.0f}s, "
-          f"total {time.time() - t_start:.0f}s", flush=True)
+    if rank == 0:
+        results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start,
+                       steps=total_steps - initial_epoch * steps_per_epoch, config=cfg)
+        report(results, optimizer, trust, out, loss_log)
     return results
 
 

@@ -17,7 +17,7 @@ MLBENCH_DIRS = ("/usr/lib/R/site-library/mlbench", "/usr/local/lib/R/site-librar
                 "/usr/lib/R/library/mlbench")
 LETTER_HELP = ("UCI LetterRecognition comes from Debian's r-cran-mlbench and is read with PyPI rdata:\n"
                "    apt-get update && apt-get install -y r-cran-mlbench\n"
-               "    pip install rdata 'pandas<3'\n"
+               "    pip install -e \".[large-batch]\"   (rdata, pandas<3, scikit-learn)\n"
                "(or pass --data_file /path/to/LetterRecognition.rda, or use --data digits)")
 
 

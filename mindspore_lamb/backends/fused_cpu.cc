@@ -1,32 +1,31 @@
-// Fused CPU kernels for mindspore_lamb (issue 7), loaded with ops.Custom(func_type="aot").
+// The fused CPU backend of the LAMB update (docs/architecture.md), loaded with ops.Custom(func_type="aot").
 //
 // MindSpore's aot calling convention (CPU): int f(int nparam, void **params, int *ndims,
 // int64_t **shapes, const char **dtypes, void *stream, void *extra); inputs first, then outputs.
 //
-// LambSumSq(g_0 .. g_{n-1}) -> float32[1]: sum of g^2 over every gradient (double accumulators). The
-//   pre-pass, run only when G is needed before the update (max_grad_norm, exact_skip, parallel optimizer).
+// LambSumSq(g_0 .. g_{n-1}) -> float32[1]: sum of g^2 over every gradient (double accumulators).
 //
-// LambStep(hyper, lrs, wds, flags, w_0..w_{n-1}, m_0..m_{n-1}, v_0..v_{n-1}, g_0..g_{n-1}) -> stats (n + 1, 3)
-//   hyper = float32[10]: beta1, beta2, eps, 1 / (1 - beta1^t), 1 / (1 - beta2^t), grad_scale, trust_lo,
-//   trust_hi, apply, 1 / loss_scale. apply = 0: the caller already knows this call is skipped: nothing is
-//   touched.
+// LambStep(scalars, lrs, wds, flags, w_0..w_{n-1}, m_0..m_{n-1}, v_0..v_{n-1}, g_0..g_{n-1}) -> (n + 1, 3)
+//   scalars: float32[kScalarCount], laid out as mindspore_lamb/backends/contract.py's `pack`; the enum
+//   below is generated from it: fused_cpu.py compiles this file with -DLAMB_SCALARS(X)=X(beta1) X(beta2)..
+//   and a library is never built without it. A wrong length is rejected (return code 3).
 //   lrs[i], wds[i]: learning rate and weight decay of parameter i (wds[i] = 0 when i is not decayed)
 //   flags[i]: 1 = layer-adapted, 0 = q forced to 1 (layer_adaptation=False), -1 = not updated here
 //   w_i, m_i, v_i are float32 and are UPDATED IN PLACE (they are the Parameters' memory on CPU);
-//   stats[i] = (q, ||w||, ||u||), as the composite update returns; stats[n] = (sum of g^2, applied, 0).
+//   out[i] = (q, ||w||, ||u||) of parameter i; out[n] = (sum of g^2, applied, 0).
 //
 // The arithmetic is that of mindspore_lamb/_update.py, operation by operation, in float32 (no FMA
 // contraction: -ffp-contract=off; -fno-math-errno lets sqrt vectorize, still correctly rounded); only
 // the norms accumulate in double. 40 bytes of memory traffic per element:
 //   pass 1: m, v updated and stored; ||w||^2, ||u||^2 and ||g||^2 accumulated (read w g m v, write m v);
 //           an element whose new v is not finite (g NaN/Inf, or g^2 overflowing) keeps its m and v;
-//   G = sqrt(sum g^2) / loss_scale; not finite: pass 2 is skipped and applied = 0 (w untouched);
+//   sum of g^2 not finite: pass 2 is skipped and applied = 0 (w untouched);
+//   ||w|| not finite (NaN/Inf already in the weights): that tensor is left as it is, q reads NaN;
 //   pass 2: u recomputed from the stored m, v and w (bit-identical to pass 1's), w -= lr q u.
-// ONE OpenMP parallel region per call with a single barrier between the passes (on a loaded machine a
-// fork/join per tensor, ~400 per call for BERT-base, costs a scheduler time slice whenever a thread is
-// preempted). The work is cut into chunks of kChunk elements of one tensor, handed out dynamically, so
-// a thread that runs takes the work of one that is preempted. Each chunk's partial norms are summed in
-// chunk order: the results do not depend on the number of threads or on the scheduling.
+// ONE OpenMP parallel region per call with a single barrier between the passes (a fork/join per tensor
+// costs a scheduler time slice whenever a thread is preempted on a loaded machine). The work is cut into
+// chunks of kChunk elements of one tensor, handed out dynamically. Each chunk's partial norms are summed
+// in chunk order: the results do not depend on the number of threads or on the scheduling.
 #include <omp.h>
 
 #include <cfloat>
@@ -36,7 +35,18 @@
 #include <cstring>
 #include <vector>
 
+#ifndef LAMB_SCALARS
+#error "build this file through mindspore_lamb/backends/fused_cpu.py, which defines LAMB_SCALARS"
+#endif
+
 namespace {
+
+enum ScalarIndex : int {
+#define LAMB_SCALAR_INDEX(name) k_##name,
+  LAMB_SCALARS(LAMB_SCALAR_INDEX)
+#undef LAMB_SCALAR_INDEX
+  kScalarCount
+};
 
 int64_t numel(int nd, const int64_t *shape) {
   int64_t n = 1;
@@ -45,8 +55,7 @@ int64_t numel(int nd, const int64_t *shape) {
 }
 
 struct Hyper {
-  float b1, b2, eps, inv_bc1, inv_bc2, gs, lo, hi;
-  float one_minus_b1, one_minus_b2;
+  float one_minus_b1, one_minus_b2, eps, inv_bc1, inv_bc2, gs, lo, hi;
 };
 
 inline float update_u(const Hyper &h, float m, float v, float w, float wd) {
@@ -77,10 +86,11 @@ void pass1(const Hyper &h, float wd, const float *w, float *m, float *v, const f
   for (int64_t j = lo; j < hi; ++j) {
     float graw = g[j];
     float gj = graw * h.gs;                               // unscale (+ NVLAMB pre-normalisation)
-    float mj = h.b1 * m[j] + h.one_minus_b1 * gj;         // m = b1 m + (1 - b1) g
-    float vj = h.b2 * v[j] + h.one_minus_b2 * (gj * gj);  // v = b2 v + (1 - b2) g^2
-    // g NaN/Inf (or g^2 overflowing) makes v NaN/Inf: that element keeps its moments. G is then not
-    // finite either, so pass 2 is skipped and the call is counted as skipped.
+    // m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, written with the exact 1 - b only
+    float mj = m[j] + h.one_minus_b1 * (gj - m[j]);
+    float vj = v[j] + h.one_minus_b2 * (gj * gj - v[j]);
+    // g NaN/Inf (or g^2 overflowing) makes v NaN/Inf: that element keeps its moments. The sum of g^2
+    // is then not finite either, so pass 2 is skipped and the call is counted as skipped.
     bool ok = std::fabs(vj) <= FLT_MAX;
     mj = ok ? mj : m[j];
     vj = ok ? vj : v[j];
@@ -145,15 +155,16 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   if ((nparam - 5) % 4 != 0) return 1;
   int n = (nparam - 5) / 4;
   if (!all_float32(0, nparam, dtypes)) return 2;
+  if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
   const float *hp = static_cast<const float *>(params[0]);
-  const Hyper h{hp[0], hp[1], hp[2], hp[3], hp[4], hp[5], hp[6], hp[7], 1.0f - hp[0], 1.0f - hp[1]};
-  const float inv_loss_scale = hp[9];
+  const Hyper h{hp[k_one_minus_beta1], hp[k_one_minus_beta2], hp[k_eps], hp[k_inv_bias_c1],
+                hp[k_inv_bias_c2], hp[k_grad_scale], hp[k_trust_lo], hp[k_trust_hi]};
   float *stats = static_cast<float *>(params[nparam - 1]);
   for (int i = 0; i < n; ++i) {  // what a skipped call reports (the caller keeps its previous stats)
     stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
   }
   stats[3 * n] = 0.0f; stats[3 * n + 1] = 0.0f; stats[3 * n + 2] = 0.0f;
-  if (hp[8] == 0.0f) return 0;  // known-skipped call: w, m, v untouched
+  if (hp[k_proceed] == 0.0f) return 0;  // the caller skips this step: w, m, v untouched
   const float *lrs = static_cast<const float *>(params[1]);
   const float *wds = static_cast<const float *>(params[2]);
   const float *flags = static_cast<const float *>(params[3]);
@@ -188,7 +199,7 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
         g_sq += part[3 * c + 2];
       }
       const float g_sq_f = static_cast<float>(g_sq);
-      applied = std::isfinite(std::sqrt(g_sq_f) * inv_loss_scale);  // G finite: the same test as Lamb's
+      applied = std::isfinite(g_sq_f);  // a NaN/Inf gradient, or a norm beyond float32
       stats[3 * n] = g_sq_f;
       stats[3 * n + 1] = applied ? 1.0f : 0.0f;
       for (int i = 0; i < n && applied; ++i) {
@@ -199,6 +210,10 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
         q = std::fmin(std::fmax(q, h.lo), h.hi);  // clip(q, lo, hi); lo = 0, hi = inf when off
         if (flags[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
         step[i] = lrs[i] * q;
+        if (!std::isfinite(w_norm)) {             // NaN/Inf already in w: leave it, and say so
+          q = NAN;
+          step[i] = 0.0f;
+        }
         stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
       }
     }  // implicit barrier: applied and step[] are ready
@@ -206,6 +221,7 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 #pragma omp for schedule(dynamic)
       for (int64_t c = 0; c < nc; ++c) {  // pass 2
         const Chunk &k = chunks[c];
+        if (step[k.tensor] == 0.0f) continue;  // lr q = 0: w - 0 u = w (and a non-finite w stays as it is)
         pass2(h, wds[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), k.lo, k.hi);
       }
     }

@@ -1,6 +1,6 @@
-"""An independent float64 NumPy implementation of the LAMB update rule (spec section 3 and 5).
+"""An independent float64 NumPy implementation of the LAMB update rule (docs/api/lamb.md, "Update rule").
 
-Written from the spec's formula, not from the Cell's code: plain loops over
+Written from the paper's formula (arXiv:1904.00962, Algorithm 2), not from the Cell's code: plain loops over
 parameters, float64 everywhere, bias corrections as 1 - beta**t.
 """
 import numpy as np
@@ -20,18 +20,19 @@ class LambReference:
 
     Args:
         weights: list of arrays (initial parameter values, already in their storage precision).
-        beta1, beta2, eps: as in spec section 2.
-        loss_scale, max_grad_norm, trust_ratio_clip: as in spec section 5.
+        beta1, beta2, eps: as documented for Lamb (docs/api/lamb.md).
+        loss_scale, max_grad_norm, trust_ratio_clip, bias_correction: as documented for Lamb.
         exact_skip: as documented for Lamb (docs/api/lamb.md, "Non-finite gradients"): a call whose
             global norm G is not finite never changes w or s; with exact_skip or max_grad_norm it changes
             nothing, else each moment element whose gradient and its square are finite in float32 takes
             it and the others keep theirs.
         param_dtype: storage dtype of the parameters ('float32', 'float16', 'bfloat16');
-            w is rounded to it after each step (spec: written back in its own dtype).
+            w is rounded to it after each step (Lamb writes it back in its own dtype).
     """
 
     def __init__(self, weights, beta1=0.9, beta2=0.999, eps=1e-6, loss_scale=1.0,
-                 max_grad_norm=None, trust_ratio_clip=None, param_dtype="float32", exact_skip=False):
+                 max_grad_norm=None, trust_ratio_clip=None, param_dtype="float32", exact_skip=False,
+                 bias_correction=True):
         self.w = [np.array(w, dtype=np.float64) for w in weights]
         self.m = [np.zeros_like(w) for w in self.w]
         self.v = [np.zeros_like(w) for w in self.w]
@@ -42,6 +43,7 @@ class LambReference:
         self.trust_ratio_clip = trust_ratio_clip
         self.param_dtype = param_dtype
         self.exact_skip = exact_skip
+        self.bias_correction = bias_correction
         self.trust_ratios = [None] * len(self.w)
 
     def step(self, grads, lr, weight_decay, decay=None, layer_adaptation=None, centralize=None):
@@ -80,8 +82,8 @@ class LambReference:
             wd_i = _value_at(_pick(weight_decay, i), s) if decay[i] else 0.0
             self.m[i] = self.beta1 * self.m[i] + (1 - self.beta1) * g[i]
             self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * g[i] ** 2
-            m_hat = self.m[i] / (1 - self.beta1 ** t)
-            v_hat = self.v[i] / (1 - self.beta2 ** t)
+            m_hat = self.m[i] / (1 - self.beta1 ** t) if self.bias_correction else self.m[i]
+            v_hat = self.v[i] / (1 - self.beta2 ** t) if self.bias_correction else self.v[i]
             r = m_hat / (np.sqrt(v_hat) + self.eps)
             u = r + wd_i * self.w[i]
             w_norm = np.linalg.norm(self.w[i])

@@ -1,0 +1,131 @@
+"""The fused CPU backend: the whole LAMB update in one C++ kernel (``fused_cpu.cc``, ``ops.Custom`` aot).
+
+Used on CPU when every parameter is float32 and a C++ compiler with OpenMP is there. The library is
+compiled on first use and cached per user (``_build.py``); without a compiler, Lamb says so once and
+takes the composite backend. The kernel updates the parameters and both moments in place, in two passes
+over memory (40 bytes per element), with the float32 arithmetic of ``_update.py`` operation by
+operation; ``benchmarks/README.md`` has its speed.
+"""
+import os
+
+import numpy as np
+
+import mindspore.common.dtype as mstype
+from mindspore import Tensor, nn, ops
+from mindspore.ops import composite as C
+from mindspore.ops import functional as F
+from mindspore.ops import operations as P
+
+from . import _build, contract
+
+SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_cpu.cc")
+# The scalars' layout, generated into the C++ enum (see fused_cpu.cc): defined once, in contract.pack.
+LAYOUT_DEFINE = "-DLAMB_SCALARS(X)=" + " ".join(f"X({name})" for name in contract.SCALARS)
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
+         "-std=c++17", LAYOUT_DEFINE]
+_libraries = {}
+
+
+def _cpu_signature():
+    """Architecture and CPU feature flags: the library is built with -march=native, so a cache directory
+    shared between machines (a network home) must not hand an AVX-512 build to a CPU without it."""
+    sig = os.uname().machine
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            sig += next((line for line in handle if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return sig.encode()
+
+
+def library_path(src=SRC, extra_flags=()):
+    """The verified library built from `src` (cached; built on first use). Raises _build.BuildError."""
+    key = (src, tuple(extra_flags))
+    if key not in _libraries:
+        try:
+            _libraries[key] = _build.build(src, FLAGS + list(extra_flags), _cpu_signature())
+        except _build.BuildError as error:
+            _libraries[key] = error
+    found = _libraries[key]
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
+def unavailable(params, device_target):
+    """(why this backend cannot run `params`, whether the user should hear of it), or (None, False).
+    `params` None: float32 gradients only (a sum of squares)."""
+    if device_target != "CPU":
+        return f"the device target is {device_target}, not CPU", False
+    if params is not None and any(p.dtype != mstype.float32 for p in params):
+        return "not every parameter is float32", False
+    try:
+        library_path()
+    except _build.BuildError as error:
+        return str(error), True
+    return None, False
+
+
+_to_f32 = C.MultitypeFuncGraph("lamb_fused_to_f32")
+
+
+@_to_f32.register("Number")
+def _number_to_f32(x):
+    return F.scalar_to_tensor(x, mstype.float32)
+
+
+@_to_f32.register("Tensor")
+def _tensor_to_f32(x):
+    """A 0-D or (1,) Tensor (lr, schedules, flags) as a float32 0-D Tensor."""
+    return F.reshape(F.cast(x, mstype.float32), ())
+
+
+class SumOfSquares(nn.Cell):
+    """``sum(g^2)`` over every element of every float32 gradient, in one kernel (double accumulators)."""
+
+    def __init__(self):
+        super().__init__()
+        self.op = ops.Custom(library_path() + ":LambSumSq", out_shape=lambda *shapes: (1,),
+                             out_dtype=lambda *types: mstype.float32, func_type="aot")
+
+    def construct(self, gradients):
+        return F.reshape(self.op(*gradients), ())
+
+
+class FusedCpuBackend(nn.Cell):
+    """The update contract (contract.py) in one kernel call."""
+
+    name = "fused_cpu"
+    unavailable = staticmethod(unavailable)
+    SumOfSquares = SumOfSquares
+
+    def __init__(self, params, *, decay_flags, adapt_flags, owned_flags):
+        super().__init__()
+        n = len(params)
+        self.n = n
+        self.sum_of_squares = SumOfSquares()
+        self.step = ops.Custom(library_path() + ":LambStep", out_shape=lambda *shapes: (n + 1, 3),
+                               out_dtype=lambda *types: mstype.float32, func_type="aot")
+        self.step.add_prim_attr("side_effect_mem", True)   # in place: keep it ordered with other effects
+        self.decay_mask = Tensor(np.array(decay_flags, np.float32))
+        self.ones = Tensor(np.ones(n, np.float32))
+        # 1: layer-adapted, 0: q = 1 (layer_adaptation=False), -1: another rank updates it
+        self.flags = Tensor(np.array([(1.0 if adapt else 0.0) if owned else -1.0
+                                      for adapt, owned in zip(adapt_flags, owned_flags)], np.float32))
+        self.stack = P.Stack()
+        self.hyper_map = C.HyperMap()
+
+    def _per_parameter(self, value):
+        """float32[n]: one value per parameter, from a shared scalar or a per-parameter tuple."""
+        if isinstance(value, tuple):
+            return self.stack(self.hyper_map(_to_f32, value))
+        return self.ones * _to_f32(value)
+
+    def construct(self, scalars, lr, weight_decay, params, moments1, moments2, gradients, grad_sq):
+        scalars = self.stack(self.hyper_map(_to_f32, scalars))
+        out = self.step(scalars, self._per_parameter(lr), self._per_parameter(weight_decay) * self.decay_mask,
+                        self.flags, *params, *moments1, *moments2, *gradients)
+        totals = out[self.n]                                   # (sum of g^2, applied, 0)
+        if grad_sq is None:
+            grad_sq = totals[0]
+        return out[:self.n], grad_sq, totals[1] > 0.5

@@ -1,0 +1,307 @@
+"""Fault injection: hostile or unlucky inputs and environments end in a clear error or a documented, tested
+behaviour (docs/api/lamb.md, "What can go wrong"), with nothing already trained lost."""
+import logging
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn
+
+from mindspore_lamb import Lamb, LossScaleTrainStep, backends
+from mindspore_lamb.backends import _build, composite, fused_cpu
+from nets import loss_fn, make_net
+from reference import LambReference
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)
+    return [Parameter(Tensor(rng.standard_normal((4, 6)).astype(np.float32)), name="fc.weight"),
+            Parameter(Tensor(rng.standard_normal((6,)).astype(np.float32)), name="fc.bias")]
+
+
+def _grads(params, rng, dtype=np.float32):
+    return tuple(Tensor(rng.standard_normal(p.shape).astype(dtype)) for p in params)
+
+
+# ---- arguments, as float32 will see them ----
+
+DEGENERATE = [
+    (dict(learning_rate=Tensor(np.float32(np.nan))), ["learning_rate", "nan"]),
+    (dict(learning_rate=Tensor(np.float32(np.inf))), ["learning_rate", "inf"]),
+    (dict(learning_rate=Tensor(np.float32(-1.0))), ["learning_rate", "-1.0"]),
+    (dict(learning_rate=[np.nan] * 5), ["learning_rate", "element 0", "nan"]),
+    (dict(learning_rate=[0.1, 0.05, -0.01]), ["learning_rate", "element 2", "-0.01"]),
+    (dict(learning_rate=Tensor(np.array([0.1, np.inf], np.float32))), ["learning_rate", "element 1", "inf"]),
+    (dict(learning_rate=1e300), ["learning_rate", "1e+300", "float32"]),
+    (dict(eps=1e-50), ["eps", "1e-50", "normal float32"]),
+    (dict(eps=1e50), ["eps", "1e+50", "float32"]),
+    (dict(beta2=1 - 1e-9), ["beta2", "0.999999999", "float32"]),
+    (dict(beta1=1e-50), ["beta1", "1e-50", "float32"]),
+    (dict(loss_scale=1e300), ["loss_scale", "1e+300"]),
+    (dict(loss_scale=1e-300), ["loss_scale", "1e-300"]),
+    (dict(loss_scale=1e38), ["loss_scale", "reciprocal", "1e+38"]),
+    (dict(trust_ratio_clip=(np.inf, np.inf)), ["trust_ratio_clip", "inf"]),
+    (dict(max_grad_norm=1e-50), ["max_grad_norm", "1e-50"]),
+    (dict(weight_decay=1e40), ["weight_decay", "1e+40"]),
+]
+
+
+@pytest.mark.parametrize("kwargs,fragments", DEGENERATE, ids=[str(k)[:40] for k, _ in DEGENERATE])
+def test_degenerate_numbers_are_refused(kwargs, fragments):
+    kwargs = dict({"learning_rate": 0.1}, **kwargs)
+    with pytest.raises(ValueError) as info:
+        Lamb(_params(), **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_group_learning_rate_sequence_is_checked():
+    params = _params()
+    with pytest.raises(ValueError, match=r"lr \(group 1\).*element 1"):
+        Lamb([{"params": params[:1]}, {"params": params[1:], "lr": [0.1, np.nan]}], learning_rate=0.1)
+
+
+def test_empty_parameter_is_refused():
+    empty = Parameter(Tensor(np.zeros((0,), np.float32)), name="empty.bias")
+    with pytest.raises(ValueError, match="'Lamb'.*'empty.bias'.*no element"):
+        Lamb(_params() + [empty], learning_rate=0.1)
+
+
+@pytest.mark.parametrize("kwargs,fragments", [
+    (dict(min_scale=1e-50), ["min_scale", "1e-50"]),
+    (dict(init_scale=1e300), ["init_scale", "1e+300"]),
+    (dict(init_scale=1e38, min_scale=1.0), ["init_scale", "reciprocal"]),
+])
+def test_loss_scale_cell_refuses_degenerate_scales(kwargs, fragments):
+    net = make_net(0)
+    with pytest.raises(ValueError) as info:
+        LossScaleTrainStep(nn.WithLossCell(net, loss_fn()), Lamb(net.trainable_params(), 0.01), **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_loss_scale_growth_stops_where_its_reciprocal_stays_normal(mode):
+    """Growth is capped where 1 / scale is still a normal float32; a long run of good steps never reaches
+    a scale whose reciprocal underflows."""
+    net = make_net(0)
+    cell = LossScaleTrainStep(nn.WithLossCell(net, loss_fn()), Lamb(net.trainable_params(), 1e-3),
+                              init_scale=2.0 ** 120, scale_factor=16.0, scale_window=1)
+    x = Tensor(np.ones((4, 8), np.float32) * 1e-30)
+    y = Tensor(np.zeros(4, np.int32))
+    for _ in range(4):
+        cell(x, y)
+    assert 2.0 ** 120 < cell.get_loss_scale() <= 1.0 / np.finfo(np.float32).tiny
+
+
+def test_both_max_grad_norms_is_an_error():
+    net = make_net(0)
+    opt = Lamb(net.trainable_params(), 0.01, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        LossScaleTrainStep(nn.WithLossCell(net, loss_fn()), opt, max_grad_norm=1.0)
+
+
+# ---- learning-rate sequences shorter than the run hold their last value ----
+
+@pytest.mark.parametrize("form", ["list", "tensor"])
+def test_short_learning_rate_sequence_holds_its_last_value(mode, path, form, rng):
+    values = [0.05, 0.02, 0.01]
+    lr = values if form == "list" else Tensor(np.array(values, np.float32))
+    params = _params()
+    ref = LambReference([p.asnumpy().astype(np.float64) for p in params])
+    opt = Lamb(params, learning_rate=lr, weight_decay=0.01)
+    for step in range(6):                     # steps 3, 4, 5 run past the end: lr 0.01
+        grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+        opt(tuple(Tensor(g) for g in grads))
+        ref.step(grads, lr=lambda s: values[min(s, len(values) - 1)], weight_decay=0.01)
+        for p, want in zip(params, ref.w):
+            np.testing.assert_allclose(p.asnumpy(), want, rtol=2e-5, atol=2e-6)
+    assert int(opt.global_step.asnumpy()[0]) == 6
+
+
+# ---- non-finite weights are never silent ----
+
+def test_nonfinite_weight_is_left_alone_and_reported(mode, path, rng):
+    params = _params()
+    opt = Lamb(params, learning_rate=0.1, weight_decay=0.01)
+    poisoned = params[0].asnumpy().copy()
+    poisoned[1, 2] = np.nan
+    params[0].set_data(Tensor(poisoned))
+    bias_before = params[1].asnumpy().copy()
+    opt(_grads(params, rng))
+    after = params[0].asnumpy()
+    assert np.isnan(after[1, 2])
+    finite = np.isfinite(poisoned)
+    np.testing.assert_array_equal(after[finite], poisoned[finite])      # the rest of the layer untouched
+    assert np.isnan(opt.trust_ratios()["fc.weight"])                     # never 1.0
+    assert opt.nonfinite_parameters() == ["fc.weight"]
+    assert not np.array_equal(params[1].asnumpy(), bias_before)          # the healthy layer trained
+    assert np.isfinite(opt.trust_ratios()["fc.bias"])
+    assert all(np.isfinite(m.asnumpy()).all() for m in list(opt.moments1) + list(opt.moments2))
+
+
+class _Bag(nn.Cell):
+    """Embedding -> mean -> Dense: a NaN in an embedding row that no input uses leaves the loss finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4)
+        self.dense = nn.Dense(4, 3)
+
+    def construct(self, ids):
+        return self.dense(self.embedding(ids).mean(axis=1))
+
+
+def test_monitor_stops_training_on_a_nonfinite_weight():
+    import mindspore.dataset as ds
+    from mindspore_lamb import TrustRatioMonitor
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = _Bag()
+    table = net.embedding.embedding_table.asnumpy().copy()
+    table[7, 1] = np.nan                                # row 7: never looked up below
+    net.embedding.embedding_table.set_data(Tensor(table))
+    opt = Lamb(net.trainable_params(), 0.01)
+    monitor = TrustRatioMonitor(opt, every=1)
+    ids = np.random.default_rng(0).integers(0, 5, (32, 6)).astype(np.int32)
+    data = ds.NumpySlicesDataset({"ids": ids, "y": np.zeros(32, np.int32)}, shuffle=False).batch(8)
+    model = ms.train.Model(net, loss_fn(), opt)
+    with pytest.warns(RuntimeWarning, match=r"embedding_table.*NaN or Inf.*stopped"):
+        model.train(1, data, callbacks=[monitor], dataset_sink_mode=False)
+    assert len({r["step"] for r in monitor.records}) == 1                 # stopped after the first step
+    assert opt.nonfinite_parameters() == [net.embedding.embedding_table.name]
+    assert np.isnan(opt.trust_ratios()[net.embedding.embedding_table.name])
+    assert np.isnan(net.embedding.embedding_table.asnumpy()[7, 1])         # left as it was, not spread
+    assert np.isfinite(np.delete(net.embedding.embedding_table.asnumpy().reshape(-1), 7 * 4 + 1)).all()
+
+
+# ---- wrong-dtype gradients: one behaviour on both backends ----
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_floating_gradients_are_cast_to_float32(mode, path, dtype, rng):
+    results = []
+    for grad_dtype in (np.float32, dtype):
+        params = _params()
+        opt = Lamb(params, learning_rate=0.1, weight_decay=0.01)
+        grads = [np.random.default_rng(5).standard_normal(p.shape).astype(dtype) for p in params]
+        opt(tuple(Tensor(g.astype(grad_dtype)) for g in grads))
+        results.append([p.asnumpy().copy() for p in params])
+    for ours, theirs in zip(*results):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_integer_gradient_is_an_error_naming_the_parameter(mode, path):
+    params = _params()
+    opt = Lamb(params, learning_rate=0.1)
+    before = [p.asnumpy().copy() for p in params]
+    grads = (Tensor(np.ones((4, 6), np.int32)), Tensor(np.ones(6, np.float32)))
+    with pytest.raises(TypeError, match="fc.weight.*Float32.*Int32"):
+        opt(grads)
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(p.asnumpy(), b)
+
+
+# ---- migrating from nn.Lamb: quiet in both directions ----
+
+def test_nn_lamb_checkpoint_loads_quietly(tmp_path, caplog):
+    ms.set_context(mode=ms.GRAPH_MODE)
+    other = make_net(1)
+    theirs = nn.TrainOneStepCell(nn.WithLossCell(other, loss_fn()), nn.Lamb(other.trainable_params(), 0.01))
+    path = str(tmp_path / "nn_lamb.ckpt")
+    ms.save_checkpoint(theirs, path)
+    net = make_net(0)
+    ours = nn.TrainOneStepCell(nn.WithLossCell(net, loss_fn()), Lamb(net.trainable_params(), 0.01))
+    with caplog.at_level(logging.WARNING):
+        not_loaded, _ = ms.load_param_into_net(ours, ms.load_checkpoint(path))
+    assert not_loaded == []
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
+    np.testing.assert_array_equal(net.fc1.weight.asnumpy(), other.fc1.weight.asnumpy())
+
+
+# ---- the kernel cache ----
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    directory = tmp_path / "cache"
+    monkeypatch.setenv("MINDSPORE_LAMB_CACHE", str(directory))
+    monkeypatch.setattr(_build, "_private_dir", None)
+    return directory
+
+
+def _build_kernel():
+    return _build.build(fused_cpu.SRC, fused_cpu.FLAGS, b"test")
+
+
+def test_cache_is_private_and_verified(cache):
+    lib = _build_kernel()
+    assert os.path.dirname(lib) == str(cache)
+    assert oct(os.stat(cache).st_mode & 0o777) == "0o700"
+    assert _build._verified(lib)
+    built = os.stat(lib).st_mtime_ns
+    assert _build_kernel() == lib and os.stat(lib).st_mtime_ns == built      # reused, not rebuilt
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "foreign owner", "group writable", "no manifest"])
+def test_damaged_or_foreign_library_is_rebuilt_not_loaded(cache, damage):
+    lib = _build_kernel()
+    good = open(lib, "rb").read()
+    if damage == "truncated":
+        with open(lib, "r+b") as handle:
+            handle.truncate(len(good) // 3)
+    elif damage == "corrupt":
+        with open(lib, "wb") as handle:
+            handle.write(bytes(len(good)))
+    elif damage == "foreign owner":
+        os.chown(lib, 65534, 65534)
+    elif damage == "group writable":
+        os.chmod(lib, 0o770)
+    else:
+        os.unlink(lib + ".json")
+    assert not _build._verified(lib)
+    assert _build_kernel() == lib                   # rebuilt in place, verified again
+    assert _build._verified(lib) and os.stat(lib).st_uid == os.getuid()
+
+
+@pytest.mark.parametrize("problem", ["world writable", "foreign owner", "not a directory"])
+def test_untrusted_cache_directory_falls_back_to_a_private_one(cache, tmp_path, problem):
+    if problem == "not a directory":
+        cache.write_text("a file where the cache should be")
+    else:
+        cache.mkdir(mode=0o700)
+        if problem == "world writable":
+            os.chmod(cache, 0o777)
+        else:
+            os.chown(cache, 65534, 65534)
+    with pytest.warns(RuntimeWarning, match="kernel cache"):
+        lib = _build_kernel()
+    assert not lib.startswith(str(cache))
+    assert oct(os.stat(os.path.dirname(lib)).st_mode & 0o777) == "0o700"
+    assert _build._verified(lib)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    monkeypatch.setattr(fused_cpu, "_libraries", {})
+    monkeypatch.setattr(backends, "_warned", set())
+    ms.set_context(device_target="CPU")
+
+
+def test_no_compiler_warns_once_and_takes_the_composite_backend(no_compiler, rng):
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*composite.*slower"):
+        opt = Lamb(_params(), learning_rate=0.1)
+    assert not opt.fused and isinstance(opt.backend, composite.CompositeBackend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Lamb(_params(), learning_rate=0.1)           # said once, not at every optimizer
+    params = list(opt.params)
+    before = params[0].asnumpy().copy()
+    opt(_grads(params, rng))
+    assert not np.array_equal(params[0].asnumpy(), before)
+
+
+def test_fused_path_can_be_required(no_compiler, monkeypatch):
+    monkeypatch.setenv("MINDSPORE_LAMB_FUSED", "require")
+    with pytest.raises(RuntimeError, match="require.*no C\\+\\+ compiler"):
+        Lamb(_params(), learning_rate=0.1)
