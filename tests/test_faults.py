@@ -301,6 +301,13 @@ def test_no_compiler_warns_once_and_takes_the_composite_backend(no_compiler, rng
     assert not np.array_equal(params[0].asnumpy(), before)
 
 
+def test_failed_compile_names_the_compiler_error(cache, monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    with pytest.raises(_build.BuildError, match="compiling broken.cc with g\\+\\+ failed: .*error"):
+        _build.build(str(broken), fused_cpu.FLAGS)
+
+
 def test_fused_path_can_be_required(no_compiler, monkeypatch):
     monkeypatch.setenv("MINDSPORE_LAMB_FUSED", "require")
     with pytest.raises(RuntimeError, match="require.*no C\\+\\+ compiler"):
