@@ -21,14 +21,18 @@ from . import _build, contract
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_cpu.cc")
 # The scalars' layout, generated into the C++ enum (see fused_cpu.cc): defined once, in contract.pack.
 LAYOUT_DEFINE = "-DLAMB_SCALARS(X)=" + " ".join(f"X({name})" for name in contract.SCALARS)
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
+# -march: the CPU this process runs on (the cache key includes the CPU's flags, so a shared cache never
+# hands a library to a CPU it was not built for); MINDSPORE_LAMB_MARCH=x86-64-v3 (say) builds for an ISA
+# level instead, to measure what users of that level get (benchmarks/README.md).
+MARCH = os.environ.get("MINDSPORE_LAMB_MARCH", "native")
+FLAGS = ["-O3", f"-march={MARCH}", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
          "-std=c++17", LAYOUT_DEFINE]
 _libraries = {}
 
 
 def _cpu_signature():
-    """Architecture and CPU feature flags: the library is built with -march=native, so a cache directory
-    shared between machines (a network home) must not hand an AVX-512 build to a CPU without it."""
+    """Architecture and CPU feature flags: the library is built for this CPU (-march=native), so a cache
+    directory shared between machines (a network home) must not hand an AVX-512 build to a CPU without it."""
     sig = os.uname().machine
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
