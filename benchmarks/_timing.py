@@ -23,3 +23,47 @@ def summary(times, ref):
     for name, seconds in times.items():
         med = statistics.median(seconds) * 1e3
         yield name, med, min(seconds) * 1e3, med / ref_ms
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError:
+        return "", set()
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
+                  if line.startswith(("model name", "Model", "CPU part"))), "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith(("flags", "Features"))), [])
+    return model, set(flags)
+
+
+def isa_level(flags):
+    """The x86-64 micro-architecture level the CPU flags reach (v1 .. v4), or the machine name elsewhere."""
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return platform.machine()
+    levels = [("x86-64-v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+              ("x86-64-v3", {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "xsave"}),
+              ("x86-64-v2", {"cx16", "lahf_lm", "popcnt", "sse4_1", "sse4_2", "ssse3"})]
+    reached = "x86-64-v1"
+    for name, needed in reversed(levels):
+        if needed <= flags:
+            reached = name
+    return reached
+
+
+def cpu_header():
+    """One line naming the CPU every figure of a run comes from: model, ISA level, cores, L3, the -march
+    the fused kernel is built for (MINDSPORE_LAMB_MARCH, default native), and the load average."""
+    import os
+    model, flags = _cpu_flags()
+    l3 = "?"
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size", encoding="utf-8") as handle:
+            l3 = handle.read().strip()
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"# CPU: {model}; ISA {isa_level(flags)}; {os.cpu_count()} cores; L3 {l3}; kernel built with "
+            f"-march={os.environ.get('MINDSPORE_LAMB_MARCH', 'native')}; load average {load}")

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import interleave, summary  # noqa: E402
+from _timing import cpu_header, interleave, summary  # noqa: E402
 from mindspore_lamb.backends import contract, fused_cpu  # noqa: E402  (compiles and caches the kernel)
 
 ADAM_LIKE = r"""
@@ -138,6 +138,7 @@ def main():
             f(*args)
         times = interleave({k: (lambda f=f, args=args: f(*args)) for k, (f, args) in kernels.items()}, a.repeats)
     total = a.tensors * a.elems
+    print(cpu_header())
     print(f"{a.tensors} x {a.elems} float32 elements, {a.repeats} interleaved calls each, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'default')}")
     print(f"{'kernel':<26}{'median ms':>10}{'min ms':>9}{'ns/elem':>9}{'x adam-like':>12}")

@@ -143,9 +143,9 @@ def _warm_up_runtime():
 
 # ---------------------------------------------------------------- children
 
-def child_time(set_name, repeats, kinds):
+def child_time(set_name, repeats, kinds, mode="graph"):
     import mindspore as ms
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
     _warm_up_runtime()
     params, grads = build(set_name)
     n_elems = sum(p.size for p in params)
@@ -229,6 +229,8 @@ def main():
                          "Lamb-composite, Adam, AdamWeightDecay; "
                          "'bench:module.Class' loads a prototype from benchmarks/")
     ap.add_argument("--no-mem", action="store_true", help="skip the per-optimizer peak-memory children")
+    ap.add_argument("--mode", choices=("graph", "pynative"), default="graph",
+                    help="MindSpore execution mode of the timed calls (default graph)")
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -236,7 +238,7 @@ def main():
     if a.child:
         what = a.child[0]
         if what == "time":
-            res = child_time(a.child[1], int(a.child[2]), a.child[3].split(","))
+            res = child_time(a.child[1], int(a.child[2]), a.child[3].split(","), a.child[4])
         elif what == "mem":
             res = child_mem(a.child[1], a.child[2])
         elif what == "train":
@@ -247,11 +249,13 @@ def main():
     kinds = a.opts.split(",")
     ref = "Adam" if "Adam" in kinds else kinds[0]
     import platform
-    print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _timing import cpu_header
+    print(cpu_header())
+    print(f"# python {platform.python_version()}; {a.mode} mode; {time.strftime('%Y-%m-%d %H:%M')}")
     all_res = []
     for set_name in a.sets.split(","):
-        t = _run_child(["time", set_name, str(a.repeats), ",".join(kinds)])
+        t = _run_child(["time", set_name, str(a.repeats), ",".join(kinds), a.mode])
         all_res.append(t)
         print(f"\n== set {set_name}: {t['n_params']} tensors, {t['n_elems'] / 1e6:.1f}M parameters, "
               f"{a.repeats} interleaved calls each")

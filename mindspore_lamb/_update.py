@@ -21,9 +21,11 @@ _ONE = Tensor(1.0, mstype.float32)
 _ZERO = Tensor(0.0, mstype.float32)
 _NAN = Tensor(float("nan"), mstype.float32)
 _NO_UPDATE = Tensor([1.0, 0.0, 0.0], mstype.float32)
-_OMB1, _OMB2, _EPS, _INV_BC1, _INV_BC2, _GRAD_SCALE, _LO, _HI, _PROCEED = (
-    INDEX[name] for name in ("one_minus_beta1", "one_minus_beta2", "eps", "inv_bias_c1", "inv_bias_c2",
-                             "grad_scale", "trust_lo", "trust_hi", "proceed"))
+(_OMB1, _OMB2, _M_GRAD_SCALE, _EPS, _EPS_ROOT, _INV_BC1, _INV_BC2, _GRAD_SCALE, _IN_GRAD, _IN_UPDATE, _OUTSIDE,
+ _W_NORM_MAX, _LO, _HI, _PROCEED) = (INDEX[name] for name in (
+    "one_minus_beta1", "one_minus_beta2", "m_grad_scale", "eps", "eps_root", "inv_bias_c1", "inv_bias_c2",
+    "grad_scale", "decay_in_grad", "decay_in_update", "decay_outside", "w_norm_max", "trust_lo", "trust_hi",
+    "proceed"))
 
 sum_of_squares = C.MultitypeFuncGraph("lamb_sum_of_squares")
 centralize = C.MultitypeFuncGraph("lamb_grad_centralization")
@@ -90,31 +92,39 @@ def _lamb_update(scalars, apply, lr, weight_decay, param, m, v, gradient, decay_
         return _NO_UPDATE  # another rank updates it; broadcast afterwards
 
     w = F.cast(param, mstype.float32)
+    wd = weight_decay if decay_flag else 0.0                              # lambda_s, 0 if w is not decayed
     g = F.cast(gradient, mstype.float32) * scalars[_GRAD_SCALE]           # unscale (+ NVLAMB pre-normalisation)
+    g = g + (wd * scalars[_IN_GRAD]) * w                                  # L2 mode: g + lambda w
 
     # m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, written with the exact 1 - b only
-    m_t = m + scalars[_OMB1] * (g - m)
+    # (m_grad_scale = 1 / (1 - b1) without gradient averaging: m = b1 m + g)
+    m_t = m + scalars[_OMB1] * (g * scalars[_M_GRAD_SCALE] - m)
     v_t = v + scalars[_OMB2] * (F.square(g) - v)
     # g NaN/Inf (or g^2 overflowing) makes v NaN/Inf: that element keeps its moments
     keep_new = F.logical_and(scalars[_PROCEED], _isfinite(v_t))
     m_t = F.select(keep_new, m_t, m)
     v_t = F.select(keep_new, v_t, v)
-    r = (m_t * scalars[_INV_BC1]) / (F.sqrt(v_t * scalars[_INV_BC2]) + scalars[_EPS])  # r = m^ / (sqrt(v^) + eps)
-    u = r + weight_decay * w if decay_flag else r                         # u = r + lambda w
+    # r = m^ / (sqrt(v^ + eps_root) + eps): eps outside the square root unless eps_inside_sqrt
+    r = (m_t * scalars[_INV_BC1]) / (F.sqrt(v_t * scalars[_INV_BC2] + scalars[_EPS_ROOT]) + scalars[_EPS])
+    u = r + (wd * scalars[_IN_UPDATE]) * w                                # u = r + lambda w
+    keep = 1.0 - lr * wd * scalars[_OUTSIDE]                              # decay outside q: w = keep w - lr q u
 
-    w_norm = F.sqrt(_sum_of_squares(w))                                   # ||w||
+    w_norm = F.sqrt(_sum_of_squares(w)) * keep                            # ||w|| (of keep w)
     u_norm = F.sqrt(_sum_of_squares(u))                                   # ||u||, of exactly the applied update
+    w_used = F.minimum(w_norm, scalars[_W_NORM_MAX])                      # ||w|| clamped (inf when off)
     # q = ||w|| / ||u||; q = 1 when either norm is 0 (zero-initialised layer, or zero update: no NaN)
-    q = F.select(F.logical_and(w_norm > 0.0, u_norm > 0.0), w_norm / u_norm, _ONE)
+    q = F.select(F.logical_and(w_used > 0.0, u_norm > 0.0), w_used / u_norm, _ONE)
     q = F.minimum(F.maximum(q, scalars[_LO]), scalars[_HI])               # q = clip(q, lo, hi); (0, inf) when off
     if not adapt_flag:
         q = _ONE                                                          # excluded from layer adaptation (AdamW step)
     # NaN/Inf already inside w (a bad checkpoint): leave w as it is, and report q = NaN (never 1)
     w_finite = _isfinite(w_norm)
     reported_q = F.select(w_finite, q, _NAN)
-    q = F.select(F.logical_and(apply, w_finite), q, _ZERO)                # skipped: w - lr * 0 * u = w
+    go = F.logical_and(apply, w_finite)
+    q = F.select(go, q, _ZERO)                                            # skipped: 1 * w - lr * 0 * u = w
+    keep = F.select(go, keep, _ONE)
 
-    w_t = w - lr * q * u                                                  # w = w - lr q u
+    w_t = keep * w - lr * q * u                                           # w = w - lr q u
     stats = _stack((reported_q, w_norm, u_norm))
     stats = F.depend(stats, F.assign(param, F.cast(w_t, F.dtype(param))))
     stats = F.depend(stats, F.assign(m, m_t))

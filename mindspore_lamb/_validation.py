@@ -5,6 +5,7 @@ never reaches graph compilation. Every message names the argument and the value
 received. Numbers are checked as float32, the math dtype, will see them.
 """
 import math
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -74,6 +75,34 @@ def check_bool(name, value, prim="Lamb"):
     if not isinstance(value, bool):
         raise TypeError(f"For '{prim}', the argument '{name}' must be bool, but got {describe(value)}.")
     return value
+
+
+def check_choice(name, value, choices, prim="Lamb"):
+    """`value` must be one of `choices` (compared with ==, and bool only to bool)."""
+    if not any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in choices):
+        raise ValueError(f"For '{prim}', the argument '{name}' must be one of {list(choices)}, "
+                         f"but got {describe(value)}.")
+    return value
+
+
+def check_name_filter(name, value, prim="Lamb"):
+    """None, a str or a list/tuple of str (regular expressions, `re.search`ed in parameter names, as
+    TF-Addons and Keras do), or a callable name -> bool (as Paddle's exclude_from_weight_decay_fn).
+    Returned as a predicate on names."""
+    if value is None:
+        return lambda param_name: False
+    if callable(value):
+        return lambda param_name: bool(value(param_name))
+    patterns = [value] if isinstance(value, str) else value
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
+        raise TypeError(f"For '{prim}', the argument '{name}' must be None, a callable, or a str or list of "
+                        f"non-empty str (regular expressions), but got {describe(value)}.")
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as error:
+        raise ValueError(f"For '{prim}', the argument '{name}' holds an invalid regular expression: "
+                         f"{error} in {describe(value)}.") from error
+    return lambda param_name: any(p.search(param_name) for p in compiled)
 
 
 def check_float(name, value, prim="Lamb"):

@@ -18,6 +18,10 @@ from ._update import centralize, expm1, global_norm_factor
 from .backends import contract
 from .schedules import as_schedule
 
+# where the weight decay goes: added to the gradient (L2), in the update u = r + lambda w (the paper's
+# decoupled decay), or applied outside the trust ratio (w = (1 - lr lambda) w - lr q u); the order matters
+DECAY_MODES = ("l2", "decoupled", "decoupled_outside")
+
 _check_gradient = C.MultitypeFuncGraph("lamb_check_gradient")
 _FLOATS = (mstype.float16, mstype.bfloat16, mstype.float32, mstype.float64)
 
@@ -190,7 +194,9 @@ class Lamb(Optimizer):
     @opt_init_args_register
     def __init__(self, params, learning_rate, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, *,
                  loss_scale=1.0, max_grad_norm=None, trust_ratio_clip=None, exact_skip=False,
-                 bias_correction=True):
+                 bias_correction=True, weight_decay_mode="decoupled", grad_averaging=True, eps_inside_sqrt=False,
+                 weight_norm_clip=None, layer_adaptation=True, exclude_from_weight_decay=None,
+                 exclude_from_layer_adaptation=None):
         params = V.check_params(params)
         learning_rate = as_schedule(V.check_learning_rate("learning_rate", learning_rate), "learning_rate")
         V.check_beta("beta1", beta1)
@@ -202,6 +208,15 @@ class Lamb(Optimizer):
         trust_ratio_clip = V.check_trust_ratio_clip(trust_ratio_clip)
         V.check_bool("exact_skip", exact_skip)
         V.check_bool("bias_correction", bias_correction)
+        V.check_choice("weight_decay_mode", weight_decay_mode, DECAY_MODES)
+        V.check_bool("grad_averaging", grad_averaging)
+        V.check_bool("eps_inside_sqrt", eps_inside_sqrt)
+        weight_norm_clip = V.check_number("weight_norm_clip", weight_norm_clip, "Lamb", allow_none=True,
+                                          normal=True)
+        V.check_choice("layer_adaptation", layer_adaptation, (True, False, "decayed"))
+        excluded_from_decay = V.check_name_filter("exclude_from_weight_decay", exclude_from_weight_decay)
+        excluded_from_adaptation = V.check_name_filter("exclude_from_layer_adaptation",
+                                                       exclude_from_layer_adaptation)
 
         adapt_by_name = {}
         if isinstance(params[0], dict):
@@ -229,7 +244,15 @@ class Lamb(Optimizer):
         self.max_grad_norm_t = f32(max_grad_norm if max_grad_norm is not None else 1.0)
         lo, hi = trust_ratio_clip if trust_ratio_clip is not None else (0.0, math.inf)
         self.trust_lo, self.trust_hi = f32(lo), f32(hi)
-        self.beta1, self.beta2, self.eps, self.one = f32(beta1), f32(beta2), f32(eps), f32(1.0)
+        self.beta1, self.beta2, self.one = f32(beta1), f32(beta2), f32(1.0)
+        # r = m^ / (sqrt(v^ + eps_root) + eps)
+        self.eps, self.eps_root = (f32(0.0), f32(eps)) if eps_inside_sqrt else (f32(eps), f32(0.0))
+        # without gradient averaging m = b1 m + g, written as m + (1 - b1) (g / (1 - b1) - m)
+        self.m_grad_scale = f32(1.0 if grad_averaging else 1.0 / (1.0 - beta1))
+        self.decay_in_grad, self.decay_in_update, self.decay_outside = (
+            f32(float(weight_decay_mode == mode)) for mode in DECAY_MODES)
+        self.w_norm_max = f32(math.inf if weight_norm_clip is None else weight_norm_clip)
+        self.weight_decay_mode = weight_decay_mode
         # 1 - beta in float64, rounded once (1 - float32(0.999) is 1.3e-5 off, 19 % at 1 - 1e-7); and
         # 1 - beta^t = -expm1(t log beta) with log beta taken in float64, for the same reason
         self.one_minus_beta1, self.one_minus_beta2 = f32(1.0 - beta1), f32(1.0 - beta2)
@@ -241,7 +264,12 @@ class Lamb(Optimizer):
         self.moments2 = ParameterTuple(_moment(p, "lamb_v") for p in self.params)
         self.param_names = tuple(p.name for p in self.params)
         self.param_dtypes = tuple(str(p.dtype) for p in self.params)
-        self.adapt_flags = tuple(adapt_by_name.get(name, True) for name in self.param_names)
+        # which parameter is decayed and which gets a trust ratio: resolved once, here (parameter_table())
+        self.decay_flags = tuple(decay and not excluded_from_decay(name)
+                                 for decay, name in zip(self.decay_flags, self.param_names))
+        self.adapt_flags = tuple(adapt_by_name.get(name, True) and layer_adaptation is not False
+                                 and (layer_adaptation != "decayed" or decay) and not excluded_from_adaptation(name)
+                                 for name, decay in zip(self.param_names, self.decay_flags))
         if not self.is_group:
             self.grad_centralization_flags = (False,) * self.param_length
 
@@ -285,9 +313,12 @@ class Lamb(Optimizer):
             grad_scale = grad_scale * global_norm_factor(F.sqrt(grad_sq) * self.inv_loss_scale,
                                                          self.max_grad_norm_t)
         scalars = contract.pack(beta1=self.beta1, beta2=self.beta2, one_minus_beta1=self.one_minus_beta1,
-                                one_minus_beta2=self.one_minus_beta2, eps=self.eps, inv_bias_c1=inv_bias_c1,
-                                inv_bias_c2=inv_bias_c2, grad_scale=grad_scale, trust_lo=self.trust_lo,
-                                trust_hi=self.trust_hi, proceed=proceed)
+                                one_minus_beta2=self.one_minus_beta2, m_grad_scale=self.m_grad_scale,
+                                eps=self.eps, eps_root=self.eps_root, inv_bias_c1=inv_bias_c1,
+                                inv_bias_c2=inv_bias_c2, grad_scale=grad_scale, decay_in_grad=self.decay_in_grad,
+                                decay_in_update=self.decay_in_update, decay_outside=self.decay_outside,
+                                w_norm_max=self.w_norm_max, trust_lo=self.trust_lo, trust_hi=self.trust_hi,
+                                proceed=proceed)
         layer_stats, grad_sq, applied = self.backend(scalars, self.get_lr(), self.get_weight_decay(),
                                                      self.params, self.moments1, self.moments2, gradients, grad_sq)
         return F.depend(self.success, self._record(layer_stats, grad_sq, applied))
@@ -324,6 +355,16 @@ class Lamb(Optimizer):
         as NaN; :class:`mindspore_lamb.TrustRatioMonitor` warns and stops training when it sees one."""
         stats = self.layer_stats.asnumpy()
         return [name for name, w_norm in zip(self.param_names, stats[:, 1].tolist()) if not math.isfinite(w_norm)]
+
+    def parameter_table(self):
+        """str: one row per parameter, in update order: name, shape, dtype, whether it is decayed (and how),
+        whether it gets a trust ratio. Resolved once, in the constructor."""
+        rows = [("parameter", "shape", "dtype", "weight decay", "trust ratio")]
+        for param, decay, adapt in zip(self.params, self.decay_flags, self.adapt_flags):
+            rows.append((param.name, str(tuple(param.shape)), str(param.dtype),
+                         self.weight_decay_mode if decay else "no", "yes" if adapt else "no (q = 1)"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
     def layer_adapted_names(self):
         """tuple[str]: the parameters that get a trust ratio (the others have layer_adaptation=False)."""

@@ -47,6 +47,16 @@ BAD_ARGUMENTS = [
     (dict(trust_ratio_clip=(-1.0, 1.0)), ValueError, ["trust_ratio_clip", "(-1.0, 1.0)"]),
     (dict(exact_skip=1), TypeError, ["exact_skip", "1"]),
     (dict(exact_skip="yes"), TypeError, ["exact_skip", "'yes'"]),
+    (dict(bias_correction=0), TypeError, ["bias_correction", "0"]),
+    (dict(weight_decay_mode="adamw"), ValueError, ["weight_decay_mode", "'adamw'", "decoupled_outside"]),
+    (dict(grad_averaging=1), TypeError, ["grad_averaging", "1"]),
+    (dict(eps_inside_sqrt="no"), TypeError, ["eps_inside_sqrt", "'no'"]),
+    (dict(weight_norm_clip=0.0), ValueError, ["weight_norm_clip", "0.0"]),
+    (dict(weight_norm_clip="10"), TypeError, ["weight_norm_clip", "'10'"]),
+    (dict(layer_adaptation="all"), ValueError, ["layer_adaptation", "'all'", "decayed"]),
+    (dict(layer_adaptation=1), ValueError, ["layer_adaptation", "int 1"]),
+    (dict(exclude_from_weight_decay=5), TypeError, ["exclude_from_weight_decay", "int 5"]),
+    (dict(exclude_from_layer_adaptation=["("]), ValueError, ["exclude_from_layer_adaptation", "regular expression"]),
 ]
 
 

@@ -149,10 +149,49 @@ def cfg_no_bias_correction(params, names):
             dict(lr=0.02, weight_decay=0.01, decay=_default_decay(names)), dict(bias_correction=False))
 
 
+def _option(lamb_kwargs, ref_kwargs=None, **step_extra):
+    """A configuration with weight decay 0.01 and one or more keyword options of Lamb (and the reference)."""
+    def config(params, names):
+        decay = _default_decay(names)
+        adapt = step_extra.get("adapt")
+        return (dict(learning_rate=0.02, weight_decay=0.01, **lamb_kwargs),
+                dict(lr=0.02, weight_decay=0.01, decay=decay,
+                     layer_adaptation=adapt(names, decay) if adapt else None),
+                dict(ref_kwargs if ref_kwargs is not None else lamb_kwargs))
+    return config
+
+
+OPTIONS = {
+    "l2": _option(dict(weight_decay_mode="l2")),
+    "decoupled_outside": _option(dict(weight_decay_mode="decoupled_outside")),
+    "no_grad_averaging": _option(dict(grad_averaging=False)),
+    "eps_inside_sqrt": _option(dict(eps_inside_sqrt=True)),
+    "weight_norm_clip": _option(dict(weight_norm_clip=3.0)),
+    "all_together": _option(dict(weight_decay_mode="l2", grad_averaging=False, eps_inside_sqrt=True,
+                                 bias_correction=False, weight_norm_clip=5.0, trust_ratio_clip=(0.1, 5.0))),
+    "adapt_decayed_only": _option(dict(layer_adaptation="decayed"), {},
+                                  adapt=lambda names, decay: decay),
+    "excluded_by_pattern": _option(dict(exclude_from_layer_adaptation=[r"\.bias$", "gamma"]), {},
+                                   adapt=lambda names, decay: [not (n.endswith(".bias") or "gamma" in n)
+                                                               for n in names]),
+}
+
+
+def _excluded_from_decay(params, names):
+    """exclude_from_weight_decay as a predicate: only '.weight' parameters are decayed."""
+    decay = [n.endswith(".weight") for n in names]
+    return (dict(learning_rate=0.02, weight_decay=0.01, exclude_from_weight_decay=lambda n: not n.endswith(".weight")),
+            dict(lr=0.02, weight_decay=0.01, decay=decay), {})
+
+
+OPTIONS["excluded_by_predicate"] = _excluded_from_decay
+
+
 CONFIGS = {f.__name__[4:]: f for f in [
     cfg_default, cfg_weight_decay, cfg_int_lr_and_wd, cfg_lr_tensor_0d, cfg_lr_tensor_1d, cfg_lr_iterable,
     cfg_lr_schedule, cfg_wd_cell, cfg_loss_scale, cfg_groups, cfg_groups_dynamic, cfg_grad_centralization,
     cfg_max_grad_norm, cfg_trust_ratio_clip, cfg_layer_adaptation, cfg_no_bias_correction]}
+CONFIGS.update(OPTIONS)
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_matches_reference_float32(mode, path, config):

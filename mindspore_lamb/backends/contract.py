@@ -39,19 +39,26 @@ Outputs:
 import inspect
 
 
-def pack(*, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, inv_bias_c1, inv_bias_c2, grad_scale,
-         trust_lo, trust_hi, proceed):
+def pack(*, beta1, beta2, one_minus_beta1, one_minus_beta2, m_grad_scale, eps, eps_root, inv_bias_c1,
+         inv_bias_c2, grad_scale, decay_in_grad, decay_in_update, decay_outside, w_norm_max, trust_lo, trust_hi,
+         proceed):
     """The `scalars` tuple, in the order of this signature (the one definition of the layout).
 
     beta1, beta2: kept for backends that want them (the moments use only 1 - beta, which is exact);
     one_minus_beta1/2: 1 - beta computed in float64 and rounded once to float32;
+    m_grad_scale: 1, or 1 / (1 - beta1) without gradient averaging (m = b1 m + g);
+    eps, eps_root: r = m^ / (sqrt(v^ + eps_root) + eps);
     inv_bias_c1/2: 1 / (1 - beta^t), or 1 without bias correction;
     grad_scale: (1 / loss_scale) * min(1, max_grad_norm / G);
+    decay_in_grad, decay_in_update, decay_outside: 0 or 1, where a parameter's weight decay lambda goes:
+    added to the gradient (L2), to the update u = r + lambda w (the paper), or applied outside the trust
+    ratio, w = (1 - lr lambda) w - lr q u;
+    w_norm_max: ||w|| is clamped to it in the trust ratio (inf when off);
     trust_lo, trust_hi: clip bounds of q (0 and inf when off);
     proceed: bool, False when the step is skipped (nothing changes).
     """
-    return (beta1, beta2, one_minus_beta1, one_minus_beta2, eps, inv_bias_c1, inv_bias_c2, grad_scale,
-            trust_lo, trust_hi, proceed)
+    return (beta1, beta2, one_minus_beta1, one_minus_beta2, m_grad_scale, eps, eps_root, inv_bias_c1, inv_bias_c2,
+            grad_scale, decay_in_grad, decay_in_update, decay_outside, w_norm_max, trust_lo, trust_hi, proceed)
 
 
 # The names, in order: the float32 array handed to a compiled kernel follows it (backends/fused_cpu.py

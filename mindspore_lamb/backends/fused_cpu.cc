@@ -55,12 +55,28 @@ int64_t numel(int nd, const int64_t *shape) {
 }
 
 struct Hyper {
-  float one_minus_b1, one_minus_b2, eps, inv_bc1, inv_bc2, gs, lo, hi;
+  float one_minus_b1, one_minus_b2, m_grad_scale, eps, eps_root, inv_bc1, inv_bc2, gs;
 };
 
-inline float update_u(const Hyper &h, float m, float v, float w, float wd) {
-  float r = (m * h.inv_bc1) / (std::sqrt(v * h.inv_bc2) + h.eps);  // r = m^ / (sqrt(v^) + eps)
-  return r + wd * w;                                         // u = r + lambda w
+// Per tensor: the weight decay where it goes (only one of the three is not 0/1, see LambStep).
+struct Decay {
+  float in_grad;    // g += in_grad w            (L2 mode)
+  float in_update;  // u = r + in_update w       (decoupled, the paper)
+  float keep;       // w = keep w - lr q u       (decoupled outside the trust ratio: keep = 1 - lr lambda)
+};
+
+// kGeneral false: the paper's rule only (no L2 term, grad averaging, eps outside the square root, decay
+// inside the update), the fastest loops; true: every option of Lamb. Both give the same bits for the
+// paper's rule (every extra term is then an exact no-op).
+template <bool kGeneral>
+inline float update_u(const Hyper &h, float m, float v, float w, const Decay &d) {
+  float r;
+  if (kGeneral) {
+    r = (m * h.inv_bc1) / (std::sqrt(v * h.inv_bc2 + h.eps_root) + h.eps);  // eps inside and/or outside
+  } else {
+    r = (m * h.inv_bc1) / (std::sqrt(v * h.inv_bc2) + h.eps);  // r = m^ / (sqrt(v^) + eps)
+  }
+  return r + d.in_update * w;                                  // u = r + lambda w
 }
 
 constexpr int64_t kChunk = 1 << 16;  // elements: 256 KiB of each array
@@ -102,16 +118,23 @@ inline float float_of(int32_t b) {
   return x;
 }
 
-void pass1(const Hyper &hyper, float wd, const float *w, float *m, float *v, const float *g, int64_t lo, int64_t hi,
-           double *sums) {
+template <bool kGeneral>
+void pass1(const Hyper &hyper, const Decay &decay, const float *w, float *m, float *v, const float *g, int64_t lo,
+           int64_t hi, double *sums) {
   const Hyper h = hyper;  // a local copy: the stores to m and v cannot alias it (else reloaded every element)
+  const Decay d = decay;
   double ws = 0.0, us = 0.0, gsq = 0.0;
 #pragma omp simd reduction(+ : ws, us, gsq)
   for (int64_t j = lo; j < hi; ++j) {
     const float graw = g[j], m0 = m[j], v0 = v[j], wj = w[j];
-    const float gj = graw * h.gs;  // unscale (+ NVLAMB pre-normalisation)
+    float gj = graw * h.gs;  // unscale (+ NVLAMB pre-normalisation)
+    float gm = gj;
+    if (kGeneral) {
+      gj = gj + d.in_grad * wj;    // L2 mode: g + lambda w
+      gm = gj * h.m_grad_scale;    // without grad averaging: m = b1 m + g = m + (1 - b1) (g / (1 - b1) - m)
+    }
     // m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, written with the exact 1 - b only
-    const float mn = m0 + h.one_minus_b1 * (gj - m0);
+    const float mn = m0 + h.one_minus_b1 * (gm - m0);
     const float vn = v0 + h.one_minus_b2 * (gj * gj - v0);
     // g NaN/Inf (or g^2 overflowing) makes v NaN/Inf: that element keeps its moments. The sum of g^2
     // is then not finite either, so pass 2 is skipped and the call is counted as skipped.
@@ -124,7 +147,7 @@ void pass1(const Hyper &hyper, float wd, const float *w, float *m, float *v, con
     const float vj = float_of((bits_of(vn) & ~keep) | (bits_of(v0) & keep));
     m[j] = mj;
     v[j] = vj;
-    const float uj = update_u(h, mj, vj, wj, wd);
+    const float uj = update_u<kGeneral>(h, mj, vj, wj, d);
     ws = add_sq(ws, wj);
     us = add_sq(us, uj);
     gsq = add_sq(gsq, graw);
@@ -134,13 +157,16 @@ void pass1(const Hyper &hyper, float wd, const float *w, float *m, float *v, con
   sums[2] = gsq;
 }
 
-void pass2(const Hyper &hyper, float wd, float step, float *w, const float *m, const float *v, int64_t lo,
+template <bool kGeneral>
+void pass2(const Hyper &hyper, const Decay &decay, float step, float *w, const float *m, const float *v, int64_t lo,
            int64_t hi) {
   const Hyper h = hyper;  // a local copy (see pass1)
+  const Decay d = decay;
 #pragma omp simd
   for (int64_t j = lo; j < hi; ++j) {
     float wj = w[j];
-    w[j] = wj - step * update_u(h, m[j], v[j], wj, wd);  // w = w - (lr q) u
+    const float uj = update_u<kGeneral>(h, m[j], v[j], wj, d);
+    w[j] = (kGeneral ? d.keep * wj : wj) - step * uj;  // w = w - (lr q) u
   }
 }
 
@@ -186,8 +212,10 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   if (!all_float32(0, nparam, dtypes)) return 2;
   if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
   const float *hp = static_cast<const float *>(params[0]);
-  const Hyper h{hp[k_one_minus_beta1], hp[k_one_minus_beta2], hp[k_eps], hp[k_inv_bias_c1],
-                hp[k_inv_bias_c2], hp[k_grad_scale], hp[k_trust_lo], hp[k_trust_hi]};
+  const Hyper h{hp[k_one_minus_beta1], hp[k_one_minus_beta2], hp[k_m_grad_scale], hp[k_eps], hp[k_eps_root],
+                hp[k_inv_bias_c1], hp[k_inv_bias_c2], hp[k_grad_scale]};
+  const bool general = hp[k_decay_in_grad] != 0.0f || hp[k_decay_outside] != 0.0f || hp[k_eps_root] != 0.0f ||
+                       hp[k_m_grad_scale] != 1.0f;
   float *stats = static_cast<float *>(params[nparam - 1]);
   for (int i = 0; i < n; ++i) {  // what a skipped call reports (the caller keeps its previous stats)
     stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
@@ -209,6 +237,11 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   const int64_t nc = static_cast<int64_t>(chunks.size());
   std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, g_sq]
   std::vector<float> step(n);
+  std::vector<Decay> decay(n);
+  for (int i = 0; i < n; ++i) {  // where the weight decay lambda_i goes
+    decay[i] = {wds[i] * hp[k_decay_in_grad], wds[i] * hp[k_decay_in_update],
+                1.0f - lrs[i] * wds[i] * hp[k_decay_outside]};
+  }
   bool applied = false;
 
 #pragma omp parallel num_threads(threads_for(total_len))
@@ -216,7 +249,8 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 #pragma omp for schedule(dynamic)
     for (int64_t c = 0; c < nc; ++c) {  // pass 1
       const Chunk &k = chunks[c];
-      pass1(h, wds[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), G(k.tensor), k.lo, k.hi, &part[3 * c]);
+      auto pass = general ? pass1<true> : pass1<false>;
+      pass(h, decay[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), G(k.tensor), k.lo, k.hi, &part[3 * c]);
     }  // implicit barrier
 #pragma omp single
     {
@@ -234,9 +268,11 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
       for (int i = 0; i < n && applied; ++i) {
         if (flags[i] < 0.0f) continue;
         float w_norm = std::sqrt(static_cast<float>(w_sq[i]));
+        if (general) w_norm = w_norm * decay[i].keep;  // the norm of keep w (decay outside the trust ratio)
         float u_norm = std::sqrt(static_cast<float>(u_sq[i]));
-        float q = (w_norm > 0.0f && u_norm > 0.0f) ? w_norm / u_norm : 1.0f;  // q = 1 if a norm is 0
-        q = std::fmin(std::fmax(q, h.lo), h.hi);  // clip(q, lo, hi); lo = 0, hi = inf when off
+        const float w_used = std::fmin(w_norm, hp[k_w_norm_max]);  // ||w|| clamped (inf when off)
+        float q = (w_used > 0.0f && u_norm > 0.0f) ? w_used / u_norm : 1.0f;  // q = 1 if a norm is 0
+        q = std::fmin(std::fmax(q, hp[k_trust_lo]), hp[k_trust_hi]);  // clip(q, lo, hi); (0, inf) when off
         if (flags[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
         step[i] = lrs[i] * q;
         if (!std::isfinite(w_norm)) {             // NaN/Inf already in w: leave it, and say so
@@ -251,7 +287,8 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
       for (int64_t c = 0; c < nc; ++c) {  // pass 2
         const Chunk &k = chunks[c];
         if (step[k.tensor] == 0.0f) continue;  // lr q = 0: w - 0 u = w (and a non-finite w stays as it is)
-        pass2(h, wds[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), k.lo, k.hi);
+        auto pass = general ? pass2<true> : pass2<false>;
+        pass(h, decay[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), k.lo, k.hi);
       }
     }
   }

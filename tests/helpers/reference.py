@@ -21,7 +21,11 @@ class LambReference:
     Args:
         weights: list of arrays (initial parameter values, already in their storage precision).
         beta1, beta2, eps: as documented for Lamb (docs/api/lamb.md).
-        loss_scale, max_grad_norm, trust_ratio_clip, bias_correction: as documented for Lamb.
+        loss_scale, max_grad_norm, trust_ratio_clip, bias_correction, weight_decay_mode ("decoupled":
+            u = r + lambda w; "l2": g + lambda w before the moments; "decoupled_outside": w is first
+            multiplied by 1 - lr lambda, and q uses the norm of that), grad_averaging (False:
+            m = beta1 m + g), eps_inside_sqrt (r = m^ / sqrt(v^ + eps)), weight_norm_clip (||w|| is
+            clamped to it in q): as documented for Lamb.
         exact_skip: as documented for Lamb (docs/api/lamb.md, "Non-finite gradients"): a call whose
             global norm G is not finite never changes w or s; with exact_skip or max_grad_norm it changes
             nothing, else each moment element whose gradient and its square are finite in float32 takes
@@ -32,7 +36,8 @@ class LambReference:
 
     def __init__(self, weights, beta1=0.9, beta2=0.999, eps=1e-6, loss_scale=1.0,
                  max_grad_norm=None, trust_ratio_clip=None, param_dtype="float32", exact_skip=False,
-                 bias_correction=True):
+                 bias_correction=True, weight_decay_mode="decoupled", grad_averaging=True, eps_inside_sqrt=False,
+                 weight_norm_clip=None):
         self.w = [np.array(w, dtype=np.float64) for w in weights]
         self.m = [np.zeros_like(w) for w in self.w]
         self.v = [np.zeros_like(w) for w in self.w]
@@ -44,6 +49,10 @@ class LambReference:
         self.param_dtype = param_dtype
         self.exact_skip = exact_skip
         self.bias_correction = bias_correction
+        self.weight_decay_mode = weight_decay_mode
+        self.grad_averaging = grad_averaging
+        self.eps_inside_sqrt = eps_inside_sqrt
+        self.weight_norm_clip = weight_norm_clip
         self.trust_ratios = [None] * len(self.w)
 
     def step(self, grads, lr, weight_decay, decay=None, layer_adaptation=None, centralize=None):
@@ -80,13 +89,22 @@ class LambReference:
         for i in range(n):
             lr_i = _value_at(_pick(lr, i), s)
             wd_i = _value_at(_pick(weight_decay, i), s) if decay[i] else 0.0
-            self.m[i] = self.beta1 * self.m[i] + (1 - self.beta1) * g[i]
-            self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * g[i] ** 2
+            mode = self.weight_decay_mode
+            g_i = g[i] + wd_i * self.w[i] if mode == "l2" else g[i]
+            m_coef = (1 - self.beta1) if self.grad_averaging else 1.0
+            self.m[i] = self.beta1 * self.m[i] + m_coef * g_i
+            self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * g_i ** 2
             m_hat = self.m[i] / (1 - self.beta1 ** t) if self.bias_correction else self.m[i]
             v_hat = self.v[i] / (1 - self.beta2 ** t) if self.bias_correction else self.v[i]
-            r = m_hat / (np.sqrt(v_hat) + self.eps)
-            u = r + wd_i * self.w[i]
-            w_norm = np.linalg.norm(self.w[i])
+            if self.eps_inside_sqrt:
+                r = m_hat / np.sqrt(v_hat + self.eps)
+            else:
+                r = m_hat / (np.sqrt(v_hat) + self.eps)
+            u = r + wd_i * self.w[i] if mode == "decoupled" else r
+            w = self.w[i] * (1 - lr_i * wd_i) if mode == "decoupled_outside" else self.w[i]
+            w_norm = np.linalg.norm(w)
+            if self.weight_norm_clip is not None:
+                w_norm = min(w_norm, self.weight_norm_clip)
             u_norm = np.linalg.norm(u)
             q = w_norm / u_norm if (w_norm > 0 and u_norm > 0) else 1.0
             if self.trust_ratio_clip is not None:
@@ -94,7 +112,7 @@ class LambReference:
             if not layer_adaptation[i]:
                 q = 1.0
             self.trust_ratios[i] = q
-            self.w[i] = round_to(self.w[i] - lr_i * q * u, self.param_dtype)
+            self.w[i] = round_to(w - lr_i * q * u, self.param_dtype)
         self.s += 1
         return True
 
