@@ -54,7 +54,7 @@ extern "C" void AdamLike(int n, float **w, float **m, float **v, const float **g
   }
 }
 """
-R_LINE = "float r = (m * h.inv_bc1) / (std::sqrt(v * h.inv_bc2) + h.eps);"
+R_LINE = "r = (m * h.inv_bc1) / (std::sqrt(v * h.inv_bc2) + h.eps);"
 
 
 def _build(tmp):
@@ -65,7 +65,7 @@ def _build(tmp):
         raise SystemExit(f"bench_kernel: the line to patch ({R_LINE}) is no longer in fused_cpu.cc")
     trivial_src = os.path.join(tmp, "lamb_trivial.cc")
     with open(trivial_src, "w") as f:
-        f.write(src.replace(R_LINE, "float r = m + v;"))
+        f.write(src.replace(R_LINE, "r = m + v;"))
     trivial = fused_cpu.library_path(src=trivial_src)
     adam_src = os.path.join(tmp, "adam_like.cc")
     with open(adam_src, "w") as f:
@@ -79,7 +79,9 @@ class Arrays:
     def __init__(self, n_tensors, numel, nan_last=False):
         rng = np.random.default_rng(0)
         self.hyper = np.array(contract.pack(beta1=0.9, beta2=0.999, one_minus_beta1=0.1, one_minus_beta2=1e-3,
-                                            eps=1e-6, inv_bias_c1=10.0, inv_bias_c2=1000.0, grad_scale=1.0,
+                                            m_grad_scale=1.0, eps=1e-6, eps_root=0.0, inv_bias_c1=10.0,
+                                            inv_bias_c2=1000.0, grad_scale=1.0, decay_in_grad=0.0,
+                                            decay_in_update=1.0, decay_outside=0.0, w_norm_max=np.inf,
                                             trust_lo=0.0, trust_hi=np.inf, proceed=1.0), np.float32)
         self.lrs = np.full(n_tensors, 1e-7, np.float32)
         self.wds = np.full(n_tensors, 0.01, np.float32)

@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 

@@ -107,7 +107,7 @@ def _lamb_update(scalars, apply, lr, weight_decay, param, m, v, gradient, decay_
     # r = m^ / (sqrt(v^ + eps_root) + eps): eps outside the square root unless eps_inside_sqrt
     r = (m_t * scalars[_INV_BC1]) / (F.sqrt(v_t * scalars[_INV_BC2] + scalars[_EPS_ROOT]) + scalars[_EPS])
     u = r + (wd * scalars[_IN_UPDATE]) * w                                # u = r + lambda w
-    keep = 1.0 - lr * wd * scalars[_OUTSIDE]                              # decay outside q: w = keep w - lr q u
+    keep = F.reshape(1.0 - lr * wd * scalars[_OUTSIDE], ())               # decay outside q: w = keep w - lr q u
 
     w_norm = F.sqrt(_sum_of_squares(w)) * keep                            # ||w|| (of keep w)
     u_norm = F.sqrt(_sum_of_squares(u))                                   # ||u||, of exactly the applied update

@@ -13,7 +13,7 @@ from mindspore.ops import operations as P
 from mindspore.ops.primitive import _primexpr
 
 from . import _validation as V
-from . import backends
+from . import backends, presets
 from ._update import centralize, expm1, global_norm_factor
 from .backends import contract
 from .schedules import as_schedule
@@ -62,6 +62,11 @@ def _raise_on_dtype(name, param_dtype, grad_dtype):
                         f"Tensor (float16, bfloat16, float32 or float64), but got {grad_dtype}.")
 
 
+@_primexpr
+def _is_float32(dtype):
+    return dtype == mstype.float32
+
+
 @_check_gradient.register("String", "String", "Tensor", "Tensor")
 def _check_one_gradient(name, param_dtype, param, gradient):
     """The gradient of `param`, checked (shape, floating dtype) and cast to float32, the math dtype: the
@@ -69,6 +74,8 @@ def _check_one_gradient(name, param_dtype, param, gradient):
     on the host: F.dtype of a Parameter is not a constant inside a graph branch in data-parallel mode.)"""
     _raise_on_shape(name, F.shape(param), F.shape(gradient))
     _raise_on_dtype(name, param_dtype, F.dtype(gradient))
+    if _is_float32(F.dtype(gradient)):
+        return gradient                 # no Cast node at all (PYNATIVE_MODE would copy the gradient)
     return F.cast(gradient, mstype.float32)
 
 
@@ -137,8 +144,27 @@ class Lamb(Optimizer):
             is known before the update: with `max_grad_norm`, under the parallel optimizer, and when the
             caller passes ``finite=False`` (:class:`mindspore_lamb.LossScaleTrainStep` does on overflow).
             Default: ``False``.
-        bias_correction (bool): keyword-only; False drops the bias corrections :math:`1 - \beta^t` (as
-            apex, timm and DeepSpeed offer). Default: ``True``.
+        bias_correction (Union[bool, str]): keyword-only; False drops the bias corrections
+            :math:`1 - \beta^t` (as apex, timm and DeepSpeed offer); ``"step_size"`` leaves the moments
+            uncorrected and multiplies the learning rate by :math:`\sqrt{1 - \beta_2^t} / (1 - \beta_1^t)`
+            instead (DeepSpeed, torch-optimizer's ``debias``). Default: ``True``.
+        weight_decay_mode (str): keyword-only; where :math:`\lambda` goes: ``"decoupled"`` (the paper,
+            :math:`u = r + \lambda w`), ``"l2"`` (:math:`g + \lambda w` before the moments) or
+            ``"decoupled_outside"`` (Keras 3: :math:`w \leftarrow (1 - \gamma \lambda) w` first, outside
+            the trust ratio). Default: ``"decoupled"``.
+        grad_averaging (bool): keyword-only; False gives :math:`m = \beta_1 m + g`. Default: ``True``.
+        eps_inside_sqrt (bool): keyword-only; True gives :math:`r = \hat m / \sqrt{\hat v + \epsilon}`.
+            Default: ``False``.
+        weight_norm_clip (float): keyword-only; :math:`\|w\|` is clamped to at most this in :math:`q`.
+            Default: ``None`` (off).
+        layer_adaptation (Union[bool, str]): keyword-only; True: every parameter gets a trust ratio (a
+            group's ``layer_adaptation`` key may still turn it off); False: none; ``"decayed"``: only the
+            decayed parameters (apex, timm). Default: ``True``.
+        exclude_from_weight_decay (Union[str, list[str], Callable]): keyword-only; regular expressions
+            searched in parameter names, or a predicate on names: matching parameters are not decayed.
+            Default: ``None``.
+        exclude_from_layer_adaptation (Union[str, list[str], Callable]): keyword-only; the same, for the
+            trust ratio (:math:`q = 1`). :meth:`parameter_table` shows what was resolved. Default: ``None``.
 
     Inputs:
         - **gradients** (tuple[Tensor]) - one gradient per parameter, of the parameter's shape and of a
@@ -165,7 +191,11 @@ class Lamb(Optimizer):
         ValueError: If `weight_decay` is less than 0.
         ValueError: If `loss_scale` or `max_grad_norm` is less than or equal to 0.
         KeyError: If a parameter group has an unknown key.
-        TypeError: If `exact_skip` or `bias_correction` is not a bool.
+        TypeError: If `exact_skip`, `grad_averaging` or `eps_inside_sqrt` is not a bool.
+        ValueError: If `bias_correction`, `weight_decay_mode` or `layer_adaptation` is not one of its
+            documented values.
+        TypeError: If an exclusion is neither None, a str, a list of str nor a callable.
+        ValueError: If an exclusion holds an invalid regular expression.
         ValueError: If a number is degenerate as float32 sees it (``eps`` or ``max_grad_norm`` below the
             smallest normal float32, ``beta`` rounding to 1, ``1 / loss_scale`` not a normal float32, a
             value beyond float32's range), or a learning-rate Tensor or sequence holds a NaN, Inf or
@@ -207,7 +237,7 @@ class Lamb(Optimizer):
         max_grad_norm = V.check_max_grad_norm("max_grad_norm", max_grad_norm)
         trust_ratio_clip = V.check_trust_ratio_clip(trust_ratio_clip)
         V.check_bool("exact_skip", exact_skip)
-        V.check_bool("bias_correction", bias_correction)
+        V.check_choice("bias_correction", bias_correction, (True, False, "step_size"))
         V.check_choice("weight_decay_mode", weight_decay_mode, DECAY_MODES)
         V.check_bool("grad_averaging", grad_averaging)
         V.check_bool("eps_inside_sqrt", eps_inside_sqrt)
@@ -287,6 +317,22 @@ class Lamb(Optimizer):
                                owned_flags=self.optim_filter)
         self.fused = backend.name == "fused_cpu"
 
+    @classmethod
+    def preset(cls, name, params, learning_rate, **overrides):
+        """A Lamb that reproduces another library's LAMB (docs/variants.md): ``name`` is one of
+        ``paper``, ``mindspore_gpu``, ``apex``, ``timm``, ``optax``, ``keras``, ``tfa``, ``paddle``,
+        ``torch_optimizer``, ``deepspeed``. The preset's default hyper-parameters (betas, eps, weight
+        decay) apply unless given in `overrides`, which take any keyword of Lamb.
+
+        Examples:
+            >>> from mindspore import nn
+            >>> from mindspore_lamb import Lamb
+            >>> opt = Lamb.preset("timm", nn.Dense(4, 2).trainable_params(), 1e-3)
+            >>> opt.max_grad_norm, opt.layer_adapted_names()
+            (1.0, ('weight', 'bias'))
+        """
+        return cls(params, learning_rate, **presets.resolve(name, overrides))
+
     def gradients_centralization(self, gradients):
         """Centralize the gradients of groups with ``grad_centralization=True`` (rank >= 2 tensors)."""
         return self.map_(centralize, self.grad_centralization_flags, gradients)
@@ -306,8 +352,13 @@ class Lamb(Optimizer):
             proceed = F.logical_and(proceed, self.isfinite(grad_sq))
 
         s = self.global_step                                # 0-based step before this call
-        t = F.cast(s, mstype.float32) + 1.0                 # bias correction uses t = s + 1
+        t = F.reshape(F.cast(s, mstype.float32), ()) + 1.0  # bias correction uses t = s + 1
         inv_bias_c1, inv_bias_c2 = self._inverse_bias_corrections(t)
+        lr = self.get_lr()                                  # lr_s
+        if self.bias_correction == "step_size":
+            # DeepSpeed, torch-optimizer(debias): lr_s sqrt(1 - beta2^t) / (1 - beta1^t), moments uncorrected
+            factor = F.sqrt(-expm1(t * self.log_beta2)) / -expm1(t * self.log_beta1)
+            lr = tuple(x * factor for x in lr) if isinstance(lr, tuple) else lr * factor
         grad_scale = self.inv_loss_scale                    # g / loss_scale
         if self.max_grad_norm is not None:
             grad_scale = grad_scale * global_norm_factor(F.sqrt(grad_sq) * self.inv_loss_scale,
@@ -319,13 +370,13 @@ class Lamb(Optimizer):
                                 decay_in_update=self.decay_in_update, decay_outside=self.decay_outside,
                                 w_norm_max=self.w_norm_max, trust_lo=self.trust_lo, trust_hi=self.trust_hi,
                                 proceed=proceed)
-        layer_stats, grad_sq, applied = self.backend(scalars, self.get_lr(), self.get_weight_decay(),
+        layer_stats, grad_sq, applied = self.backend(scalars, lr, self.get_weight_decay(),
                                                      self.params, self.moments1, self.moments2, gradients, grad_sq)
         return F.depend(self.success, self._record(layer_stats, grad_sq, applied))
 
     def _inverse_bias_corrections(self, t):
-        """1 / (1 - beta1^t), 1 / (1 - beta2^t); both 1 with bias_correction=False."""
-        if not self.bias_correction:
+        """1 / (1 - beta1^t), 1 / (1 - beta2^t); both 1 with bias_correction False or "step_size"."""
+        if self.bias_correction is not True:
             return self.one, self.one
         # 1 - beta^t = -expm1(t log beta), log beta taken in float64: full float32 precision even when
         # beta^t is close to 1 (1 - float32(beta)^t would lose it all at beta = 1 - 1e-7)

@@ -167,6 +167,7 @@ OPTIONS = {
     "no_grad_averaging": _option(dict(grad_averaging=False)),
     "eps_inside_sqrt": _option(dict(eps_inside_sqrt=True)),
     "weight_norm_clip": _option(dict(weight_norm_clip=3.0)),
+    "bias_correction_in_step_size": _option(dict(bias_correction="step_size")),
     "all_together": _option(dict(weight_decay_mode="l2", grad_averaging=False, eps_inside_sqrt=True,
                                  bias_correction=False, weight_norm_clip=5.0, trust_ratio_clip=(0.1, 5.0))),
     "adapt_decayed_only": _option(dict(layer_adaptation="decayed"), {},

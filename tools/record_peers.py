@@ -7,7 +7,7 @@ decay ``lr_s = 0.01 * (1 - s / 20)``, betas 0.9/0.999, eps 1e-6) for two weight 
 and its own library, so each one runs in that library's virtual environment::
 
     python tools/record_peers.py --list            # recorders and what each needs
-    /work/peer_venvs/timm/bin/python tools/record_peers.py timm
+    $V/timm/bin/python tools/record_peers.py timm  # V: where the venvs live, see below
     python tools/record_peers.py --check           # numpy only: compare the fixtures with the
                                                    # float64 re-implementations below
 
@@ -23,14 +23,15 @@ The .npz keys (all float32 except ``meta``)::
 Recording all of them (venvs live outside the repository; CPU builds only, one at a time;
 torch is installed first, pinned, so that timm / torch-optimizer do not pull a CUDA build)::
 
-    V=/work/peer_venvs
+    V=$HOME/peer_venvs                          # anywhere outside the repository
     python3.11 -m venv $V/optax  && $V/optax/bin/pip install numpy jax jaxlib optax
     python3.11 -m venv $V/timm   && $V/timm/bin/pip install numpy torch==2.13.0 \\
         && $V/timm/bin/pip install timm torch-optimizer torch==2.13.0
     ln -sfn $V/timm $V/torch_optimizer          # torch-optimizer shares the torch venv
     python3.11 -m venv $V/keras  && $V/keras/bin/pip install numpy jax jaxlib keras
     python3.11 -m venv $V/paddle && $V/paddle/bin/pip install numpy paddlepaddle
-    python3.11 -m venv $V/tfa    && $V/tfa/bin/pip install tensorflow-addons 'tensorflow-cpu>=2.13,<2.16'
+    python3.11 -m venv $V/tfa    && $V/tfa/bin/pip install tensorflow-addons \\
+        'tensorflow-cpu>=2.13,<2.16'
     for lib in optax timm torch_optimizer keras paddle tfa; do
         $V/$lib/bin/python tools/record_peers.py $lib || echo "FAILED: $lib"
     done
@@ -355,99 +356,146 @@ def _ratio(w_norm, u_norm):
     return w_norm / u_norm if (w_norm > 0 and u_norm > 0) else 1.0
 
 
-def _loop(init, grads, step_fn):
+def _f32(x):
+    return float(np.float32(x))
+
+
+class Scalars:
+    """How a library forms its scalar coefficients (the part of the formula where float32
+    rounding of the betas is visible at the 1e-5 level: 0.999 in float32 is 0.99900001287, so
+    1 - beta2**t computed from the float32 beta is off by about 1.3e-5 relative).
+
+    mode "f64":     bias corrections 1 - beta**t and moment coefficients 1 - beta in float64
+                    (Python floats: timm, torch_optimizer, and the paper).
+    mode "f32pow":  1 - float32(float32(beta)**t) (beta cast to float32, power in float32:
+                    optax tree_bias_correction, keras), moment coefficients 1 - beta in float64.
+    mode "f32all":  as f32pow, and moment coefficients 1 - float32(beta) (tfa: beta_1_t hyper is a
+                    float32 tensor, one_minus_beta_1_t = 1 - beta_1_t).
+    mode "f32prod": beta**t kept as a float32 accumulator multiplied by float32(beta) each step
+                    (paddle Beta1Pow/Beta2Pow, initialised to beta), moment coefficients
+                    1 - float32(beta) (paddle LambMomentMENUpdateFunctor).
+    """
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.pow = {BETA1: 1.0, BETA2: 1.0}
+
+    def coef(self, beta):
+        return 1.0 - (beta if self.mode in ("f64", "f32pow") else _f32(beta))
+
+    def next_step(self, t):
+        if self.mode == "f32prod":
+            for b in (BETA1, BETA2):
+                self.pow[b] = _f32(self.pow[b] * _f32(b))
+        elif self.mode == "f64":
+            self.pow = {b: b ** t for b in (BETA1, BETA2)}
+        else:
+            self.pow = {b: _f32(_f32(b) ** t) for b in (BETA1, BETA2)}
+
+    def bc(self, beta):
+        return 1.0 - self.pow[beta]
+
+
+def _loop(init, grads, step_fn, mode="f64"):
     w = {n: init[n].astype(np.float64) for n in NAMES}
     m = {n: np.zeros_like(w[n]) for n in NAMES}
     v = {n: np.zeros_like(w[n]) for n in NAMES}
     out = {n: np.empty((STEPS,) + SHAPES[n]) for n in NAMES}
+    sc = Scalars(mode)
     for s in range(STEPS):
+        sc.next_step(s + 1)
         g = {n: grads[n][s].astype(np.float64) for n in NAMES}
-        step_fn(s, w, m, v, g)
+        step_fn(s, w, m, v, g, sc)
         for n in NAMES:
             out[n][s] = w[n]
     return out
 
 
-def ref_paper(init, grads, wd):
-    """LAMB, paper Algorithm 2 (== optax.lamb == tfa LAMB)."""
-    def step(s, w, m, v, g):
-        t = s + 1
+def ref_paper(init, grads, wd, mode="f64"):
+    """LAMB, paper Algorithm 2 (== optax.lamb, == tfa LAMB): trust ratio on every parameter."""
+    def step(s, w, m, v, g, sc):
         for n in NAMES:
-            m[n] = BETA1 * m[n] + (1 - BETA1) * g[n]
-            v[n] = BETA2 * v[n] + (1 - BETA2) * g[n] ** 2
-            r = (m[n] / (1 - BETA1 ** t)) / (np.sqrt(v[n] / (1 - BETA2 ** t)) + EPS)
+            m[n] = (1 - sc.coef(BETA1)) * m[n] + sc.coef(BETA1) * g[n]
+            v[n] = (1 - sc.coef(BETA2)) * v[n] + sc.coef(BETA2) * g[n] ** 2
+            r = (m[n] / sc.bc(BETA1)) / (np.sqrt(v[n] / sc.bc(BETA2)) + EPS)
             u = r + wd * w[n]
             w[n] = w[n] - lr_at(s) * _ratio(_norm(w[n]), _norm(u)) * u
-    return _loop(init, grads, step)
+    return _loop(init, grads, step, mode)
 
 
-def ref_timm(init, grads, wd, max_grad_norm=1.0):
+def ref_optax(init, grads, wd, mode="f32pow"):
+    return ref_paper(init, grads, wd, mode)
+
+
+def ref_tfa(init, grads, wd, mode="f32all"):
+    return ref_paper(init, grads, wd, mode)
+
+
+def ref_timm(init, grads, wd, mode="f64", max_grad_norm=1.0):
     """timm.optim.Lamb defaults: global grad-norm clip, trust ratio only where wd != 0."""
-    def step(s, w, m, v, g):
-        t = s + 1
+    def step(s, w, m, v, g, sc):
         clip = max(np.sqrt(sum(_norm(g[n]) ** 2 for n in NAMES)) / max_grad_norm, 1.0)
         for n in NAMES:
             gn = g[n] / clip
-            m[n] = BETA1 * m[n] + (1 - BETA1) * gn
-            v[n] = BETA2 * v[n] + (1 - BETA2) * gn ** 2
-            u = (m[n] / (1 - BETA1 ** t)) / (np.sqrt(v[n]) / np.sqrt(1 - BETA2 ** t) + EPS)
+            m[n] = m[n] + (gn - m[n]) * sc.coef(BETA1)           # lerp_(grad, 1 - beta1)
+            v[n] = BETA2 * v[n] + sc.coef(BETA2) * gn ** 2
+            u = (m[n] / sc.bc(BETA1)) / (np.sqrt(v[n]) / np.sqrt(sc.bc(BETA2)) + EPS)
             q = 1.0
             if wd != 0:
                 u = u + wd * w[n]
                 q = _ratio(_norm(w[n]), _norm(u))
             w[n] = w[n] - lr_at(s) * q * u
-    return _loop(init, grads, step)
+    return _loop(init, grads, step, mode)
 
 
-def ref_torch_optimizer(init, grads, wd, clamp_value=10.0):
-    """torch_optimizer.Lamb defaults: no bias correction, ||w|| clamped to [0, 10]."""
-    def step(s, w, m, v, g):
+def ref_torch_optimizer(init, grads, wd, mode="f64", clamp_value=10.0):
+    """torch_optimizer.Lamb defaults: no bias correction, trust ratio on every parameter,
+    ||w|| clamped to [0, 10]."""
+    def step(s, w, m, v, g, sc):
         for n in NAMES:
-            m[n] = BETA1 * m[n] + (1 - BETA1) * g[n]
-            v[n] = BETA2 * v[n] + (1 - BETA2) * g[n] ** 2
+            m[n] = BETA1 * m[n] + sc.coef(BETA1) * g[n]
+            v[n] = BETA2 * v[n] + sc.coef(BETA2) * g[n] ** 2
             u = m[n] / (np.sqrt(v[n]) + EPS)
             if wd != 0:
                 u = u + wd * w[n]
             q = _ratio(min(_norm(w[n]), clamp_value), _norm(u))
             w[n] = w[n] - lr_at(s) * q * u
-    return _loop(init, grads, step)
+    return _loop(init, grads, step, mode)
 
 
-def ref_keras(init, grads, wd):
-    """keras.optimizers.Lamb: decoupled w -= lr*wd*w first, then the trust ratio of the Adam
-    direction alone (computed with the decayed w)."""
-    def step(s, w, m, v, g):
-        t = s + 1
+def ref_keras(init, grads, wd, mode="f32pow"):
+    """keras.optimizers.Lamb: decoupled w -= lr*wd*w first, then the trust ratio (on every
+    variable) of the Adam direction alone, computed with the decayed w."""
+    def step(s, w, m, v, g, sc):
         lr = lr_at(s)
         for n in NAMES:
             w[n] = w[n] - w[n] * wd * lr
-            m[n] = m[n] + (g[n] - m[n]) * (1 - BETA1)
-            v[n] = v[n] + (g[n] ** 2 - v[n]) * (1 - BETA2)
-            r = (m[n] / (1 - BETA1 ** t)) / (np.sqrt(v[n] / (1 - BETA2 ** t)) + EPS)
+            m[n] = m[n] + (g[n] - m[n]) * sc.coef(BETA1)
+            v[n] = v[n] + (g[n] ** 2 - v[n]) * sc.coef(BETA2)
+            r = (m[n] / sc.bc(BETA1)) / (np.sqrt(v[n] / sc.bc(BETA2)) + EPS)
             w[n] = w[n] - _ratio(_norm(w[n]), _norm(r)) * lr * r
-    return _loop(init, grads, step)
+    return _loop(init, grads, step, mode)
 
 
-def ref_paddle(init, grads, wd):
+def ref_paddle(init, grads, wd, mode="f32prod"):
     """paddle.optimizer.Lamb defaults: paper rule, trust ratio only where wd > 0."""
-    def step(s, w, m, v, g):
-        t = s + 1
+    def step(s, w, m, v, g, sc):
         for n in NAMES:
-            m[n] = BETA1 * m[n] + (1 - BETA1) * g[n]
-            v[n] = BETA2 * v[n] + (1 - BETA2) * g[n] * g[n]
-            u = (m[n] / (1 - BETA1 ** t)) / (np.sqrt(v[n] / (1 - BETA2 ** t)) + EPS) + wd * w[n]
+            m[n] = (1 - sc.coef(BETA1)) * m[n] + sc.coef(BETA1) * g[n]
+            v[n] = (1 - sc.coef(BETA2)) * v[n] + sc.coef(BETA2) * g[n] * g[n]
+            u = (m[n] / sc.bc(BETA1)) / (np.sqrt(v[n] / sc.bc(BETA2)) + EPS) + wd * w[n]
             q = _ratio(_norm(w[n]), _norm(u)) if wd > 0 else 1.0
             w[n] = w[n] - lr_at(s) * q * u
-    return _loop(init, grads, step)
+    return _loop(init, grads, step, mode)
 
 
 REFERENCES = {
-    "optax": ref_paper,
+    "optax": ref_optax,
     "timm": ref_timm,
     "torch_optimizer": ref_torch_optimizer,
     "keras": ref_keras,
     "paddle": ref_paddle,
-    "tfa": ref_paper,
+    "tfa": ref_tfa,
 }
 
 
@@ -475,13 +523,16 @@ def check(names):
         for key, wd in WEIGHT_DECAYS:
             traj = {n: data["%s/%s" % (key, n)] for n in NAMES}
             own = deviation(traj, REFERENCES[name](init, grads, wd), init)
+            own64 = deviation(traj, REFERENCES[name](init, grads, wd, mode="f64"), init)
             paper = deviation(traj, ref_paper(init, grads, wd), init)
-            rows.append((name, key, own, paper))
-    print("%-16s %-7s %-25s %-25s" % ("library", "traj", "own formula (w / disp)",
-                                       "paper Alg. 2 (w / disp)"))
-    for name, key, own, paper in rows:
-        print("%-16s %-7s %.2e / %.2e       %.2e / %.2e" % (name, key, own[0], own[1],
-                                                           paper[0], paper[1]))
+            rows.append((name, key, own, own64, paper))
+    print("max relative deviation, w: ||a-b||/||b||, disp: ||a-b||/||b-w0||, over params and steps")
+    print("%-16s %-7s %-21s %-21s %-21s" % ("library", "traj", "own formula+scalars",
+                                             "own formula, f64", "paper Alg. 2, f64"))
+    print("%-16s %-7s %-21s %-21s %-21s" % ("", "", "(w / disp)", "(w / disp)", "(w / disp)"))
+    for name, key, own, own64, paper in rows:
+        print("%-16s %-7s %.2e / %.2e    %.2e / %.2e    %.2e / %.2e" % (
+            name, key, own[0], own[1], own64[0], own64[1], paper[0], paper[1]))
     return rows
 
 

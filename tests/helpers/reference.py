@@ -94,8 +94,11 @@ class LambReference:
             m_coef = (1 - self.beta1) if self.grad_averaging else 1.0
             self.m[i] = self.beta1 * self.m[i] + m_coef * g_i
             self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * g_i ** 2
-            m_hat = self.m[i] / (1 - self.beta1 ** t) if self.bias_correction else self.m[i]
-            v_hat = self.v[i] / (1 - self.beta2 ** t) if self.bias_correction else self.v[i]
+            corrected = self.bias_correction is True
+            m_hat = self.m[i] / (1 - self.beta1 ** t) if corrected else self.m[i]
+            v_hat = self.v[i] / (1 - self.beta2 ** t) if corrected else self.v[i]
+            if self.bias_correction == "step_size":        # DeepSpeed: the correction moves into the step
+                lr_i = lr_i * np.sqrt(1 - self.beta2 ** t) / (1 - self.beta1 ** t)
             if self.eps_inside_sqrt:
                 r = m_hat / np.sqrt(v_hat + self.eps)
             else:
