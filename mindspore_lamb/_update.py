@@ -17,9 +17,6 @@ _reduce_sum = P.ReduceSum(keep_dims=False)
 _reduce_mean = P.ReduceMean(keep_dims=True)
 _stack = P.Stack()
 _isfinite = P.IsFinite()
-_ONE = Tensor(1.0, mstype.float32)
-_ZERO = Tensor(0.0, mstype.float32)
-_NAN = Tensor(float("nan"), mstype.float32)
 _NO_UPDATE = Tensor([1.0, 0.0, 0.0], mstype.float32)
 (_OMB1, _OMB2, _M_GRAD_SCALE, _EPS, _EPS_ROOT, _INV_BC1, _INV_BC2, _GRAD_SCALE, _IN_GRAD, _IN_UPDATE, _OUTSIDE,
  _W_NORM_MAX, _LO, _HI, _PROCEED) = (INDEX[name] for name in (
@@ -28,6 +25,8 @@ _NO_UPDATE = Tensor([1.0, 0.0, 0.0], mstype.float32)
     "proceed"))
 
 sum_of_squares = C.MultitypeFuncGraph("lamb_sum_of_squares")
+to_float32 = C.MultitypeFuncGraph("lamb_to_float32")
+_hyper_map = C.HyperMap()
 centralize = C.MultitypeFuncGraph("lamb_grad_centralization")
 lamb_update = C.MultitypeFuncGraph("lamb_update")
 
@@ -46,6 +45,49 @@ def _sum_of_squares(x):
     return _reduce_sum(sq)
 
 
+def moments_and_update(scalars, wd, w, m, v, gradient):
+    """(m, v, u) after this step, for float32 `w`, `m`, `v` of any shape (a parameter, or a shard of one).
+
+    `proceed` False keeps every moment; otherwise an element whose new v is not finite (its gradient is
+    NaN/Inf, or its square overflows) keeps its own. u = r + lambda w with r = m^ / (sqrt(v^) + eps).
+    """
+    g = F.cast(gradient, mstype.float32) * scalars[_GRAD_SCALE]           # unscale (+ NVLAMB pre-normalisation)
+    g = g + (wd * scalars[_IN_GRAD]) * w                                  # L2 mode: g + lambda w
+    # m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, written with the exact 1 - b only
+    # (m_grad_scale = 1 / (1 - b1) without gradient averaging: m = b1 m + g)
+    m_t = m + scalars[_OMB1] * (g * scalars[_M_GRAD_SCALE] - m)
+    v_t = v + scalars[_OMB2] * (F.square(g) - v)
+    keep_new = F.logical_and(scalars[_PROCEED], _isfinite(v_t))
+    m_t = F.select(keep_new, m_t, m)
+    v_t = F.select(keep_new, v_t, v)
+    # r = m^ / (sqrt(v^ + eps_root) + eps): eps outside the square root unless eps_inside_sqrt
+    r = (m_t * scalars[_INV_BC1]) / (F.sqrt(v_t * scalars[_INV_BC2] + scalars[_EPS_ROOT]) + scalars[_EPS])
+    return m_t, v_t, r + (wd * scalars[_IN_UPDATE]) * w                   # u = r + lambda w
+
+
+def trust_ratio(scalars, apply, w_norm, u_norm, keep, adapt):
+    """(q to apply, q to report, keep to apply) from the norms; elementwise, so `w_norm`, `u_norm`, `keep`
+    and `adapt` (bool, or a bool Tensor) may be vectors with one entry per parameter.
+
+    q = ||w|| / ||u|| (||w|| clamped to weight_norm_clip), 1 when either norm is 0, clipped to
+    trust_ratio_clip, 1 without layer adaptation. Not applied (q = 0, keep = 1: w is written back as it
+    is) when the step is skipped or ||w|| is not finite (NaN/Inf inside w), which reports q = NaN.
+    """
+    w_used = F.minimum(w_norm, scalars[_W_NORM_MAX])                      # ||w|| clamped (inf when off)
+    # q = 1 when either norm is 0 (zero-initialised layer, or zero update: no NaN)
+    q = F.select(F.logical_and(w_used > 0.0, u_norm > 0.0), w_used / u_norm, F.ones_like(w_used))
+    q = F.minimum(F.maximum(q, scalars[_LO]), scalars[_HI])               # q = clip(q, lo, hi); (0, inf) when off
+    if isinstance(adapt, bool):
+        if not adapt:
+            q = F.ones_like(q)                                            # excluded from layer adaptation
+    else:
+        q = F.select(adapt, q, F.ones_like(q))
+    w_finite = _isfinite(w_norm)
+    reported_q = F.select(w_finite, q, F.fill(mstype.float32, F.shape(q), float("nan")))
+    go = F.logical_and(apply, w_finite)
+    return F.select(go, q, F.zeros_like(q)), reported_q, F.select(go, keep, F.ones_like(keep))
+
+
 def expm1(x):
     """exp(x) - 1 in float32 to a few ulp, also for tiny |x|, on every backend.
 
@@ -61,6 +103,26 @@ def global_norm_factor(global_norm, max_norm):
     """min(1, max_norm / G) as max_norm / max(G, max_norm): 1 when G = 0, 0 when G is Inf, NaN when G is
     NaN. The one clipping formula of the package (Lamb's max_grad_norm and the loss-scale cell's)."""
     return max_norm / F.maximum(global_norm, max_norm)
+
+
+@to_float32.register("Number")
+def _number_to_float32(x):
+    """A Python number (a fixed weight decay) as a float32 0-D Tensor."""
+    return F.scalar_to_tensor(x, mstype.float32)
+
+
+@to_float32.register("Tensor")
+def _tensor_to_float32(x):
+    """A 0-D or (1,) Tensor (lr, schedules, flags) as a float32 0-D Tensor."""
+    return F.reshape(F.cast(x, mstype.float32), ())
+
+
+def per_parameter(value, ones):
+    """float32 (n,): one value per parameter, from a shared scalar or a tuple of one per parameter
+    (`ones`: a float32 (n,) Tensor of ones)."""
+    if isinstance(value, tuple):
+        return _stack(_hyper_map(to_float32, value))
+    return ones * to_float32(value)
 
 
 @centralize.register("Bool", "Tensor")
@@ -93,36 +155,11 @@ def _lamb_update(scalars, apply, lr, weight_decay, param, m, v, gradient, decay_
 
     w = F.cast(param, mstype.float32)
     wd = weight_decay if decay_flag else 0.0                              # lambda_s, 0 if w is not decayed
-    g = F.cast(gradient, mstype.float32) * scalars[_GRAD_SCALE]           # unscale (+ NVLAMB pre-normalisation)
-    g = g + (wd * scalars[_IN_GRAD]) * w                                  # L2 mode: g + lambda w
-
-    # m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, written with the exact 1 - b only
-    # (m_grad_scale = 1 / (1 - b1) without gradient averaging: m = b1 m + g)
-    m_t = m + scalars[_OMB1] * (g * scalars[_M_GRAD_SCALE] - m)
-    v_t = v + scalars[_OMB2] * (F.square(g) - v)
-    # g NaN/Inf (or g^2 overflowing) makes v NaN/Inf: that element keeps its moments
-    keep_new = F.logical_and(scalars[_PROCEED], _isfinite(v_t))
-    m_t = F.select(keep_new, m_t, m)
-    v_t = F.select(keep_new, v_t, v)
-    # r = m^ / (sqrt(v^ + eps_root) + eps): eps outside the square root unless eps_inside_sqrt
-    r = (m_t * scalars[_INV_BC1]) / (F.sqrt(v_t * scalars[_INV_BC2] + scalars[_EPS_ROOT]) + scalars[_EPS])
-    u = r + (wd * scalars[_IN_UPDATE]) * w                                # u = r + lambda w
+    m_t, v_t, u = moments_and_update(scalars, wd, w, m, v, gradient)
     keep = F.reshape(1.0 - lr * wd * scalars[_OUTSIDE], ())               # decay outside q: w = keep w - lr q u
-
     w_norm = F.sqrt(_sum_of_squares(w)) * keep                            # ||w|| (of keep w)
     u_norm = F.sqrt(_sum_of_squares(u))                                   # ||u||, of exactly the applied update
-    w_used = F.minimum(w_norm, scalars[_W_NORM_MAX])                      # ||w|| clamped (inf when off)
-    # q = ||w|| / ||u||; q = 1 when either norm is 0 (zero-initialised layer, or zero update: no NaN)
-    q = F.select(F.logical_and(w_used > 0.0, u_norm > 0.0), w_used / u_norm, _ONE)
-    q = F.minimum(F.maximum(q, scalars[_LO]), scalars[_HI])               # q = clip(q, lo, hi); (0, inf) when off
-    if not adapt_flag:
-        q = _ONE                                                          # excluded from layer adaptation (AdamW step)
-    # NaN/Inf already inside w (a bad checkpoint): leave w as it is, and report q = NaN (never 1)
-    w_finite = _isfinite(w_norm)
-    reported_q = F.select(w_finite, q, _NAN)
-    go = F.logical_and(apply, w_finite)
-    q = F.select(go, q, _ZERO)                                            # skipped: 1 * w - lr * 0 * u = w
-    keep = F.select(go, keep, _ONE)
+    q, reported_q, keep = trust_ratio(scalars, apply, w_norm, u_norm, keep, adapt_flag)
 
     w_t = keep * w - lr * q * u                                           # w = w - lr q u
     stats = _stack((reported_q, w_norm, u_norm))

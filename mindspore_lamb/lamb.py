@@ -15,7 +15,7 @@ from mindspore.ops.primitive import _primexpr
 from . import _validation as V
 from . import backends, presets
 from ._update import centralize, expm1, global_norm_factor
-from .backends import contract
+from .backends import contract, sharded
 from .schedules import as_schedule
 
 # where the weight decay goes: added to the gradient (L2), in the update u = r + lambda w (the paper's
@@ -165,6 +165,9 @@ class Lamb(Optimizer):
             Default: ``None``.
         exclude_from_layer_adaptation (Union[str, list[str], Callable]): keyword-only; the same, for the
             trust ratio (:math:`q = 1`). :meth:`parameter_table` shows what was resolved. Default: ``None``.
+        shard_state (bool): keyword-only; data-parallel training under msrun: each of the N workers keeps
+            the moments of 1/N of the parameter elements (layers may be cut between workers; their
+            norms are combined exactly), see docs/distributed.md. Default: ``False``.
 
     Inputs:
         - **gradients** (tuple[Tensor]) - one gradient per parameter, of the parameter's shape and of a
@@ -226,7 +229,7 @@ class Lamb(Optimizer):
                  loss_scale=1.0, max_grad_norm=None, trust_ratio_clip=None, exact_skip=False,
                  bias_correction=True, weight_decay_mode="decoupled", grad_averaging=True, eps_inside_sqrt=False,
                  weight_norm_clip=None, layer_adaptation=True, exclude_from_weight_decay=None,
-                 exclude_from_layer_adaptation=None):
+                 exclude_from_layer_adaptation=None, shard_state=False):
         params = V.check_params(params)
         learning_rate = as_schedule(V.check_learning_rate("learning_rate", learning_rate), "learning_rate")
         V.check_beta("beta1", beta1)
@@ -237,6 +240,7 @@ class Lamb(Optimizer):
         max_grad_norm = V.check_max_grad_norm("max_grad_norm", max_grad_norm)
         trust_ratio_clip = V.check_trust_ratio_clip(trust_ratio_clip)
         V.check_bool("exact_skip", exact_skip)
+        V.check_bool("shard_state", shard_state)
         V.check_choice("bias_correction", bias_correction, (True, False, "step_size"))
         V.check_choice("weight_decay_mode", weight_decay_mode, DECAY_MODES)
         V.check_bool("grad_averaging", grad_averaging)
@@ -290,8 +294,15 @@ class Lamb(Optimizer):
 
         self.params = self._parameters
         V.check_param_dtypes(self.params, self._target)
-        self.moments1 = ParameterTuple(_moment(p, "lamb_m") for p in self.params)
-        self.moments2 = ParameterTuple(_moment(p, "lamb_v") for p in self.params)
+        if shard_state:
+            # data parallel: this worker keeps the moments of 1/N of the elements (backends/sharded.py)
+            rank, world = sharded.data_parallel_group(self.use_parallel)
+            self.rank, self.world = rank, world
+            moment1, moment2, self.shard_names = sharded.shard_state(self.params, world)
+            self.moments1, self.moments2 = ParameterTuple((moment1,)), ParameterTuple((moment2,))
+        else:
+            self.moments1 = ParameterTuple(_moment(p, "lamb_m") for p in self.params)
+            self.moments2 = ParameterTuple(_moment(p, "lamb_v") for p in self.params)
         self.param_names = tuple(p.name for p in self.params)
         self.param_dtypes = tuple(str(p.dtype) for p in self.params)
         # which parameter is decayed and which gets a trust ratio: resolved once, here (parameter_table())
@@ -312,10 +323,13 @@ class Lamb(Optimizer):
         self.isfinite = P.IsFinite()
 
         # The backend of the update of all parameters, chosen once (backends/__init__.py).
-        backend = backends.select(self.params)
-        self.backend = backend(self.params, decay_flags=self.decay_flags, adapt_flags=self.adapt_flags,
-                               owned_flags=self.optim_filter)
-        self.fused = backend.name == "fused_cpu"
+        flags = dict(decay_flags=self.decay_flags, adapt_flags=self.adapt_flags, owned_flags=self.optim_filter)
+        if shard_state:
+            self.backend = sharded.ShardedBackend(self.params, rank=rank, world=world, **flags)
+        else:
+            self.backend = backends.select(self.params)(self.params, **flags)
+        self.shard_state = shard_state
+        self.fused = self.backend.name == "fused_cpu"
 
     @classmethod
     def preset(cls, name, params, learning_rate, **overrides):

@@ -95,3 +95,66 @@ def test_loss_scale_train_step_two_workers_match_combined_batch(launched):
     np.testing.assert_array_equal(rank1["log.scale"], ref["log.scale"])
     assert rank0["global_step"].item() == rank1["global_step"].item() == W.STEPS - 1
     assert rank0["loss_scale"].item() == ref["loss_scale"].item()
+
+
+# ---- Lamb(shard_state=True): each worker keeps half of the moments ----
+
+@pytest.fixture(scope="module")
+def launched_sharded(tmp_path_factory):
+    """The same two cases with shard_state=True (GRAPH_MODE); returns (out_dir, workers, references)."""
+    out_dir = str(tmp_path_factory.mktemp("msrun_sharded"))
+    references = run_two_workers(out_dir, [os.path.join(HELPERS, "dist_worker.py"), out_dir, "graph", "sharded"],
+                                 LAUNCH_TIMEOUT, during=_references)
+    workers = {case: [dict(np.load(os.path.join(out_dir, f"{case}_sharded_rank{rank}.npz")))
+                      for rank in range(W.WORLD)] for case in ("model", "loss_scale")}
+    return out_dir, workers, references
+
+
+@pytest.mark.parametrize("case", ["model", "loss_scale"])
+def test_sharded_state_matches_one_process(launched_sharded, case):
+    """Layers cut between the workers, groups, a decaying lr, max_grad_norm (model case); dynamic loss scale,
+    clipping and an overflow on rank 1 only (loss_scale case): the workers end bit-identical to each other,
+    each holds half of the moments, and the merged state equals one process on the combined batch."""
+    from mindspore_lamb import sharding
+    _, workers, references = launched_sharded
+    rank0, rank1 = workers[case]
+    reference = references[case]
+    merged = {name: value.asnumpy() for name, value in sharding.merge([rank0, rank1]).items()}
+    pieces = [rank["lamb_m.shard"].size for rank in (rank0, rank1)]
+    moments = sum(reference[n].size for n in reference if n.startswith("lamb_m."))
+    assert pieces[0] == pieces[1] == -(-moments // 2)             # half of the elements each (rounded up)
+    for name, value in reference.items():
+        if name.startswith("log.") or name in ("lamb_layer_stats", "lamb_grad_norm"):
+            continue
+        if not name.startswith(("lamb_m.", "lamb_v.")):
+            np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=f"{name}: rank 0 != rank 1")
+        np.testing.assert_allclose(merged[name].astype(np.float64), value.astype(np.float64), rtol=RTOL,
+                                   atol=ATOL, err_msg=f"{name}: 2 sharded workers != 1 process")
+    np.testing.assert_array_equal(rank0["lamb_layer_stats"], rank1["lamb_layer_stats"])
+    np.testing.assert_allclose(rank0["lamb_layer_stats"], reference["lamb_layer_stats"], rtol=RTOL, atol=ATOL)
+    if case == "loss_scale":                                       # the NaN on rank 1 only: both skipped
+        assert rank0["global_step"].item() == rank1["global_step"].item() == W.STEPS - 1
+
+
+def test_sharded_checkpoints_merge_and_resume_without_sharding(launched_sharded, tmp_path):
+    """The workers' checkpoints merge (python -m mindspore_lamb.sharding merge) into one that a non-sharded
+    Lamb loads with nothing missing, holding exactly the workers' moments; training continues from it."""
+    from mindspore_lamb import sharding
+    out_dir, workers, _ = launched_sharded
+    merged_path = str(tmp_path / "merged.ckpt")
+    sharding.main(["merge", merged_path] + [os.path.join(out_dir, f"model_sharded_rank{r}.ckpt") for r in range(2)])
+    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    model, opt = W.build_model_case()
+    state = ms.load_checkpoint(merged_path)
+    not_loaded, _ = ms.load_param_into_net(model.train_network, state)
+    assert not_loaded == []
+    flat = np.concatenate([opt.moments1[i].asnumpy().reshape(-1) for i in range(len(opt.params))])
+    pieces = np.concatenate([workers["model"][r]["lamb_m.shard"] for r in range(2)])[:flat.size]
+    np.testing.assert_array_equal(flat, pieces)                    # nothing lost, bit for bit
+    assert int(opt.global_step.asnumpy()[0]) == W.STEPS
+    before = {p.name: p.asnumpy().copy() for p in opt.params}
+    x, labels = W.combined("model")[0]
+    model.train_network(ms.Tensor(x), ms.Tensor(labels))
+    assert int(opt.global_step.asnumpy()[0]) == W.STEPS + 1
+    assert all(np.isfinite(p.asnumpy()).all() and not np.array_equal(p.asnumpy(), before[p.name])
+               for p in opt.params)

@@ -1,5 +1,5 @@
-"""Every documented error (docs/api/lamb.md, "Raises"): raised in the constructor (gradient mismatches at the first call),
-with a message naming the argument and the value received."""
+"""Every documented error (docs/api/lamb.md, "Raises"): raised in the constructor (gradient mismatches at
+the first call), with a message naming the argument and the value received."""
 import numpy as np
 import pytest
 

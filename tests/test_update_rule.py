@@ -1,8 +1,9 @@
 """Step-by-step comparison of mindspore_lamb.Lamb with the float64 NumPy reference (docs/api/lamb.md).
 
 A table of configurations (parameter kinds x learning-rate forms x weight decay x groups x
-loss scale x dtypes x section-5 options) is crossed with GRAPH and PYNATIVE mode; every
-configuration runs 10 calls (tests/helpers/update_cases.py) and compares w, m, v, the trust ratios and global_step after each.
+loss scale x dtypes x keyword options) is crossed with GRAPH and PYNATIVE mode; every configuration
+runs 10 calls (tests/helpers/update_cases.py) and compares w, m, v, the trust ratios and global_step
+after each.
 """
 import numpy as np
 import pytest

@@ -16,6 +16,7 @@ from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
+from .._update import per_parameter, to_float32
 from . import _build, contract
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_cpu.cc")
@@ -70,20 +71,6 @@ def unavailable(params, device_target):
     return None, False
 
 
-_to_f32 = C.MultitypeFuncGraph("lamb_fused_to_f32")
-
-
-@_to_f32.register("Number")
-def _number_to_f32(x):
-    return F.scalar_to_tensor(x, mstype.float32)
-
-
-@_to_f32.register("Tensor")
-def _tensor_to_f32(x):
-    """A 0-D or (1,) Tensor (lr, schedules, flags) as a float32 0-D Tensor."""
-    return F.reshape(F.cast(x, mstype.float32), ())
-
-
 class SumOfSquares(nn.Cell):
     """``sum(g^2)`` over every element of every float32 gradient, in one kernel (double accumulators)."""
 
@@ -119,15 +106,9 @@ class FusedCpuBackend(nn.Cell):
         self.stack = P.Stack()
         self.hyper_map = C.HyperMap()
 
-    def _per_parameter(self, value):
-        """float32[n]: one value per parameter, from a shared scalar or a per-parameter tuple."""
-        if isinstance(value, tuple):
-            return self.stack(self.hyper_map(_to_f32, value))
-        return self.ones * _to_f32(value)
-
     def construct(self, scalars, lr, weight_decay, params, moments1, moments2, gradients, grad_sq):
-        scalars = self.stack(self.hyper_map(_to_f32, scalars))
-        out = self.step(scalars, self._per_parameter(lr), self._per_parameter(weight_decay) * self.decay_mask,
+        scalars = self.stack(self.hyper_map(to_float32, scalars))
+        out = self.step(scalars, per_parameter(lr, self.ones), per_parameter(weight_decay, self.ones) * self.decay_mask,
                         self.flags, *params, *moments1, *moments2, *gradients)
         totals = out[self.n]                                   # (sum of g^2, applied, 0)
         if grad_sq is None:

@@ -1,8 +1,10 @@
 """Data-parallel worker for tests/test_distributed.py, launched by msrun (two CPU workers).
 
-usage: msrun --worker_num=2 --local_worker_num=2 --master_port=PORT --join=True dist_worker.py OUT_DIR [MODE]
+usage: msrun --worker_num=2 --local_worker_num=2 --master_port=PORT --join=True dist_worker.py OUT_DIR [MODE [sharded]]
 
-MODE is ``graph`` (default) or ``pynative``. Each worker trains two cases on its shard of the data
+MODE is ``graph`` (default) or ``pynative``; ``sharded`` builds every Lamb with ``shard_state=True``
+(each worker keeps half of the moments), writes ``<case>_sharded_rank<r>.npz`` instead, and saves the
+``model`` case's train cell as ``model_sharded_rank<r>.ckpt`` too. Each worker trains two cases on its shard of the data
 (``num_shards=world size``, ``shard_id=rank``) and writes ``OUT_DIR/<case>_rank<r>.npz`` with every
 parameter of its train cell (network weights, LAMB moments, global_step, loss scale, ...) plus
 ``log.loss`` / ``log.overflow`` / ``log.scale`` per step:
@@ -67,28 +69,29 @@ def combined(case, world=WORLD):
     return [tuple(np.concatenate(parts) for parts in zip(*step)) for step in zip(*shards)]
 
 
-def build_model_case():
+def build_model_case(shard_state=False):
     """Model.train with Lamb: decayed weights / undecayed rest, a decaying lr, NVLAMB pre-normalisation."""
     net = make_net(seed=3)
     params = net.trainable_params()
     groups = [{"params": [p for p in params if "weight" in p.name and "norm" not in p.name], "weight_decay": 0.01},
               {"params": [p for p in params if "weight" not in p.name or "norm" in p.name]}]
     # max_grad_norm well below the gradient norm: the pre-normalisation must use the reduced gradients
-    opt = Lamb(groups, learning_rate=nn.PolynomialDecayLR(0.05, 0.005, STEPS, 1.0), max_grad_norm=0.05)
+    opt = Lamb(groups, learning_rate=nn.PolynomialDecayLR(0.05, 0.005, STEPS, 1.0), max_grad_norm=0.05,
+               shard_state=shard_state)
     return ms.train.Model(net, loss_fn=loss_fn(), optimizer=opt), opt
 
 
-def build_loss_scale_case():
+def build_loss_scale_case(shard_state=False):
     """LossScaleTrainStep + Lamb: dynamic scale growing every 2 good steps, clipping by global norm."""
     net = make_net(seed=4)
-    opt = Lamb(net.trainable_params(), learning_rate=0.05, weight_decay=0.01)
+    opt = Lamb(net.trainable_params(), learning_rate=0.05, weight_decay=0.01, shard_state=shard_state)
     return LossScaleTrainStep(nn.WithLossCell(net, loss_fn()), opt, init_scale=2.0 ** 10, scale_window=2,
                               max_grad_norm=0.05)
 
 
-def run_model_case(batches):
+def run_model_case(batches, shard_state=False):
     """Train the `model` case on `batches` with Model.train; returns (train cell, per-step log)."""
-    model, _ = build_model_case()
+    model, _ = build_model_case(shard_state)
     x = np.concatenate([b[0] for b in batches])
     labels = np.concatenate([b[1] for b in batches])
     dataset = ds.NumpySlicesDataset({"x": x, "label": labels}, shuffle=False).batch(len(batches[0][0]))
@@ -102,9 +105,9 @@ def run_model_case(batches):
     return model.train_network, {"log.loss": np.array(losses)}
 
 
-def run_loss_scale_case(batches):
+def run_loss_scale_case(batches, shard_state=False):
     """Call LossScaleTrainStep once per batch; returns (train cell, per-step log)."""
-    step = build_loss_scale_case()
+    step = build_loss_scale_case(shard_state)
     step.set_train()
     log = {"log.loss": [], "log.overflow": [], "log.scale": []}
     for x, labels in batches:
@@ -132,11 +135,16 @@ def main():
     rank, world = get_rank(), get_group_size()
     assert world == WORLD, f"expected {WORLD} workers, got {world}"
 
-    cell, log = run_model_case(shard("model", rank, world))
-    np.savez(os.path.join(out_dir, f"model_rank{rank}.npz"), **state(cell, log))
+    sharded = len(sys.argv) > 3 and sys.argv[3] == "sharded"
+    tag = "_sharded" if sharded else ""
 
-    cell, log = run_loss_scale_case(with_overflow(shard("loss_scale", rank, world), rank))
-    np.savez(os.path.join(out_dir, f"loss_scale_rank{rank}.npz"), **state(cell, log))
+    cell, log = run_model_case(shard("model", rank, world), sharded)
+    np.savez(os.path.join(out_dir, f"model{tag}_rank{rank}.npz"), **state(cell, log))
+    if sharded:
+        ms.save_checkpoint(cell, os.path.join(out_dir, f"model{tag}_rank{rank}.ckpt"))
+
+    cell, log = run_loss_scale_case(with_overflow(shard("loss_scale", rank, world), rank), sharded)
+    np.savez(os.path.join(out_dir, f"loss_scale{tag}_rank{rank}.npz"), **state(cell, log))
     print(f"dist_worker rank {rank}/{world} done", flush=True)
 
 

@@ -1,0 +1,148 @@
+"""The sharded backend: each of N data-parallel workers keeps the moments of 1/N of the elements.
+
+The parameters, flattened and concatenated in update order (E elements), are cut into N contiguous
+pieces of L = ceil(E / N) elements (by elements, not by tensors: a layer may be cut between workers).
+Each step, every worker (the gradients arrive all-reduced, identical everywhere):
+
+1. updates the moments of its piece and computes the update u there, with the composite rule of
+   ``_update.moments_and_update``;
+2. sums ||w||^2 and ||u||^2 of each parameter over its piece (accumulated in float64), and ONE all-reduce of that
+   (n, 2) array gives every worker the norms of whole layers, so the trust ratios are exact;
+3. applies w = keep w - lr q u to its piece, and ONE all-gather of the pieces gives every worker the full
+   weights after the step.
+
+The graph is the same on every worker (which piece is a worker's own is data, not graph structure), so
+every worker issues the same collectives in the same order. The moments are two float32 Parameters of L
+elements, ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) lets
+``mindspore_lamb.sharding`` merge the workers' checkpoints into a full one, and cut a full one for
+another number of workers. docs/distributed.md has the figures.
+"""
+import numpy as np
+
+import mindspore.common.dtype as mstype
+from mindspore import Parameter, Tensor, nn
+from mindspore.ops import functional as F
+from mindspore.ops import operations as P
+
+from .._update import moments_and_update, per_parameter, trust_ratio
+from . import composite
+from .contract import INDEX
+
+_PROCEED, _OUTSIDE = INDEX["proceed"], INDEX["decay_outside"]
+NAMES_PARAMETER = "lamb_shard_names"
+
+
+def piece_length(total, world):
+    """L: the elements of each worker's piece (the last one is padded)."""
+    return -(-total // world)
+
+
+def piece(sizes, rank, world):
+    """(positions, valid, owner) of worker `rank`'s piece, as NumPy arrays of L elements: the global flat
+    position of each element (clamped to the last one for padding), 1.0 for real elements and 0.0 for
+    padding, and the index of each element's parameter (len(sizes) for padding)."""
+    total = sum(sizes)
+    positions = rank * piece_length(total, world) + np.arange(piece_length(total, world))
+    valid = positions < total
+    clamped = np.minimum(positions, total - 1)
+    owner = np.searchsorted(np.cumsum(sizes), clamped, side="right")
+    return clamped.astype(np.int32), valid.astype(np.float32), np.where(valid, owner, len(sizes)).astype(np.int32)
+
+
+def data_parallel_group(parallel_optimizer):
+    """(rank, world size) of this data-parallel worker; a clear error where sharding cannot run."""
+    import mindspore as ms
+    if parallel_optimizer:
+        raise ValueError("For 'Lamb', the argument 'shard_state' cannot be True under MindSpore's parallel "
+                         "optimizer, which shards the state itself.")
+    mode = ms.get_auto_parallel_context("parallel_mode")
+    if mode not in (ms.ParallelMode.DATA_PARALLEL, "data_parallel"):
+        raise ValueError(f"For 'Lamb', the argument 'shard_state' needs data-parallel mode (msrun workers, "
+                         f"mindspore.communication.init(), set_auto_parallel_context(parallel_mode="
+                         f"ParallelMode.DATA_PARALLEL)), but the parallel mode is {mode!r}.")
+    from mindspore.communication import get_group_size, get_rank
+    return get_rank(), get_group_size()
+
+
+def shard_state(params, world):
+    """(lamb_m.shard, lamb_v.shard, lamb_shard_names): this worker's zero moments and the names."""
+    length = piece_length(sum(int(np.prod(p.shape)) for p in params), world)
+    moments = tuple(Parameter(Tensor(np.zeros(length, np.float32)), name=f"{prefix}.shard")
+                    for prefix in ("lamb_m", "lamb_v"))
+    names = np.frombuffer("\n".join(p.name for p in params).encode(), np.uint8)
+    return moments + (Parameter(Tensor(names.copy()), name=NAMES_PARAMETER, requires_grad=False),)
+
+
+class ShardedBackend(nn.Cell):
+    """The update contract (contract.py) with sharded moments: `moments1` and `moments2` are 1-tuples
+    holding this worker's piece."""
+
+    name = "sharded"
+    SumOfSquares = composite.SumOfSquares
+
+    def __init__(self, params, *, decay_flags, adapt_flags, owned_flags, rank, world):
+        super().__init__()
+        if not all(owned_flags):
+            raise ValueError("The sharded backend does its own sharding: it does not run under MindSpore's "
+                             "parallel optimizer.")
+        sizes = [int(np.prod(p.shape)) for p in params]
+        self.n = len(params)
+        self.shapes = tuple(tuple(p.shape) for p in params)
+        self.offsets = tuple(int(x) for x in np.cumsum([0] + sizes))
+        # this worker's piece, as data: global flat positions, real or padding, parameter of each element
+        positions, valid, owner = piece(sizes, rank, world)
+        self.positions, self.valid, self.segments = Tensor(positions), Tensor(valid), Tensor(owner)
+        self.decay_mask = Tensor(np.array(decay_flags, np.float32))
+        self.adapt = Tensor(np.array(adapt_flags, np.bool_))
+        self.ones = Tensor(np.ones(self.n, np.float32))
+        self.sum_of_squares = composite.SumOfSquares()
+        self.all_reduce = P.AllReduce()
+        self.all_gather = P.AllGather()
+        self.segment_sum = P.UnsortedSegmentSum()
+        self.isfinite = P.IsFinite()
+        self.concat = P.Concat()
+        self.stack = P.Stack(axis=1)
+        self.flatten = P.Reshape()
+
+    def _flat(self, tensors):
+        """All tensors flattened and concatenated, in float32 (E,)."""
+        parts = ()
+        for x in tensors:
+            parts += (F.reshape(F.cast(x, mstype.float32), (-1,)),)
+        return self.concat(parts)
+
+    def _per_element(self, per_param, pad):
+        """The value of each element's parameter (`pad` for padding), from a float32 (n,) vector."""
+        return F.gather(self.concat((per_param, F.fill(mstype.float32, (1,), pad))), self.segments, 0)
+
+    def construct(self, scalars, lr, weight_decay, params, moments1, moments2, gradients, grad_sq):
+        if grad_sq is None:
+            grad_sq = self.sum_of_squares(gradients)        # the full gradients: the same on every worker
+        applied = F.logical_and(scalars[_PROCEED], self.isfinite(grad_sq))
+        lr_vec = per_parameter(lr, self.ones)
+        wd_vec = per_parameter(weight_decay, self.ones) * self.decay_mask
+        m, v = moments1[0], moments2[0]
+
+        # 1. this worker's piece: moments, update u, per-parameter partial sums of ||w||^2 and ||u||^2
+        w = F.gather(self._flat(params), self.positions, 0) * self.valid
+        g = F.gather(self._flat(gradients), self.positions, 0) * self.valid
+        m_t, v_t, u = moments_and_update(scalars, self._per_element(wd_vec, 0.0), w, m, v, g)
+        u = F.depend(u, F.assign(m, m_t))
+        u = F.depend(u, F.assign(v, v_t))
+        squares = self.stack((F.square(F.cast(w, mstype.float64)), F.square(F.cast(u, mstype.float64))))
+        sums = F.cast(self.segment_sum(squares, self.segments, self.n + 1)[:self.n], mstype.float32)
+        # 2. one all-reduce (float32: AllReduce has no float64): the norms of whole layers on every worker
+        sums = self.all_reduce(sums)
+        keep = 1.0 - lr_vec * wd_vec * scalars[_OUTSIDE]
+        w_norm = F.sqrt(sums[:, 0]) * keep
+        u_norm = F.sqrt(sums[:, 1])
+        q, reported_q, keep = trust_ratio(scalars, applied, w_norm, u_norm, keep, self.adapt)
+        # 3. this worker's new piece, one all-gather, every parameter written back
+        piece = self._per_element(keep, 1.0) * w - self._per_element(lr_vec * q, 0.0) * u
+        flat = self.all_gather(piece)
+        done = ()
+        for i in range(self.n):
+            full = F.reshape(flat[self.offsets[i]:self.offsets[i + 1]], self.shapes[i])
+            done += (F.assign(params[i], F.cast(full, F.dtype(params[i]))),)
+        layer_stats = F.depend(self.stack((reported_q, w_norm, u_norm)), done)
+        return layer_stats, grad_sq, applied
