@@ -61,18 +61,19 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--set", default="base")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)   # (msrun would take "--worker" for its own)
     a = ap.parse_args()
-    if a.worker:
-        worker(a.worker, a.set, a.repeats)
+    if a.child:
+        worker(a.child, a.set, a.repeats)
         return
     from _timing import cpu_header
     out_dir = tempfile.mkdtemp(prefix="bench_sharded-")
     msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
     cmd = [msrun, f"--worker_num={a.workers}", f"--local_worker_num={a.workers}", "--master_addr=127.0.0.1",
            "--master_port=8129", "--join=True", f"--log_dir={out_dir}/logs", os.path.abspath(__file__),
-           "--worker", out_dir, "--set", a.set, "--repeats", str(a.repeats)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "--child", out_dir, "--set", a.set, "--repeats", str(a.repeats)]
+    env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     ranks = [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(a.workers)]
     first = ranks[0]
     n, elems = first["n_params"], first["n_elems"]

@@ -29,11 +29,11 @@ LAUNCH_TIMEOUT = 300          # seconds for the whole msrun job (about 25 s when
 RTOL, ATOL = 1e-4, 1e-6       # float32 reduction order: worker vs. combined-batch reference
 
 
-def _references():
+def _references(world=W.WORLD):
     """Single-process runs over the combined batches (GRAPH_MODE, this process, no communication)."""
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
-    model_cell, model_log = W.run_model_case(W.combined("model"))
-    loss_cell, loss_log = W.run_loss_scale_case(W.combined("loss_scale"))
+    model_cell, model_log = W.run_model_case(W.combined("model", world))
+    loss_cell, loss_log = W.run_loss_scale_case(W.combined("loss_scale", world))
     return {"model": W.state(model_cell, model_log), "loss_scale": W.state(loss_cell, loss_log)}
 
 
@@ -99,41 +99,63 @@ def test_loss_scale_train_step_two_workers_match_combined_batch(launched):
 
 # ---- Lamb(shard_state=True): each worker keeps half of the moments ----
 
-@pytest.fixture(scope="module")
-def launched_sharded(tmp_path_factory):
-    """The same two cases with shard_state=True (GRAPH_MODE); returns (out_dir, workers, references)."""
-    out_dir = str(tmp_path_factory.mktemp("msrun_sharded"))
-    references = run_two_workers(out_dir, [os.path.join(HELPERS, "dist_worker.py"), out_dir, "graph", "sharded"],
-                                 LAUNCH_TIMEOUT, during=_references)
+@pytest.fixture(scope="module", params=["fused", "composite"])
+def launched_sharded(request, tmp_path_factory):
+    """The same two cases with shard_state=True (GRAPH_MODE), on the fused CPU kernels or the composite
+    graph that GPU/Ascend run; returns (out_dir, workers, references)."""
+    out_dir = str(tmp_path_factory.mktemp(f"msrun_sharded_{request.param}"))
+    os.environ["MINDSPORE_LAMB_FUSED"] = "1" if request.param == "fused" else "0"   # inherited by msrun
+    try:
+        references = run_two_workers(out_dir, [os.path.join(HELPERS, "dist_worker.py"), out_dir, "graph",
+                                               "sharded"], LAUNCH_TIMEOUT, during=_references)
+    finally:
+        os.environ.pop("MINDSPORE_LAMB_FUSED", None)
     workers = {case: [dict(np.load(os.path.join(out_dir, f"{case}_sharded_rank{rank}.npz")))
                       for rank in range(W.WORLD)] for case in ("model", "loss_scale")}
     return out_dir, workers, references
 
 
-@pytest.mark.parametrize("case", ["model", "loss_scale"])
-def test_sharded_state_matches_one_process(launched_sharded, case):
-    """Layers cut between the workers, groups, a decaying lr, max_grad_norm (model case); dynamic loss scale,
-    clipping and an overflow on rank 1 only (loss_scale case): the workers end bit-identical to each other,
-    each holds half of the moments, and the merged state equals one process on the combined batch."""
+def _check_sharded(ranks, reference, case):
+    """The workers end bit-identical to each other, each holds 1/N of the moments, and the merged state
+    equals one process on the combined batch."""
     from mindspore_lamb import sharding
-    _, workers, references = launched_sharded
-    rank0, rank1 = workers[case]
-    reference = references[case]
-    merged = {name: value.asnumpy() for name, value in sharding.merge([rank0, rank1]).items()}
-    pieces = [rank["lamb_m.shard"].size for rank in (rank0, rank1)]
+    merged = {name: value.asnumpy() for name, value in sharding.merge(ranks).items()}
+    pieces = {rank["lamb_m.shard"].size for rank in ranks}
     moments = sum(reference[n].size for n in reference if n.startswith("lamb_m."))
-    assert pieces[0] == pieces[1] == -(-moments // 2)             # half of the elements each (rounded up)
+    assert pieces == {-(-moments // len(ranks))}                   # 1/N of the elements each (rounded up)
     for name, value in reference.items():
         if name.startswith("log.") or name in ("lamb_layer_stats", "lamb_grad_norm"):
             continue
-        if not name.startswith(("lamb_m.", "lamb_v.")):
-            np.testing.assert_array_equal(rank0[name], rank1[name], err_msg=f"{name}: rank 0 != rank 1")
+        for other in ranks[1:]:
+            if not name.startswith(("lamb_m.", "lamb_v.")):
+                np.testing.assert_array_equal(ranks[0][name], other[name], err_msg=f"{name}: ranks differ")
         np.testing.assert_allclose(merged[name].astype(np.float64), value.astype(np.float64), rtol=RTOL,
-                                   atol=ATOL, err_msg=f"{name}: 2 sharded workers != 1 process")
-    np.testing.assert_array_equal(rank0["lamb_layer_stats"], rank1["lamb_layer_stats"])
-    np.testing.assert_allclose(rank0["lamb_layer_stats"], reference["lamb_layer_stats"], rtol=RTOL, atol=ATOL)
-    if case == "loss_scale":                                       # the NaN on rank 1 only: both skipped
-        assert rank0["global_step"].item() == rank1["global_step"].item() == W.STEPS - 1
+                                   atol=ATOL, err_msg=f"{name}: {len(ranks)} sharded workers != 1 process")
+    for other in ranks[1:]:
+        np.testing.assert_array_equal(ranks[0]["lamb_layer_stats"], other["lamb_layer_stats"])
+    np.testing.assert_allclose(ranks[0]["lamb_layer_stats"], reference["lamb_layer_stats"], rtol=RTOL, atol=ATOL)
+    if case == "loss_scale":                                       # the NaN on rank 1 only: all skipped it
+        assert {rank["global_step"].item() for rank in ranks} == {W.STEPS - 1}
+
+
+@pytest.mark.parametrize("case", ["model", "loss_scale"])
+def test_sharded_state_matches_one_process(launched_sharded, case):
+    """Layers cut between the workers, groups, a decaying lr, max_grad_norm (model case); dynamic loss scale,
+    clipping and an overflow on rank 1 only (loss_scale case)."""
+    _, workers, references = launched_sharded
+    _check_sharded(workers[case], references[case], case)
+
+
+@pytest.mark.slow
+def test_sharded_state_three_workers_uneven_split(tmp_path, monkeypatch):
+    """Three workers: 227 elements cut 76 / 76 / 75 (the last piece padded), layers cut twice."""
+    monkeypatch.setenv("LAMB_TEST_WORLD", "3")
+    out_dir = str(tmp_path)
+    references = run_two_workers(out_dir, [os.path.join(HELPERS, "dist_worker.py"), out_dir, "graph", "sharded"],
+                                 LAUNCH_TIMEOUT, during=lambda: _references(3), workers=3)
+    for case in ("model", "loss_scale"):
+        ranks = [dict(np.load(os.path.join(out_dir, f"{case}_sharded_rank{r}.npz"))) for r in range(3)]
+        _check_sharded(ranks, references[case], case)
 
 
 def test_sharded_checkpoints_merge_and_resume_without_sharding(launched_sharded, tmp_path):

@@ -158,16 +158,50 @@ void pass1(const Hyper &hyper, const Decay &decay, const float *w, float *m, flo
 }
 
 template <bool kGeneral>
-void pass2(const Hyper &hyper, const Decay &decay, float step, float *w, const float *m, const float *v, int64_t lo,
-           int64_t hi) {
+void pass2(const Hyper &hyper, const Decay &decay, float step, const float *w, const float *m, const float *v,
+           float *out, int64_t lo, int64_t hi) {  // out: w itself (in place), or a sharded piece
   const Hyper h = hyper;  // a local copy (see pass1)
   const Decay d = decay;
 #pragma omp simd
   for (int64_t j = lo; j < hi; ++j) {
     float wj = w[j];
     const float uj = update_u<kGeneral>(h, m[j], v[j], wj, d);
-    w[j] = (kGeneral ? d.keep * wj : wj) - step * uj;  // w = w - (lr q) u
+    out[j] = (kGeneral ? d.keep * wj : wj) - step * uj;  // w = w - (lr q) u
   }
+}
+
+Hyper read_hyper(const float *hp) {
+  return Hyper{hp[k_one_minus_beta1], hp[k_one_minus_beta2], hp[k_m_grad_scale], hp[k_eps], hp[k_eps_root],
+               hp[k_inv_bias_c1], hp[k_inv_bias_c2], hp[k_grad_scale]};
+}
+
+bool is_general(const float *hp) {
+  return hp[k_decay_in_grad] != 0.0f || hp[k_decay_outside] != 0.0f || hp[k_eps_root] != 0.0f ||
+         hp[k_m_grad_scale] != 1.0f;
+}
+
+// Where each tensor's weight decay lambda_i goes; keep_i = 1 - lr_i lambda_i outside the trust ratio.
+std::vector<Decay> decays(const float *hp, const float *lrs, const float *wds, int n) {
+  std::vector<Decay> decay(n);
+  for (int i = 0; i < n; ++i) {
+    decay[i] = {wds[i] * hp[k_decay_in_grad], wds[i] * hp[k_decay_in_update],
+                1.0f - lrs[i] * wds[i] * hp[k_decay_outside]};
+  }
+  return decay;
+}
+
+// The chunks of the global flat range [start, end) of tensors of lengths `len` (sharded pieces).
+std::vector<Chunk> range_chunks(const std::vector<int64_t> &len, int64_t start, int64_t end,
+                                std::vector<int64_t> *offset) {
+  std::vector<Chunk> chunks;
+  int64_t off = 0;
+  for (int i = 0; i < static_cast<int>(len.size()); ++i) {
+    (*offset)[i] = off;
+    const int64_t a = std::max(start, off), b = std::min(end, off + len[i]);
+    for (int64_t lo = a; lo < b; lo += kChunk) chunks.push_back({i, lo - off, std::min(b, lo + kChunk) - off});
+    off += len[i];
+  }
+  return chunks;
 }
 
 bool all_float32(int from, int to, const char **dtypes) {
@@ -212,10 +246,8 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   if (!all_float32(0, nparam, dtypes)) return 2;
   if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
   const float *hp = static_cast<const float *>(params[0]);
-  const Hyper h{hp[k_one_minus_beta1], hp[k_one_minus_beta2], hp[k_m_grad_scale], hp[k_eps], hp[k_eps_root],
-                hp[k_inv_bias_c1], hp[k_inv_bias_c2], hp[k_grad_scale]};
-  const bool general = hp[k_decay_in_grad] != 0.0f || hp[k_decay_outside] != 0.0f || hp[k_eps_root] != 0.0f ||
-                       hp[k_m_grad_scale] != 1.0f;
+  const Hyper h = read_hyper(hp);
+  const bool general = is_general(hp);
   float *stats = static_cast<float *>(params[nparam - 1]);
   for (int i = 0; i < n; ++i) {  // what a skipped call reports (the caller keeps its previous stats)
     stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
@@ -237,11 +269,7 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   const int64_t nc = static_cast<int64_t>(chunks.size());
   std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, g_sq]
   std::vector<float> step(n);
-  std::vector<Decay> decay(n);
-  for (int i = 0; i < n; ++i) {  // where the weight decay lambda_i goes
-    decay[i] = {wds[i] * hp[k_decay_in_grad], wds[i] * hp[k_decay_in_update],
-                1.0f - lrs[i] * wds[i] * hp[k_decay_outside]};
-  }
+  const std::vector<Decay> decay = decays(hp, lrs, wds, n);
   bool applied = false;
 
 #pragma omp parallel num_threads(threads_for(total_len))
@@ -288,9 +316,93 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
         const Chunk &k = chunks[c];
         if (step[k.tensor] == 0.0f) continue;  // lr q = 0: w - 0 u = w (and a non-finite w stays as it is)
         auto pass = general ? pass2<true> : pass2<false>;
-        pass(h, decay[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), k.lo, k.hi);
+        pass(h, decay[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), W(k.tensor), k.lo, k.hi);
       }
     }
+  }
+  return 0;
+}
+
+// The sharded backend's two kernels (backends/sharded.py), over one worker's piece [start, end) of the
+// parameters flattened and concatenated in order; m and v are the piece's moments (end - start used).
+//
+// LambShardSums(scalars, lrs, wds, bounds, w_0..w_{n-1}, m, v, g_0..g_{n-1}) -> (n, 2): pass 1 over the
+//   piece (m, v updated IN PLACE), and per tensor (||w||^2, ||u||^2) over the piece, summed in double in
+//   chunk order. bounds = int32 [start, end). proceed = 0: nothing touched, zeros returned.
+// LambShardApply(scalars, steps, keeps, wds, bounds, w_0..w_{n-1}, m, v) -> piece (L,): pass 2 into the
+//   output, keep_i w - step_i u for each element of the piece, 0 for the padding (the worker's L minus
+//   end - start). steps[i] = lr_i q_i, keeps[i] as in Decay (1 unless decay is outside the trust ratio).
+extern "C" int LambShardSums(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                             void *stream, void *extra) {
+  if ((nparam - 7) % 2 != 0) return 1;
+  const int n = (nparam - 7) / 2;
+  if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
+  const float *hp = static_cast<const float *>(params[0]);
+  const int32_t *bounds = static_cast<const int32_t *>(params[3]);
+  float *sums = static_cast<float *>(params[nparam - 1]);
+  std::fill(sums, sums + 2 * n, 0.0f);
+  if (hp[k_proceed] == 0.0f) return 0;
+  const Hyper h = read_hyper(hp);
+  const bool general = is_general(hp);
+  const std::vector<Decay> decay = decays(hp, static_cast<const float *>(params[1]),
+                                          static_cast<const float *>(params[2]), n);
+  std::vector<int64_t> len(n), offset(n);
+  for (int i = 0; i < n; ++i) len[i] = numel(ndims[4 + i], shapes[4 + i]);
+  const int64_t start = bounds[0];
+  const std::vector<Chunk> chunks = range_chunks(len, start, bounds[1], &offset);
+  float *m = static_cast<float *>(params[4 + n]);
+  float *v = static_cast<float *>(params[5 + n]);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  std::vector<double> part(3 * nc);
+#pragma omp parallel for schedule(dynamic) num_threads(threads_for(bounds[1] - start))
+  for (int64_t c = 0; c < nc; ++c) {
+    const Chunk &k = chunks[c];
+    const int64_t shift = offset[k.tensor] - start;  // tensor-local j -> piece index j + shift
+    auto pass = general ? pass1<true> : pass1<false>;
+    pass(h, decay[k.tensor], static_cast<const float *>(params[4 + k.tensor]), m + shift, v + shift,
+         static_cast<const float *>(params[6 + n + k.tensor]), k.lo, k.hi, &part[3 * c]);
+  }
+  std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
+  for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
+    w_sq[chunks[c].tensor] += part[3 * c];
+    u_sq[chunks[c].tensor] += part[3 * c + 1];
+  }
+  for (int i = 0; i < n; ++i) {
+    sums[2 * i] = static_cast<float>(w_sq[i]);
+    sums[2 * i + 1] = static_cast<float>(u_sq[i]);
+  }
+  return 0;
+}
+
+extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  const int n = nparam - 8;
+  if (n < 1 || numel(ndims[0], shapes[0]) != kScalarCount) return 3;
+  const float *hp = static_cast<const float *>(params[0]);
+  const float *steps = static_cast<const float *>(params[1]);
+  const float *keeps = static_cast<const float *>(params[2]);
+  const int32_t *bounds = static_cast<const int32_t *>(params[4]);
+  const Hyper h = read_hyper(hp);
+  const bool general = is_general(hp);
+  std::vector<Decay> decay = decays(hp, steps, static_cast<const float *>(params[3]), n);
+  for (int i = 0; i < n; ++i) decay[i].keep = keeps[i];
+  std::vector<int64_t> len(n), offset(n);
+  for (int i = 0; i < n; ++i) len[i] = numel(ndims[5 + i], shapes[5 + i]);
+  const int64_t start = bounds[0];
+  const std::vector<Chunk> chunks = range_chunks(len, start, bounds[1], &offset);
+  const float *m = static_cast<const float *>(params[5 + n]);
+  const float *v = static_cast<const float *>(params[6 + n]);
+  float *out = static_cast<float *>(params[nparam - 1]);
+  const int64_t piece = numel(ndims[nparam - 1], shapes[nparam - 1]);
+  std::fill(out + (bounds[1] - start), out + piece, 0.0f);  // the padding
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(dynamic) num_threads(threads_for(bounds[1] - start))
+  for (int64_t c = 0; c < nc; ++c) {
+    const Chunk &k = chunks[c];
+    const int64_t shift = offset[k.tensor] - start;
+    const float *w = static_cast<const float *>(params[5 + k.tensor]);
+    auto pass = general ? pass2<true> : pass2<false>;
+    pass(h, decay[k.tensor], steps[k.tensor], w, m + shift, v + shift, out + shift, k.lo, k.hi);
   }
   return 0;
 }

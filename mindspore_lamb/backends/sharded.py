@@ -20,12 +20,13 @@ another number of workers. docs/distributed.md has the figures.
 import numpy as np
 
 import mindspore.common.dtype as mstype
-from mindspore import Parameter, Tensor, nn
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
-from .._update import moments_and_update, per_parameter, trust_ratio
-from . import composite
+from .._update import moments_and_update, per_parameter, to_float32, trust_ratio
+from . import composite, fused_cpu
 from .contract import INDEX
 
 _PROCEED, _OUTSIDE = INDEX["proceed"], INDEX["decay_outside"]
@@ -92,6 +93,21 @@ class ShardedBackend(nn.Cell):
         # this worker's piece, as data: global flat positions, real or padding, parameter of each element
         positions, valid, owner = piece(sizes, rank, world)
         self.positions, self.valid, self.segments = Tensor(positions), Tensor(valid), Tensor(owner)
+        start = rank * piece_length(sum(sizes), world)
+        self.bounds = Tensor(np.array([min(start, sum(sizes)), min(start + len(positions), sum(sizes))], np.int32))
+        # on CPU with float32 parameters, the piece's two passes are fused kernels (fused_cpu.cc)
+        from . import select    # (backends/__init__.py imports this module)
+        self.fused = select(params) is fused_cpu.FusedCpuBackend
+        if self.fused:
+            n, width = self.n, len(positions)
+            self.shard_sums = ops.Custom(fused_cpu.library_path() + ":LambShardSums",
+                                         out_shape=lambda *shapes: (n, 2), out_dtype=lambda *types: mstype.float32,
+                                         func_type="aot")
+            self.shard_sums.add_prim_attr("side_effect_mem", True)   # m, v in place
+            self.shard_apply = ops.Custom(fused_cpu.library_path() + ":LambShardApply",
+                                          out_shape=lambda *shapes: (width,), out_dtype=lambda *types: mstype.float32,
+                                          func_type="aot")
+            self.hyper_map = C.HyperMap()
         self.decay_mask = Tensor(np.array(decay_flags, np.float32))
         self.adapt = Tensor(np.array(adapt_flags, np.bool_))
         self.ones = Tensor(np.ones(self.n, np.float32))
@@ -102,6 +118,7 @@ class ShardedBackend(nn.Cell):
         self.isfinite = P.IsFinite()
         self.concat = P.Concat()
         self.stack = P.Stack(axis=1)
+        self.stack0 = P.Stack()
         self.flatten = P.Reshape()
 
     def _flat(self, tensors):
@@ -124,13 +141,17 @@ class ShardedBackend(nn.Cell):
         m, v = moments1[0], moments2[0]
 
         # 1. this worker's piece: moments, update u, per-parameter partial sums of ||w||^2 and ||u||^2
-        w = F.gather(self._flat(params), self.positions, 0) * self.valid
-        g = F.gather(self._flat(gradients), self.positions, 0) * self.valid
-        m_t, v_t, u = moments_and_update(scalars, self._per_element(wd_vec, 0.0), w, m, v, g)
-        u = F.depend(u, F.assign(m, m_t))
-        u = F.depend(u, F.assign(v, v_t))
-        squares = self.stack((F.square(F.cast(w, mstype.float64)), F.square(F.cast(u, mstype.float64))))
-        sums = F.cast(self.segment_sum(squares, self.segments, self.n + 1)[:self.n], mstype.float32)
+        if self.fused:
+            packed = self.stack0(self.hyper_map(to_float32, scalars))
+            sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, m, v, *gradients)
+        else:
+            w = F.gather(self._flat(params), self.positions, 0) * self.valid
+            g = F.gather(self._flat(gradients), self.positions, 0) * self.valid
+            m_t, v_t, u = moments_and_update(scalars, self._per_element(wd_vec, 0.0), w, m, v, g)
+            u = F.depend(u, F.assign(m, m_t))
+            u = F.depend(u, F.assign(v, v_t))
+            squares = self.stack((F.square(F.cast(w, mstype.float64)), F.square(F.cast(u, mstype.float64))))
+            sums = F.cast(self.segment_sum(squares, self.segments, self.n + 1)[:self.n], mstype.float32)
         # 2. one all-reduce (float32: AllReduce has no float64): the norms of whole layers on every worker
         sums = self.all_reduce(sums)
         keep = 1.0 - lr_vec * wd_vec * scalars[_OUTSIDE]
@@ -138,7 +159,10 @@ class ShardedBackend(nn.Cell):
         u_norm = F.sqrt(sums[:, 1])
         q, reported_q, keep = trust_ratio(scalars, applied, w_norm, u_norm, keep, self.adapt)
         # 3. this worker's new piece, one all-gather, every parameter written back
-        piece = self._per_element(keep, 1.0) * w - self._per_element(lr_vec * q, 0.0) * u
+        if self.fused:
+            piece = self.shard_apply(packed, lr_vec * q, keep, wd_vec, self.bounds, *params, m, v)
+        else:
+            piece = self._per_element(keep, 1.0) * w - self._per_element(lr_vec * q, 0.0) * u
         flat = self.all_gather(piece)
         done = ()
         for i in range(self.n):

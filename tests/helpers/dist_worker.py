@@ -30,22 +30,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from nets import loss_fn, make_data, make_net  # noqa: E402
 from mindspore_lamb import Lamb, LossScaleTrainStep  # noqa: E402
 
-WORLD = 2             # workers
+WORLD = int(os.environ.get("LAMB_TEST_WORLD", "2"))   # workers (3 in the slow uneven-split test)
 BATCH = 8             # per worker and step
 STEPS = 6             # steps of each case
 OVERFLOW_STEP = 2     # the loss_scale case's step where rank 1 (only) overflows
 OVERFLOW_RANK = 1
 
 
-def data(case):
-    """(x, labels) for all workers together: WORLD * BATCH * STEPS rows."""
-    x, labels = make_data(n=WORLD * BATCH * STEPS, seed={"model": 11, "loss_scale": 12}[case])
+def data(case, world=WORLD):
+    """(x, labels) for all workers together: world * BATCH * STEPS rows."""
+    x, labels = make_data(n=world * BATCH * STEPS, seed={"model": 11, "loss_scale": 12}[case])
     return x, labels
 
 
 def shard(case, rank, world=WORLD):
     """The batches (x, labels) of one worker, as msrun workers see them: a sharded, batched dataset."""
-    x, labels = data(case)
+    x, labels = data(case, world)
     dataset = ds.NumpySlicesDataset({"x": x, "label": labels}, shuffle=False, num_shards=world, shard_id=rank)
     dataset = dataset.batch(BATCH, drop_remainder=True)
     return [(row["x"], row["label"]) for row in dataset.create_dict_iterator(output_numpy=True)]

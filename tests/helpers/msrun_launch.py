@@ -43,13 +43,14 @@ def _logs(log_dir):
     return "\n".join(parts) or f"(no logs in {log_dir})"
 
 
-def _start(out_dir, script_args, port):
-    """Start msrun with two local workers running `script_args` in its own process group; returns (process, log_dir)."""
+def _start(out_dir, script_args, port, workers):
+    """Start msrun with `workers` local workers running `script_args` in its own process group; returns
+    (process, log_dir)."""
     log_dir = os.path.join(out_dir, f"msrun_log_port{port}")
     # msrun starts each worker as `python <script>` from PATH: make that this interpreter's environment
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = dict(os.environ, PATH=path, GLOG_v="2", PYTHONUNBUFFERED="1")
-    cmd = [_msrun(), "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
+    cmd = [_msrun(), f"--worker_num={workers}", f"--local_worker_num={workers}", "--master_addr=127.0.0.1",
            f"--master_port={port}", "--join=True", f"--cluster_time_out={CLUSTER_TIME_OUT}",
            f"--log_dir={log_dir}", *script_args]
     proc = subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -108,12 +109,13 @@ def _wait(proc, deadline):
         return None, output
 
 
-def run_two_workers(out_dir, script_args, timeout, during=None):
-    """Run `script_args` (a script and its arguments) as two msrun workers; fail with the logs unless both
-    exit 0 within `timeout` seconds. `during()` runs in this process meanwhile; its result is returned."""
+def run_two_workers(out_dir, script_args, timeout, during=None, workers=2):
+    """Run `script_args` (a script and its arguments) as `workers` (default two) msrun workers; fail with the
+    logs unless all exit 0 within `timeout` seconds. `during()` runs in this process meanwhile; its result
+    is returned."""
     deadline = time.monotonic() + timeout
     port = _free_port()
-    proc, log_dir = _start(out_dir, script_args, port)
+    proc, log_dir = _start(out_dir, script_args, port, workers)
     try:
         result = during() if during is not None else None
     except BaseException:
@@ -131,7 +133,7 @@ def run_two_workers(out_dir, script_args, timeout, during=None):
         if PORT_FAILURE in logs:        # another job took the port between our check and the scheduler's bind
             if attempt == 0:
                 port = _free_port()
-                proc, log_dir = _start(out_dir, script_args, port)
+                proc, log_dir = _start(out_dir, script_args, port, workers)
                 continue
             pytest.skip(f"msrun's scheduler could not bind a local port twice (last {port}): {PORT_FAILURE}")
         print(output, "\n", logs)
