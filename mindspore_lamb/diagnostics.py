@@ -65,13 +65,12 @@ class TrustRatioMonitor(Callback):
         ``Ascend`` ``GPU`` ``CPU``
 
     Examples:
-        >>> import mindspore as ms
-        >>> from mindspore import nn
+        >>> from mindspore import nn, train
         >>> from mindspore_lamb import Lamb, TrustRatioMonitor
         >>> net = nn.Dense(4, 2)
         >>> opt = Lamb(net.trainable_params(), learning_rate=1e-3)
         >>> monitor = TrustRatioMonitor(opt, every=10, path="trust.csv")
-        >>> model = ms.train.Model(net, nn.MSELoss(), opt)
+        >>> model = train.Model(net, nn.MSELoss(), opt)
         >>> # model.train(1, dataset, callbacks=[monitor]); then monitor.plot("trust.png")
     """
 

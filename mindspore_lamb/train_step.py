@@ -122,15 +122,14 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         ``Ascend`` ``GPU`` ``CPU``
 
     Examples:
-        >>> import mindspore as ms
-        >>> from mindspore import nn
+        >>> from mindspore import float32, nn, ops, train
         >>> from mindspore_lamb import Lamb, LossScaleTrainStep
         >>> net = nn.Dense(4, 1)
         >>> opt = Lamb(net.trainable_params(), learning_rate=1e-3, weight_decay=0.01)
         >>> step = LossScaleTrainStep(nn.WithLossCell(net, nn.MSELoss()), opt, init_scale=2.0 ** 12,
         ...                           scale_window=100, max_grad_norm=1.0)
-        >>> model = ms.train.Model(step)   # model.train(epochs, dataset), or in a loop:
-        >>> x, y = ms.ops.ones((8, 4), ms.float32), ms.ops.zeros((8, 1), ms.float32)
+        >>> model = train.Model(step)   # model.train(epochs, dataset), or in a loop:
+        >>> x, y = ops.ones((8, 4), float32), ops.zeros((8, 1), float32)
         >>> loss, overflow, scale = step(x, y)
     """
 
