@@ -143,9 +143,12 @@ def _warm_up_runtime():
 
 # ---------------------------------------------------------------- children
 
+DEVICE = os.environ.get("LAMB_BENCH_DEVICE", "CPU")   # --device sets it for the children
+
+
 def child_time(set_name, repeats, kinds, mode="graph"):
     import mindspore as ms
-    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE, device_target=DEVICE)
     _warm_up_runtime()
     params, grads = build(set_name)
     n_elems = sum(p.size for p in params)
@@ -174,7 +177,7 @@ def child_time(set_name, repeats, kinds, mode="graph"):
 
 def child_mem(set_name, kind, calls=3):
     import mindspore as ms
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_context(mode=ms.GRAPH_MODE, device_target=DEVICE)
     params, grads = build(set_name)
     param_mib = sum(p.size for p in params) * 4 / 2**20
     opt = make_optimizer(kind, params) if kind != "none" else None
@@ -183,6 +186,10 @@ def child_mem(set_name, kind, calls=3):
     if opt is not None:
         for _ in range(calls):
             _call(opt, grads)
+    if DEVICE != "CPU":   # device memory: the peak the runtime allocated (parameters, moments, buffers)
+        peak = ms.runtime.max_memory_allocated() / 2**20
+        return {"set": set_name, "opt": kind, "param_mib": param_mib, "rss_before_mib": 0.0, "peak_mib": peak,
+                "extra_mib": peak - param_mib * 2, "extra_over_params": (peak - param_mib * 2) / param_mib}
     return {"set": set_name, "opt": kind, "param_mib": param_mib, "rss_before_mib": before,
             "peak_mib": _peak_mib(), "extra_mib": _peak_mib() - before,
             "extra_over_params": (_peak_mib() - before) / param_mib}
@@ -193,7 +200,7 @@ def child_train_compile(kind, repeats=1):
     import numpy as np
     import mindspore as ms
     from mindspore import nn, Tensor
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_context(mode=ms.GRAPH_MODE, device_target=DEVICE)
     _warm_up_runtime()
     res = []
     for _ in range(repeats):
@@ -231,6 +238,9 @@ def main():
     ap.add_argument("--no-mem", action="store_true", help="skip the per-optimizer peak-memory children")
     ap.add_argument("--mode", choices=("graph", "pynative"), default="graph",
                     help="MindSpore execution mode of the timed calls (default graph)")
+    ap.add_argument("--device", choices=("CPU", "GPU", "Ascend"), default="CPU",
+                    help="device target (default CPU); on GPU, memory is the device's peak allocation, "
+                         "'extra' is that minus parameters and gradients")
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -246,13 +256,14 @@ def main():
         print(json.dumps(res))
         return
 
+    os.environ["LAMB_BENCH_DEVICE"] = a.device
     kinds = a.opts.split(",")
     ref = "Adam" if "Adam" in kinds else kinds[0]
     import platform
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _timing import cpu_header
     print(cpu_header())
-    print(f"# python {platform.python_version()}; {a.mode} mode; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"# python {platform.python_version()}; {a.mode} mode on {a.device}; {time.strftime('%Y-%m-%d %H:%M')}")
     all_res = []
     for set_name in a.sets.split(","):
         t = _run_child(["time", set_name, str(a.repeats), ",".join(kinds), a.mode])

@@ -13,12 +13,14 @@ sys.path.insert(0, HELPERS)
 os.environ.setdefault("GLOG_v", "3")  # keep MindSpore's C++ warnings out of the test log
 
 MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
+# LAMB_TEST_DEVICE=GPU runs the mode-parametrised tests on a GPU (benchmarks/gpu_check.sh); default CPU
+DEVICE = os.environ.get("LAMB_TEST_DEVICE", "CPU")
 
 
 @pytest.fixture(params=sorted(MODES))
 def mode(request):
-    """Run the test once in GRAPH_MODE and once in PYNATIVE_MODE on CPU."""
-    ms.set_context(mode=MODES[request.param], device_target="CPU")
+    """Run the test once in GRAPH_MODE and once in PYNATIVE_MODE (on CPU unless LAMB_TEST_DEVICE says)."""
+    ms.set_context(mode=MODES[request.param], device_target=DEVICE)
     yield request.param
     ms.set_context(mode=ms.GRAPH_MODE)
 
@@ -37,4 +39,4 @@ def rng():
 
 
 def set_mode(name):
-    ms.set_context(mode=MODES[name], device_target="CPU")
+    ms.set_context(mode=MODES[name], device_target=DEVICE)
