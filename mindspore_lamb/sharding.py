@@ -35,6 +35,19 @@ def _names(state):
     return bytes(_array(state[NAMES_PARAMETER]).astype(np.uint8)).decode().split("\n")
 
 
+def _weight_key(state, name):
+    """The key of parameter `name` in `state`: the name itself, or the shortest key that ends in ".<name>"
+    (a train cell built after the optimizer prefixes the network's parameter names, e.g. "network.";
+    longer ones are other state about it, e.g. "accum_grad.network.<name>")."""
+    if name in state:
+        return name
+    found = sorted((key for key in state if key.endswith("." + name) and not key.startswith(PREFIXES)), key=len)
+    if not found or (len(found) > 1 and len(found[0]) == len(found[1])):
+        raise ValueError(f"For 'sharding.merge', the parameter '{name}' is not in the first worker's state "
+                         f"(keys ending with it: {found}).")
+    return found[0]
+
+
 def merge(shards):
     """One full state dict from the workers' state dicts (``ms.load_checkpoint`` results, or
     {name: array} dicts), given in rank order: ``lamb_m.<name>`` / ``lamb_v.<name>`` of every parameter,
@@ -48,10 +61,7 @@ def merge(shards):
     skip = {NAMES_PARAMETER} | {prefix + "shard" for prefix in PREFIXES}
     merged = {name: Parameter(Tensor(_array(value)), name=name)
               for name, value in shards[0].items() if name not in skip}
-    missing = [name for name in names if name not in merged]
-    if missing:
-        raise ValueError(f"For 'sharding.merge', the parameters {missing} are not in the first worker's state.")
-    shapes = [_array(merged[name]).shape for name in names]
+    shapes = [_array(merged[_weight_key(merged, name)]).shape for name in names]
     sizes = [int(np.prod(shape)) for shape in shapes]
     total, length = sum(sizes), piece_length(sum(sizes), len(shards))
     for prefix in PREFIXES:

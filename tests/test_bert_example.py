@@ -119,17 +119,28 @@ def test_smoke_train_checkpoint_resume(smoke_config, tmp_path, capsys):
 
 
 @pytest.mark.distributed
-def test_distributed_two_workers(smoke_config, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["replicated_state", "shard_state"])
+def test_distributed_two_workers(smoke_config, tmp_path, sharded):
     """`train.py --distributed` under msrun: rank 0 builds the data cache while rank 1 waits, both train on
-    their shard with averaged gradients, and both evaluate the same weights; rank 0 alone writes files."""
+    their shard with averaged gradients, and both evaluate the same weights; rank 0 alone writes files
+    (with --shard_state, each worker also writes its checkpoint, and the two merge into a full one)."""
     import glob
     import train
     from msrun_launch import run_two_workers
     out = str(tmp_path / "run")
     run_two_workers(str(tmp_path), [os.path.join(BERT_DIR, "train.py"), "--distributed", "--config", smoke_config,
                                     "--output_dir", out, "--max_documents", "40", "--max_steps_per_epoch", "4",
-                                    "--device_target", "CPU", "--epochs", "1"], timeout=300)
+                                    "--device_target", "CPU", "--epochs", "1"] + (["--shard_state"] if sharded else []),
+                    timeout=300)
     assert train.latest_checkpoint(os.path.join(out, "checkpoints"))[1] == 1
+    if sharded:
+        import mindspore as ms
+        from mindspore_lamb import sharding
+        paths = [train.latest_checkpoint(os.path.join(out, "checkpoints", *sub))[0] for sub in ((), ("rank1",))]
+        merged = sharding.merge(ms.load_checkpoint(path) for path in paths)
+        moments = [name for name in merged if name.startswith("lamb_m.")]
+        # the train cell prefixes the network's names ("network."), the optimizer's moments keep them
+        assert moments and all(merged[m].shape == merged["network." + m[len("lamb_m."):]].shape for m in moments)
     assert len(open(os.path.join(out, "loss.jsonl")).readlines()) == 4
     after = []
     for log in sorted(glob.glob(str(tmp_path / "msrun_log_port*" / "worker_*.log"))):

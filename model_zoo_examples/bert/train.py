@@ -55,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--distributed", action="store_true",
                    help="data-parallel under msrun: init(), DATA_PARALLEL with gradients_mean, one data shard "
                         "per worker; rank 0 prepares the data and writes checkpoints and pictures")
+    p.add_argument("--shard_state", action="store_true",
+                   help="with --distributed: each worker keeps 1/N of LAMB's moments (Lamb(shard_state=True), "
+                        "docs/distributed.md); checkpoints are then per worker (merge with python -m "
+                        "mindspore_lamb.sharding merge)")
     p.add_argument("--num_shards", type=int, help="data-parallel: number of shards of the training data")
     p.add_argument("--shard_id", type=int, help="data-parallel: this process's shard")
     return p.parse_args(argv)
@@ -69,6 +73,10 @@ def load_config(args):
     for key in ("epochs", "batch_size", "accumulation_steps"):
         if getattr(args, key) is not None:
             cfg["train"][key] = getattr(args, key)
+    if getattr(args, "shard_state", False):
+        if not args.distributed:
+            raise SystemExit("--shard_state needs --distributed (data-parallel workers under msrun)")
+        cfg["train"]["shard_state"] = True
     if args.max_documents:
         cfg["data"]["max_documents"] = args.max_documents
     for item in args.set:
@@ -107,7 +115,7 @@ def build_optimizer(net, tcfg, optimizer_steps):
                 group["layer_adaptation"] = False
     clip = tcfg.get("trust_ratio_clip")
     return Lamb(groups, lr, beta1=tcfg["beta1"], beta2=tcfg["beta2"], eps=tcfg["eps"],
-                trust_ratio_clip=tuple(clip) if clip else None)
+                trust_ratio_clip=tuple(clip) if clip else None, shard_state=tcfg.get("shard_state", False))
 
 
 def build_train_cell(loss_net, optimizer, tcfg):
@@ -218,6 +226,8 @@ def main(argv=None):
     train_cell = build_train_cell(BertPretrainLoss(net), optimizer, tcfg)
     model = Model(train_cell, eval_network=BertPretrainEval(net), metrics=metrics(info["most_frequent_id"]))
     ckpt_dir = os.path.join(out, "checkpoints")
+    if rank != 0 and tcfg.get("shard_state"):      # each worker saves and resumes its own piece of the moments
+        ckpt_dir = os.path.join(ckpt_dir, f"rank{rank}")
     loss_log = os.path.join(out, "loss.jsonl")
     initial_epoch = resume(args, train_cell, ckpt_dir)
     if rank == 0 and initial_epoch == 0 and os.path.exists(loss_log):
@@ -226,9 +236,12 @@ def main(argv=None):
     results = {"before": evaluate(model, eval_ds, "before training" if initial_epoch == 0 else "at resume")}
     callbacks = [LossMonitor(tcfg["log_every"]), TimeMonitor(steps_per_epoch)]
     trust = TrustRatioMonitor(optimizer, every=tcfg["trust_ratio_every"])
+    checkpoints = ModelCheckpoint(CKPT_PREFIX, ckpt_dir, CheckpointConfig(
+        save_checkpoint_steps=steps_per_epoch, keep_checkpoint_max=tcfg["keep_checkpoint_max"]))
     if rank == 0:                                  # data parallel: every rank holds the same weights
-        callbacks += [LossRecorder(loss_log), trust, ModelCheckpoint(CKPT_PREFIX, ckpt_dir, CheckpointConfig(
-            save_checkpoint_steps=steps_per_epoch, keep_checkpoint_max=tcfg["keep_checkpoint_max"]))]
+        callbacks += [LossRecorder(loss_log), trust, checkpoints]
+    elif tcfg.get("shard_state"):                  # ... but only its own piece of the moments
+        callbacks.append(checkpoints)
     t_train = time.time()
     if initial_epoch < tcfg["epochs"]:
         model.train(tcfg["epochs"], train_ds, callbacks=callbacks, dataset_sink_mode=False,
