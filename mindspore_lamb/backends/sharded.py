@@ -119,7 +119,6 @@ class ShardedBackend(nn.Cell):
         self.concat = P.Concat()
         self.stack = P.Stack(axis=1)
         self.stack0 = P.Stack()
-        self.flatten = P.Reshape()
 
     def _flat(self, tensors):
         """All tensors flattened and concatenated, in float32 (E,)."""
