@@ -30,8 +30,10 @@ def _truncate_pair(a, b, max_tokens, rng):
         del longer[0 if rng.random() < 0.5 else -1]
 
 
-def create_pairs(documents, max_seq_length, rng, short_seq_prob=0.1):
-    """Yield (tokens_a, tokens_b, is_random_next) from documents of sentences given as id lists."""
+def create_pairs(documents, max_seq_length, rng, short_seq_prob=0.1, on_document=None):
+    """Yield (tokens_a, tokens_b, is_random_next) from documents of sentences given as id lists.
+
+    `on_document` (optional) is called after each document (progress display)."""
     max_tokens = max_seq_length - 3  # [CLS] A [SEP] B [SEP]
     for doc_index, doc in enumerate(documents):
         target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
@@ -61,6 +63,8 @@ def create_pairs(documents, max_seq_length, rng, short_seq_prob=0.1):
                 chunk, length = [], 0
                 target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
             i += 1
+        if on_document is not None:
+            on_document()
 
 
 def pair_to_row(tokens_a, tokens_b, is_random, row_id, cls_id, sep_id, max_seq_length):
@@ -73,9 +77,10 @@ def pair_to_row(tokens_a, tokens_b, is_random, row_id, cls_id, sep_id, max_seq_l
             "row_id": row_id}
 
 
-def write_mindrecord(path, encoded_documents, wordpiece, max_seq_length, dupe_factor, seed):
+def write_mindrecord(path, encoded_documents, wordpiece, max_seq_length, dupe_factor, seed, desc="NSP pairs"):
     """Build the NSP rows of `encoded_documents` (dupe_factor passes) into one MindRecord file."""
     from mindspore.mindrecord import FileWriter
+    from progress import progress
     for stale in (path, path + ".db"):
         if os.path.exists(stale):
             os.remove(stale)
@@ -83,8 +88,9 @@ def write_mindrecord(path, encoded_documents, wordpiece, max_seq_length, dupe_fa
     writer = FileWriter(path, shard_num=1, overwrite=True)
     writer.add_schema(SCHEMA, "bert_pretraining")
     rows, n, n_random = [], 0, 0
+    bar = progress(total=len(encoded_documents) * dupe_factor, desc=desc, unit="doc")
     for _ in range(dupe_factor):
-        for a, b, is_random in create_pairs(encoded_documents, max_seq_length, rng):
+        for a, b, is_random in create_pairs(encoded_documents, max_seq_length, rng, on_document=bar.update):
             rows.append(pair_to_row(a, b, is_random, n, wordpiece.cls_id, wordpiece.sep_id, max_seq_length))
             n, n_random = n + 1, n_random + is_random
             if len(rows) == 4096:
@@ -93,6 +99,7 @@ def write_mindrecord(path, encoded_documents, wordpiece, max_seq_length, dupe_fa
     if rows:
         writer.write_raw_data(rows)
     writer.commit()
+    bar.close()
     return n, n_random
 
 
@@ -140,7 +147,7 @@ def prepare_data(cache_root, corpus_path, data_cfg, vocab_path=None, log=print):
                                      ("eval", eval_docs, 1, data_cfg["seed"] + 1)):
         encoded = wordpiece.encode_documents(docs)
         path = os.path.join(cache_dir, f"{split}.mindrecord")
-        n, n_random = write_mindrecord(path, encoded, wordpiece, seq, dupes, seed)
+        n, n_random = write_mindrecord(path, encoded, wordpiece, seq, dupes, seed, desc=f"NSP pairs ({split})")
         info.update({f"{split}_file": path, f"{split}_rows": n, f"{split}_random_next": n_random})
         if split == "train":
             counts = np.bincount([t for d in encoded for s in d for t in s], minlength=len(wordpiece))

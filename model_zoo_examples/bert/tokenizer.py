@@ -12,10 +12,12 @@ SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def train_vocab(documents, vocab_size, out_dir, lowercase=True, min_frequency=2):
     """Train a WordPiece vocab on the sentences of `documents`; returns the path of `vocab.txt`."""
     from tokenizers import BertWordPieceTokenizer
+
+    from progress import bars_enabled
     tokenizer = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=lowercase)
     sentences = (s for doc in documents for s in doc)
     tokenizer.train_from_iterator(sentences, vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=SPECIAL_TOKENS, show_progress=False)
+                                  special_tokens=SPECIAL_TOKENS, show_progress=bars_enabled())
     os.makedirs(out_dir, exist_ok=True)
     return tokenizer.save_model(out_dir)[0]
 

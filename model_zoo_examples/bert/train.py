@@ -22,6 +22,7 @@ from corpus import write_kjv_text  # noqa: E402
 from evaluate import LossRecorder, metrics, plot_loss, read_loss_log  # noqa: E402
 from model import BertConfig, BertPreTraining, BertPretrainEval, BertPretrainLoss  # noqa: E402
 from pretrain_data import Masker, prepare_data, pretrain_dataset  # noqa: E402
+from progress import ProgressBar, bar_friendly_stdout  # noqa: E402
 from tokenizer import WordPiece  # noqa: E402
 
 from mindspore_lamb import Lamb  # noqa: E402
@@ -200,6 +201,11 @@ def report(results, optimizer, trust, out, loss_log):
 
 
 def main(argv=None):
+    with bar_friendly_stdout():  # on a terminal, log lines are printed above the progress bars
+        return run(argv)
+
+
+def run(argv=None):
     args = parse_args(argv)
     cfg = load_config(args)
     dcfg, tcfg = cfg["data"], cfg["train"]
@@ -239,6 +245,9 @@ def main(argv=None):
     checkpoints = ModelCheckpoint(CKPT_PREFIX, ckpt_dir, CheckpointConfig(
         save_checkpoint_steps=steps_per_epoch, keep_checkpoint_max=tcfg["keep_checkpoint_max"]))
     if rank == 0:                                  # data parallel: every rank holds the same weights
+        # a tqdm bar over all steps with ETA, loss and lr, only when stderr is a terminal
+        callbacks.append(ProgressBar(total_steps, initial_epoch * steps_per_epoch, optimizer.learning_rate,
+                                     tcfg["accumulation_steps"]))
         callbacks += [LossRecorder(loss_log), trust, checkpoints]
     elif tcfg.get("shard_state"):                  # ... but only its own piece of the moments
         callbacks.append(checkpoints)
