@@ -78,6 +78,31 @@ def test_pairs_fit_and_label_random_next(rng):
     assert 0.3 < np.mean([r for _, _, r in pairs]) < 0.8
 
 
+def test_pairs_with_long_sentences_are_half_true_next(rng):
+    """A sentence that fills the length budget on its own still gets its true next sentence half the time
+    (without that, short sequences made almost every pair "random next")."""
+    from pretrain_data import create_pairs
+    docs = [[list(rng.integers(5, VOCAB, 40)) for _ in range(20)] for _ in range(40)]
+    pairs = list(create_pairs(docs, 32, rng))
+    assert pairs and all(len(a) + len(b) <= 29 for a, b, _ in pairs)
+    assert 0.4 < np.mean([r for _, _, r in pairs]) < 0.6   # before: every pair was "random next"
+
+
+def test_phase2_overrides(tmp_path):
+    import train
+    base = train.load_config(train.parse_args(["--config", "tiny"]))
+    phase2 = train.load_config(train.parse_args(["--config", "tiny", "--phase", "2", "--set", "train.epochs=3"]))
+    assert "phase2" not in base and "phase2" not in phase2
+    assert (base["data"]["max_seq_length"], phase2["data"]["max_seq_length"]) == (32, 64)
+    assert phase2["train"]["epochs"] == 3 and phase2["model"] == base["model"]
+    assert phase2["model"]["max_position_embeddings"] >= phase2["data"]["max_seq_length"]
+    one_phase = tmp_path / "one_phase.yaml"
+    one_phase.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(open(train.parse_args([]).config)).items()
+                                         if k != "phase2"}))
+    with pytest.raises(SystemExit, match="no `phase2:` section"):
+        train.load_config(train.parse_args(["--config", str(one_phase), "--phase", "2"]))
+
+
 @pytest.fixture(scope="module")
 def smoke_config(tmp_path_factory):
     with open(os.path.join(BERT_DIR, "configs", "tiny.yaml")) as f:
@@ -116,6 +141,18 @@ def test_smoke_train_checkpoint_resume(smoke_config, tmp_path, capsys):
     records = [json.loads(line) for line in open(os.path.join(out, "loss.jsonl"))]
     assert len(records) == 8 and all(math.isfinite(r["loss"]) for r in records)
     assert train.latest_checkpoint(os.path.join(out, "checkpoints"))[1] == 2
+    assert 0.5 <= second["nsp_majority"] <= 1.0
+
+    # a second phase: the weights (not the optimizer state) and the vocab of the run directory, same data
+    phase2 = str(tmp_path / "phase2")
+    third = train.main(common[:2] + ["--output_dir", phase2, "--init_checkpoint", out] + common[4:] + ["--epochs", "1"])
+    log = capsys.readouterr().out
+    assert "initialised the weights from" in log and "bert-2_4.ckpt" in log
+    assert third["vocab"] == second["vocab"]
+    assert third["before"]["mlm_accuracy"] == pytest.approx(second["after"]["mlm_accuracy"])
+    assert third["steps"] == 4
+    with pytest.raises(SystemExit, match="no such file"):
+        train.main(common[:2] + ["--output_dir", phase2, "--init_checkpoint", str(tmp_path / "nowhere")] + common[4:])
 
 
 @pytest.mark.distributed
@@ -146,3 +183,50 @@ def test_distributed_two_workers(smoke_config, tmp_path, sharded):
     for log in sorted(glob.glob(str(tmp_path / "msrun_log_port*" / "worker_*.log"))):
         after += [line for line in open(log, errors="replace") if line.startswith("[eval after training]")]
     assert len(after) == 2 and after[0] == after[1], after
+
+
+def test_batch_study_quick(tmp_path):
+    """`batch_study.py --quick`: every (optimizer, batch size) gets its grid, the pick by dev accuracy, a second
+    seed at the picked rate and the same number of training sequences; a rerun trains nothing new."""
+    import batch_study
+    out = str(tmp_path / "study")
+    rows = batch_study.main(["--quick", "--output_dir", out])
+    assert [(r["optimizer"], r["batch_size"]) for r in rows] == [(o, b) for o in ("lamb", "adamw") for b in (8, 32)]
+    runs = [json.loads(line) for line in open(os.path.join(out, "runs.jsonl"))]
+    assert len(runs) == 4 * 2 + 4                       # 2-point grids, then seed 1 at each pick
+    for r in rows:
+        grid = [x for x in runs if (x["optimizer"], x["batch_size"], x["seed"]) == (r["optimizer"], r["batch_size"], 0)]
+        assert r["lr"] == max(grid, key=lambda x: x["dev_mlm"])["lr"]
+        assert r["seeds"] == 2 and r["steps"] * r["batch_size"] == 256
+        assert 0.0 <= r["test_mlm"] <= 1.0 and math.isfinite(r["final_loss"])
+    loss_lines = {x["name"]: len(open(os.path.join(out, "runs", x["name"], "loss.jsonl")).readlines()) for x in runs}
+    assert all(n == 256 // int(name.split("_b")[1].split("_")[0]) for name, n in loss_lines.items())
+    assert os.path.isfile(os.path.join(out, "batch_study.png")) and "| lamb | 32 |" in open(os.path.join(out, "table.md")).read()
+    assert batch_study.main(["--quick", "--output_dir", out]) == rows
+    assert len(open(os.path.join(out, "runs.jsonl")).readlines()) == len(runs)
+
+
+def test_progress_bar_only_on_a_terminal(capsys):
+    """The tqdm training bar: ETA, loss and the schedule's rate on a terminal; nothing at all in logs or CI."""
+    from types import SimpleNamespace
+
+    import mindspore as ms
+    import progress
+    from mindspore_lamb.schedules import WarmupPolynomialDecayLR
+    schedule = WarmupPolynomialDecayLR(0.01, 0.0, warmup_steps=2, decay_steps=10, power=1.0)
+    context = SimpleNamespace(original_args=lambda: SimpleNamespace(net_outputs=ms.Tensor([2.5], ms.float32)))
+
+    def run(bar):
+        bar.on_train_begin(context)
+        for _ in range(4):
+            bar.on_train_step_end(context)
+        bar.on_train_end(context)
+        return capsys.readouterr()
+
+    assert not progress.bars_enabled()                 # pytest captures stderr: not a terminal
+    quiet = run(progress.ProgressBar(8, schedule=schedule, every=2))
+    assert quiet.err == "" and quiet.out == ""
+    shown = run(progress.ProgressBar(8, initial_steps=2, schedule=schedule, every=2, disable=False)).err
+    assert "train" in shown and "6/8" in shown and "<" in shown          # steps done incl. resumed ones; ETA
+    lr = float(schedule(ms.Tensor(5, ms.int32)).asnumpy())               # the 6th step's rate, from the schedule
+    assert "loss 2.5000" in shown and f"lr {lr:.3g}" in shown and lr not in (0.0, 0.01)
