@@ -201,7 +201,8 @@ def test_batch_study_quick(tmp_path):
         assert 0.0 <= r["test_mlm"] <= 1.0 and math.isfinite(r["final_loss"])
     loss_lines = {x["name"]: len(open(os.path.join(out, "runs", x["name"], "loss.jsonl")).readlines()) for x in runs}
     assert all(n == 256 // int(name.split("_b")[1].split("_")[0]) for name, n in loss_lines.items())
-    assert os.path.isfile(os.path.join(out, "batch_study.png")) and "| lamb | 32 |" in open(os.path.join(out, "table.md")).read()
+    assert os.path.isfile(os.path.join(out, "batch_study.png"))
+    assert "| lamb | 32 |" in open(os.path.join(out, "table.md")).read()
     assert batch_study.main(["--quick", "--output_dir", out]) == rows
     assert len(open(os.path.join(out, "runs.jsonl")).readlines()) == len(runs)
 

@@ -213,7 +213,8 @@ def init_vocab(args):
             vocab = json.load(f).get("vocab")
         if vocab and os.path.isfile(vocab):
             return vocab
-    raise SystemExit(f"--init_checkpoint {args.init_checkpoint}: give --vocab, the vocab the checkpoint was trained with")
+    raise SystemExit(f"--init_checkpoint {args.init_checkpoint}: give --vocab, the vocab the checkpoint was "
+                     f"trained with")
 
 
 def load_init_weights(args, train_cell):
@@ -254,8 +255,8 @@ def report(results, optimizer, trust, out, loss_log):
     b, a = results["before"], results["after"]
     print(f"held-out MLM accuracy: {b['mlm_accuracy']:.4f} -> {a['mlm_accuracy']:.4f} "
           f"(most-frequent-token baseline {a['mlm_baseline']:.4f}); NSP accuracy: "
-          f"{b['nsp_accuracy']:.4f} -> {a['nsp_accuracy']:.4f} (majority class {results['nsp_majority']:.4f}); training {results['train_seconds']:.0f}s, "
-          f"total {results['total_seconds']:.0f}s", flush=True)
+          f"{b['nsp_accuracy']:.4f} -> {a['nsp_accuracy']:.4f} (majority class {results['nsp_majority']:.4f}); "
+          f"training {results['train_seconds']:.0f}s, total {results['total_seconds']:.0f}s", flush=True)
 
 
 def main(argv=None):
