@@ -224,7 +224,7 @@ def load_init_weights(args, train_cell):
     missing = [p.name for p in train_cell.network.trainable_params() if p.name not in weights]
     if missing:
         raise SystemExit(f"--init_checkpoint {path}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    ms.load_param_into_net(train_cell, weights)
+    ms.load_param_into_net(train_cell.network, weights)   # the optimizer state stays fresh: no warning about it
     print(f"initialised the weights from {path} (optimizer state and schedule start afresh)", flush=True)
 
 
