@@ -186,16 +186,22 @@ def test_distributed_two_workers(smoke_config, tmp_path, sharded):
 
 
 def test_batch_study_quick(tmp_path):
-    """`batch_study.py --quick`: every (optimizer, batch size) gets its grid, the pick by dev accuracy, a second
-    seed at the picked rate and the same number of training sequences; a rerun trains nothing new."""
+    """`batch_study.py --quick`: every (optimizer, batch size) gets its grid (extended past the edge where its best
+    rate is), the pick by dev accuracy, a second seed at the picked rate and the same number of training
+    sequences; a rerun trains nothing new."""
     import batch_study
     out = str(tmp_path / "study")
     rows = batch_study.main(["--quick", "--output_dir", out])
     assert [(r["optimizer"], r["batch_size"]) for r in rows] == [(o, b) for o in ("lamb", "adamw") for b in (8, 32)]
     runs = [json.loads(line) for line in open(os.path.join(out, "runs.jsonl"))]
-    assert len(runs) == 4 * 2 + 4                       # 2-point grids, then seed 1 at each pick
     for r in rows:
         grid = [x for x in runs if (x["optimizer"], x["batch_size"], x["seed"]) == (r["optimizer"], r["batch_size"], 0)]
+        rates = sorted(x["lr"] for x in grid)
+        c = batch_study.centre(r["optimizer"], r["batch_size"])
+        original = [x for x in grid if x["lr"] == pytest.approx(c) or x["lr"] == pytest.approx(3 * c)]
+        edge = max(original, key=lambda x: x["dev_mlm"])["lr"]   # a 2-point grid's best is always on an edge,
+        beyond = edge / 3 if edge == pytest.approx(c) else edge * 3  # so one more rate is tried beyond it
+        assert len(original) == 2 and rates == pytest.approx(sorted([c, 3 * c, beyond]))
         assert r["lr"] == max(grid, key=lambda x: x["dev_mlm"])["lr"]
         assert r["seeds"] == 2 and r["steps"] * r["batch_size"] == 256
         assert 0.0 <= r["test_mlm"] <= 1.0 and math.isfinite(r["final_loss"])

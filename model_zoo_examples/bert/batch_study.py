@@ -11,6 +11,7 @@ Tiny BERT (configs/tiny.yaml, phase 1: 32-token sequences) on the KJV, trained b
 * peak learning rate from a grid per (optimizer, batch size): centre * {1/3, 1, 3}, the centre
   following the square-root rule from the main job's rate at batch 128 (LAMB 0.006, AdamW 0.001:
   `nn.AdamWeightDecay` with the same parameter groups, warm-up and decay, clipping and loss scale);
+  where the best rate is on the grid's edge, one more rate (x3 or /3) beyond it;
 * the rate is picked on the *dev* half of the held-out chapters (seed 0); the picked rate is run again
   with the other seeds; the table reports the *test* half (the other held-out chapters), mean over seeds;
 * `--jobs` runs at a time, each pinned to its own CPU core (on 2 cores, two single-core runs train
@@ -49,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--micro_batch", type=int, default=1024, help="largest batch computed at once")
     p.add_argument("--optimizers", default="lamb,adamw")
     p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--extend", type=int, default=1, help="where the best rate is on the grid's edge, try up to "
+                                                         "this many more rates beyond it (default 1)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time, one core each")
     p.add_argument("--output_dir", default=os.path.join("runs", "bert_batch_study"))
     args = p.parse_args(argv)
@@ -157,11 +160,25 @@ def centre(opt, batch):
 
 
 def study(args, runner):
-    """Per batch size: the grid (seed 0) for every optimizer, then the other seeds at the picked rates."""
+    """Per batch size: the grid (seed 0) for every optimizer, one more rate beyond the grid's edge where the best
+    rate is on that edge (up to `--extend` times), then the other seeds at the picked rates."""
+    ratio = args.grid[-1] / args.grid[-2]
     with ThreadPoolExecutor(args.jobs) as pool:
         for batch in args.batch_sizes:
-            grid = [(o, centre(o, batch) * g) for o in args.optimizers for g in args.grid]
-            tried = list(pool.map(lambda job: runner(job[0], batch, job[1], 0), grid))
+            jobs = [(o, centre(o, batch) * g) for o in args.optimizers for g in args.grid]
+            tried = []
+            for _ in range(args.extend + 1):
+                tried += pool.map(lambda job: runner(job[0], batch, job[1], 0), jobs)
+                jobs = []
+                for o in args.optimizers:
+                    rates = sorted(r["lr"] for r in tried if r["optimizer"] == o)
+                    best = max((r for r in tried if r["optimizer"] == o), key=lambda r: r["dev_mlm"])["lr"]
+                    if best == rates[-1]:
+                        jobs.append((o, best * ratio))
+                    elif best == rates[0]:
+                        jobs.append((o, best / ratio))
+                if not jobs:
+                    break
             picks = {o: max((r for r in tried if r["optimizer"] == o), key=lambda r: r["dev_mlm"])
                      for o in args.optimizers}
             list(pool.map(lambda job: runner(job[0], batch, picks[job[0]]["lr"], job[1]),
