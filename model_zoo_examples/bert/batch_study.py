@@ -155,6 +155,11 @@ class Runner:
         return row
 
 
+def best(rows):
+    """The run with the best dev MLM accuracy; on a tie the smaller rate (the order runs finish in is not fixed)."""
+    return max(rows, key=lambda r: (r["dev_mlm"], -r["lr"]))
+
+
 def centre(opt, batch):
     return BASE_LR[opt] * (batch / 128) ** 0.5
 
@@ -172,15 +177,14 @@ def study(args, runner):
                 jobs = []
                 for o in args.optimizers:
                     rates = sorted(r["lr"] for r in tried if r["optimizer"] == o)
-                    best = max((r for r in tried if r["optimizer"] == o), key=lambda r: r["dev_mlm"])["lr"]
-                    if best == rates[-1]:
-                        jobs.append((o, best * ratio))
-                    elif best == rates[0]:
-                        jobs.append((o, best / ratio))
+                    lr = best([r for r in tried if r["optimizer"] == o])["lr"]
+                    if lr == rates[-1]:
+                        jobs.append((o, lr * ratio))
+                    elif lr == rates[0]:
+                        jobs.append((o, lr / ratio))
                 if not jobs:
                     break
-            picks = {o: max((r for r in tried if r["optimizer"] == o), key=lambda r: r["dev_mlm"])
-                     for o in args.optimizers}
+            picks = {o: best([r for r in tried if r["optimizer"] == o]) for o in args.optimizers}
             list(pool.map(lambda job: runner(job[0], batch, picks[job[0]]["lr"], job[1]),
                           itertools.product(args.optimizers, range(1, args.seeds))))
     return table(args, list(runner.done.values()))
@@ -193,7 +197,7 @@ def table(args, rows):
         grid = [r for r in rows if (r["optimizer"], r["batch_size"], r["seed"]) == (opt, batch, 0)]
         if len(grid) < len(args.grid):
             continue
-        lr = max(grid, key=lambda r: r["dev_mlm"])["lr"]
+        lr = best(grid)["lr"]
         seeds = [r for r in rows if (r["optimizer"], r["batch_size"], r["lr"]) == (opt, batch, lr)]
         mean = {k: float(np.mean([r[k] for r in seeds])) for k in ("test_mlm", "test_nsp", "final_loss", "seconds")}
         spread = float(np.ptp([r["test_mlm"] for r in seeds]))
