@@ -117,9 +117,10 @@ class Runner:
                 for line in f:
                     r = json.loads(line)
                     self.done[r["name"]] = r
-        self.cores = queue.Queue()
-        for core in sorted(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(args.jobs)):
-            self.cores.put(core)
+        self.cores = queue.Queue()               # a run takes a core and gives it back: --jobs at a time
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+        for i in range(args.jobs):
+            self.cores.put(cores[i % len(cores)])
 
     def __call__(self, opt, batch, lr, seed):
         name = f"{opt}_b{batch}_lr{lr:.3g}_s{seed}"
@@ -165,28 +166,26 @@ def centre(opt, batch):
 
 
 def study(args, runner):
-    """Per batch size: the grid (seed 0) for every optimizer, one more rate beyond the grid's edge where the best
-    rate is on that edge (up to `--extend` times), then the other seeds at the picked rates."""
+    """Per batch size, for every optimizer at once: the grid (seed 0), one more rate beyond the grid's edge
+    where the best rate is on that edge (up to `--extend` times), then the other seeds at the picked rate."""
     ratio = args.grid[-1] / args.grid[-2]
-    with ThreadPoolExecutor(args.jobs) as pool:
+
+    def chain(opt, batch):
+        tried = list(pool.map(lambda lr: runner(opt, batch, lr, 0), [centre(opt, batch) * g for g in args.grid]))
+        for _ in range(args.extend):
+            lr, rates = best(tried)["lr"], sorted(r["lr"] for r in tried)
+            if lr not in (rates[0], rates[-1]):
+                break
+            tried.append(runner(opt, batch, lr * ratio if lr == rates[-1] else lr / ratio, 0))
+        lr = best(tried)["lr"]
+        list(pool.map(lambda seed: runner(opt, batch, lr, seed), range(1, args.seeds)))
+
+    # the runner takes a free core for each run, so at most --jobs train at a time; while one optimizer
+    # tries a rate beyond its grid, the other's seeds use the other core
+    width = len(args.optimizers) * max(len(args.grid), args.seeds)
+    with ThreadPoolExecutor(len(args.optimizers)) as chains, ThreadPoolExecutor(width) as pool:
         for batch in args.batch_sizes:
-            jobs = [(o, centre(o, batch) * g) for o in args.optimizers for g in args.grid]
-            tried = []
-            for _ in range(args.extend + 1):
-                tried += pool.map(lambda job: runner(job[0], batch, job[1], 0), jobs)
-                jobs = []
-                for o in args.optimizers:
-                    rates = sorted(r["lr"] for r in tried if r["optimizer"] == o)
-                    lr = best([r for r in tried if r["optimizer"] == o])["lr"]
-                    if lr == rates[-1]:
-                        jobs.append((o, lr * ratio))
-                    elif lr == rates[0]:
-                        jobs.append((o, lr / ratio))
-                if not jobs:
-                    break
-            picks = {o: best([r for r in tried if r["optimizer"] == o]) for o in args.optimizers}
-            list(pool.map(lambda job: runner(job[0], batch, picks[job[0]]["lr"], job[1]),
-                          itertools.product(args.optimizers, range(1, args.seeds))))
+            list(chains.map(lambda opt: chain(opt, batch), args.optimizers))
     return table(args, list(runner.done.values()))
 
 
