@@ -198,7 +198,8 @@ def table(args, rows):
             continue
         lr = best(grid)["lr"]
         seeds = [r for r in rows if (r["optimizer"], r["batch_size"], r["lr"]) == (opt, batch, lr)]
-        mean = {k: float(np.mean([r[k] for r in seeds])) for k in ("test_mlm", "test_nsp", "final_loss", "seconds")}
+        mean = {k: float(np.mean([r[k] for r in seeds])) for k in ("test_mlm", "test_nsp", "final_loss")}
+        mean["seconds"] = best(grid)["seconds"]          # seed 0's run (a resumed run's time would be partial)
         spread = float(np.ptp([r["test_mlm"] for r in seeds]))
         out.append(dict(optimizer=opt, batch_size=batch, steps=seeds[0]["steps"], lr=lr, seeds=len(seeds),
                         grid=" ".join(f"{r['lr']:.3g}:{r['dev_mlm']:.3f}" for r in sorted(grid, key=lambda r: r["lr"])),
