@@ -11,7 +11,8 @@ Tiny BERT (configs/tiny.yaml, phase 1: 32-token sequences) on the KJV, trained b
 * peak learning rate from a grid per (optimizer, batch size): centre * {1/3, 1, 3}, the centre
   following the square-root rule from the main job's rate at batch 128 (LAMB 0.006, AdamW 0.001:
   `nn.AdamWeightDecay` with the same parameter groups, warm-up and decay, clipping and loss scale);
-  where the best rate is on the grid's edge, one more rate (x3 or /3) beyond it;
+  where the best rate is on the grid's edge, one more rate (x3 or /3) beyond it (not where every rate
+  gives the same accuracy);
 * the rate is picked on the *dev* half of the held-out chapters (seed 0); the picked rate is run again
   with the other seeds; the table reports the *test* half (the other held-out chapters), mean over seeds;
 * `--jobs` runs at a time, each pinned to its own CPU core (on 2 cores, two single-core runs train
@@ -174,8 +175,8 @@ def study(args, runner):
         tried = list(pool.map(lambda lr: runner(opt, batch, lr, 0), [centre(opt, batch) * g for g in args.grid]))
         for _ in range(args.extend):
             lr, rates = best(tried)["lr"], sorted(r["lr"] for r in tried)
-            if lr not in (rates[0], rates[-1]):
-                break
+            if lr not in (rates[0], rates[-1]) or len({r["dev_mlm"] for r in tried}) == 1:
+                break                                    # inside the grid, or no rate better than another
             tried.append(runner(opt, batch, lr * ratio if lr == rates[-1] else lr / ratio, 0))
         lr = best(tried)["lr"]
         list(pool.map(lambda seed: runner(opt, batch, lr, seed), range(1, args.seeds)))
