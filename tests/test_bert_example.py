@@ -212,6 +212,7 @@ def test_batch_study_quick(tmp_path):
     assert os.path.isfile(os.path.join(out, "batch_study.png"))
     assert "| lamb | 32 |" in open(os.path.join(out, "table.md")).read()
     assert batch_study.main(["--quick", "--output_dir", out]) == rows
+    assert batch_study.main(["--quick", "--output_dir", out, "--report"]) == rows
     assert len(open(os.path.join(out, "runs.jsonl")).readlines()) == len(runs)
 
 

@@ -1,7 +1,8 @@
 """LAMB's large-batch claim on BERT itself: held-out accuracy against batch size, LAMB against AdamW.
 
-    python model_zoo_examples/bert/batch_study.py           # the study (about 75 min on 2 cores; resumable)
-    python model_zoo_examples/bert/batch_study.py --quick   # smoke test: tiny model, 40 documents (~1.5 min)
+    python model_zoo_examples/bert/batch_study.py           # the study (about 2 hours on 2 cores; resumable)
+    python model_zoo_examples/bert/batch_study.py --quick   # smoke test: tiny model, 40 documents (~2 min)
+    python model_zoo_examples/bert/batch_study.py --report  # the table and plot of the runs finished so far
 
 Tiny BERT (configs/tiny.yaml, phase 1: 32-token sequences) on the KJV, trained by train.py once per
 (optimizer, batch size, learning rate, seed), with everything else as in the main job:
@@ -53,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--extend", type=int, default=1, help="where the best rate is on the grid's edge, try up to "
                                                          "this many more rates beyond it (default 1)")
+    p.add_argument("--report", action="store_true", help="train nothing: the table and plot of the finished runs")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="runs at a time, one core each")
     p.add_argument("--output_dir", default=os.path.join("runs", "bert_batch_study"))
     args = p.parse_args(argv)
@@ -252,10 +254,13 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     t0 = time.time()
-    info = prepare(args)
-    print(f"data: {info['train_rows']} train rows; {args.sequences:,} sequences per run; batch sizes "
-          f"{args.batch_sizes}; {args.jobs} runs at a time", flush=True)
-    rows = study(args, Runner(args))
+    if args.report:
+        rows = table(args, list(Runner(args).done.values()))
+    else:
+        info = prepare(args)
+        print(f"data: {info['train_rows']} train rows; {args.sequences:,} sequences per run; batch sizes "
+              f"{args.batch_sizes}; {args.jobs} runs at a time", flush=True)
+        rows = study(args, Runner(args))
     md = write_markdown(os.path.join(args.output_dir, "table.md"), rows, args)
     print(md + f"plot: {plot(os.path.join(args.output_dir, 'batch_study.png'), rows, args)}\n"
           f"total {time.time() - t0:.0f} s", flush=True)
