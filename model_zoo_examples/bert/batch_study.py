@@ -258,6 +258,9 @@ def main(argv=None):
         rows = table(args, list(Runner(args).done.values()))
     else:
         info = prepare(args)
+        if args.sequences // 2 > info["train_rows"]:   # an epoch would end early: fewer tokens than promised
+            raise SystemExit(f"--sequences {args.sequences}: more than 2 epochs of the {info['train_rows']} "
+                             f"training rows")
         print(f"data: {info['train_rows']} train rows; {args.sequences:,} sequences per run; batch sizes "
               f"{args.batch_sizes}; {args.jobs} runs at a time", flush=True)
         rows = study(args, Runner(args))
