@@ -105,8 +105,8 @@ def prepare(args):
 
 def final_loss(run_dir):
     """Mean training loss over the last 5 % of the micro-batches."""
-    with open(os.path.join(run_dir, "loss.jsonl")) as f:
-        losses = [json.loads(line)["loss"] for line in f if line.strip()]
+    from evaluate import read_loss_log
+    losses = [r["loss"] for r in read_loss_log(os.path.join(run_dir, "loss.jsonl"))]
     return float(np.mean(losses[-max(1, len(losses) // 20):]))
 
 
