@@ -79,6 +79,18 @@ def _check_one_gradient(name, param_dtype, param, gradient):
     return F.cast(gradient, mstype.float32)
 
 
+_true_after = C.MultitypeFuncGraph("true_after")
+
+
+@_true_after.register("Tensor", "Bool")
+def _true_after_update(update, ok):
+    """``True`` once `update` has run: the output of MindSpore's own optimizers, element by element. In
+    PYNATIVE_MODE this makes the call return when the step is done, as nn.Adam's does: a graph whose output
+    is a constant returns at once and the next call waits for it in a busy loop, taking one of the cores
+    the update runs on (docs/architecture.md, "PYNATIVE_MODE")."""
+    return F.depend(ok, update)
+
+
 def _runtime_state(value, name):
     """A Parameter the graph writes (diagnostics) that checkpoints neither save nor expect: MindSpore's
     save/load skip parameters flagged as pipeline-shared, the flag this sets."""
@@ -386,7 +398,7 @@ class Lamb(Optimizer):
                                 proceed=proceed)
         layer_stats, grad_sq, applied = self.backend(scalars, lr, self.get_weight_decay(),
                                                      self.params, self.moments1, self.moments2, gradients, grad_sq)
-        return F.depend(self.success, self._record(layer_stats, grad_sq, applied))
+        return self.hyper_map(F.partial(_true_after, self._record(layer_stats, grad_sq, applied)), self.success)
 
     def _inverse_bias_corrections(self, t):
         """1 / (1 - beta1^t), 1 / (1 - beta2^t); both 1 with bias_correction False or "step_size"."""
