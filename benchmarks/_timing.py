@@ -4,6 +4,18 @@ import statistics
 import time
 
 
+def wait():
+    """Return when every step launched so far has finished, on any device target. ms.runtime.synchronize()
+    does nothing on CPU (it logs "CPU device is not supported"), and in PYNATIVE_MODE a call can return
+    before its work is done: a timing that stopped there would measure the launch only."""
+    import mindspore as ms
+    if ms.get_context("device_target") == "CPU":
+        from mindspore.graph.api import _pynative_executor   # noqa: PLC0415 (MindSpore's own wait)
+        _pynative_executor.sync()
+    else:
+        ms.runtime.synchronize()
+
+
 def interleave(fns, repeats):
     """fns: dict name -> zero-argument callable (it must wait for its own result). Returns name -> list of
     seconds, `repeats` calls each."""

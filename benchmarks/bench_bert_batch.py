@@ -23,7 +23,7 @@ os.environ.setdefault("GLOG_v", "3")
 
 import mindspore as ms  # noqa: E402
 
-from _timing import cpu_header  # noqa: E402
+from _timing import cpu_header, wait  # noqa: E402
 from model import BertConfig, BertPreTraining, BertPretrainLoss  # noqa: E402
 from train import build_optimizer, build_train_cell, load_config  # noqa: E402
 
@@ -71,12 +71,12 @@ def main():
         batch = _batch(n_pred, batch_size, seq, vocab, np.random.default_rng(0))
         for _ in range(a.warmup):
             cell(*batch)
-        ms.runtime.synchronize()
+        wait()
         times = []
         for _ in range(a.steps):
             t0 = time.perf_counter()
             cell(*batch)
-            ms.runtime.synchronize()
+            wait()
             times.append(time.perf_counter() - t0)
         med = statistics.median(times)
         print(f"| {batch_size} | {batch_size * seq} | {med:.3f} | {batch_size * seq / med:,.0f} | "

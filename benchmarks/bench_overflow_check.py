@@ -1,6 +1,6 @@
 """The overflow test of LossScaleTrainStep on BERT-base-sized gradients (CPU, GRAPH_MODE).
 
-Interleaved call by call in one process, each followed by ``ms.runtime.synchronize()``:
+Interleaved call by call in one process, each followed by ``_timing.wait()`` (the result is ready):
 
 * ``IsFinite + ReduceAll per gradient``: the element-wise test the cell used first (199 x 2 kernels, a
   bool tensor per gradient, then AddN of the 199 flags);
@@ -25,7 +25,7 @@ from mindspore.ops import composite as C  # noqa: E402
 from mindspore.ops import functional as F  # noqa: E402
 from mindspore.ops import operations as P  # noqa: E402
 
-from _timing import interleave, summary  # noqa: E402
+from _timing import interleave, summary, wait  # noqa: E402
 from bench_step import build  # noqa: E402
 from mindspore_lamb import Lamb  # noqa: E402
 from mindspore_lamb.backends import composite, fused_cpu  # noqa: E402
@@ -72,9 +72,9 @@ def main():
              "Lamb step": Lamb(params, learning_rate=1e-7, weight_decay=0.01)}
     for cell in cells.values():
         cell(grads)
-        ms.runtime.synchronize()
+        wait()
     def run(cell):
-        return lambda: (cell(grads), ms.runtime.synchronize())
+        return lambda: (cell(grads), wait())
 
     times = interleave({k: run(cell) for k, cell in cells.items()}, a.repeats)
     print(f"BERT-base gradients: {len(grads)} tensors, {sum(g.size for g in grads) / 1e6:.1f}M elements; "

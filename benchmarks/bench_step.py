@@ -8,17 +8,19 @@ Parameter sets (fixed random parameters and gradients, float32):
   compile time, also of a whole train step (TrainOneStepCell of a 200-Dense net + MSE) per optimizer.
 
 For each set a child process builds ONE set of parameters and gradients shared by all optimizers (each
-optimizer keeps its own moments), then interleaves the optimizers call by call (GRAPH_MODE): round r
-calls Lamb, Adam, AdamWeightDecay (rotated each round), each call followed by
-``ms.runtime.synchronize()``. Reported: the median per optimizer, the ratio to nn.Adam's median, and the
-compile time (first call minus the steady-state median). Peak memory is measured in separate child
+optimizer keeps its own moments), then interleaves the optimizers call by call (GRAPH_MODE, or
+PYNATIVE_MODE with --mode pynative): round r calls Lamb, Adam, AdamWeightDecay (rotated each round),
+each call followed by ``_timing.wait()`` (its work is done, in PYNATIVE_MODE too). Reported: the median
+per optimizer, the ratio to nn.Adam's median, the compile time (first call minus the steady-state
+median), and the CPU time per call of each of the process's threads (by name) during that optimizer's
+calls. Peak memory is measured in separate child
 processes, one per optimizer: RSS after building parameters, gradients and the optimizer (its moments),
 and the peak RSS (ru_maxrss) after a few calls; "extra" = peak - that, as a multiple of the parameter
 bytes. The moments are allocated lazily (at the first call), so every optimizer's "extra" includes its
 moments and the runtime's own buffers: compare with nn.Adam's ("-Adam" column; target <= 1.0, one float32
 buffer of the parameters' size).
 
-Run:  python benchmarks/bench_step.py [--sets base,large,small] [--repeats 15] [--no-mem]
+Run:  python benchmarks/bench_step.py [--sets base,large,small] [--repeats 15] [--no-mem] [--mode pynative]
 A tiny learning rate keeps the parameters finite for all calls (so Lamb never takes its skip branch).
 """
 import argparse
@@ -31,6 +33,8 @@ import sys
 import time
 
 os.environ.setdefault("GLOG_v", "3")
+
+from _timing import wait  # noqa: E402  (the script's folder is on sys.path)
 
 OPTIMIZERS = ("Lamb", "Adam", "AdamWeightDecay")
 
@@ -123,22 +127,49 @@ def _peak_mib():
 
 
 def _call(opt, grads):
-    import mindspore as ms
     t0 = time.perf_counter()
     opt(grads)
-    ms.runtime.synchronize()
+    wait()
     return time.perf_counter() - t0
+
+
+def _thread_cpu():
+    """{thread id: (name, CPU seconds)} of this process's threads (Linux /proc; {} elsewhere). The main
+    thread is named "main"; MindSpore's and OpenMP's threads keep their names (OpenMP workers inherit
+    the name of the thread that started them)."""
+    import threading
+    out, tick = {}, os.sysconf("SC_CLK_TCK")
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:            # the thread ended
+            continue
+        name = "main" if int(tid) == threading.get_native_id() else name
+        out[tid] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _add_cpu(into, before, after):
+    """Add each thread's CPU seconds between two _thread_cpu() snapshots to `into` (by thread name)."""
+    for tid, (name, sec) in after.items():
+        into[name] = into.get(name, 0.0) + sec - before.get(tid, (name, 0.0))[1]
 
 
 def _warm_up_runtime():
     """Compile and run something unrelated, so the first optimizer's compile time excludes start-up."""
     import numpy as np
-    import mindspore as ms
     from mindspore import nn, Tensor
     net = nn.Dense(4, 4)
     opt = nn.SGD(net.trainable_params(), 0.1)
     opt(tuple(Tensor(np.ones(p.shape, np.float32)) for p in net.trainable_params()))
-    ms.runtime.synchronize()
+    wait()
 
 
 # ---------------------------------------------------------------- children
@@ -159,15 +190,19 @@ def child_time(set_name, repeats, kinds, mode="graph"):
     for k in kinds:                                   # one more warm-up each
         _call(opts[k], grads)
     times = {k: [] for k in kinds}
+    cpu = {k: {} for k in kinds}                      # CPU seconds by thread name, during k's calls
     for r in range(repeats):
         order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
         for k in order:
+            before = _thread_cpu()
             times[k].append(_call(opts[k], grads))
+            _add_cpu(cpu[k], before, _thread_cpu())
     out = {"set": set_name, "n_params": len(params), "n_elems": n_elems, "results": {}}
     for k in kinds:
         med = statistics.median(times[k])
         out["results"][k] = {"median_s": med, "min_s": min(times[k]), "first_s": first[k],
-                             "compile_s": first[k] - med, "times": times[k]}
+                             "compile_s": first[k] - med, "times": times[k],
+                             "cpu_per_call_s": {name: sec / repeats for name, sec in cpu[k].items()}}
     if "Lamb" in kinds:
         for k in kinds:
             if hasattr(opts[k], "skipped_steps"):
@@ -175,13 +210,13 @@ def child_time(set_name, repeats, kinds, mode="graph"):
     return out
 
 
-def child_mem(set_name, kind, calls=3):
+def child_mem(set_name, kind, mode="graph", calls=3):
     import mindspore as ms
-    ms.set_context(mode=ms.GRAPH_MODE, device_target=DEVICE)
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE, device_target=DEVICE)
     params, grads = build(set_name)
     param_mib = sum(p.size for p in params) * 4 / 2**20
     opt = make_optimizer(kind, params) if kind != "none" else None
-    ms.runtime.synchronize()
+    wait()
     before = _rss_mib()
     if opt is not None:
         for _ in range(calls):
@@ -208,10 +243,10 @@ def child_train_compile(kind, repeats=1):
         step = nn.TrainOneStepCell(nn.WithLossCell(net, nn.MSELoss()), make_optimizer(kind, net.trainable_params()))
         x = Tensor(np.ones((8, 64), np.float32) * 0.01)
         y = Tensor(np.zeros((8, 64), np.float32))
-        t0 = time.perf_counter(); step(x, y); ms.runtime.synchronize(); first = time.perf_counter() - t0
+        t0 = time.perf_counter(); step(x, y); wait(); first = time.perf_counter() - t0
         steady = []
         for _ in range(5):
-            t0 = time.perf_counter(); step(x, y); ms.runtime.synchronize(); steady.append(time.perf_counter() - t0)
+            t0 = time.perf_counter(); step(x, y); wait(); steady.append(time.perf_counter() - t0)
         res.append(first - statistics.median(steady))
     return {"opt": kind, "train_compile_s": min(res), "all": res}
 
@@ -237,7 +272,7 @@ def main():
                          "'bench:module.Class' loads a prototype from benchmarks/")
     ap.add_argument("--no-mem", action="store_true", help="skip the per-optimizer peak-memory children")
     ap.add_argument("--mode", choices=("graph", "pynative"), default="graph",
-                    help="MindSpore execution mode of the timed calls (default graph)")
+                    help="MindSpore execution mode of the timed calls and of the memory children (default graph)")
     ap.add_argument("--device", choices=("CPU", "GPU", "Ascend"), default="CPU",
                     help="device target (default CPU); on GPU, memory is the device's peak allocation, "
                          "'extra' is that minus parameters and gradients")
@@ -250,7 +285,7 @@ def main():
         if what == "time":
             res = child_time(a.child[1], int(a.child[2]), a.child[3].split(","), a.child[4])
         elif what == "mem":
-            res = child_mem(a.child[1], a.child[2])
+            res = child_mem(a.child[1], a.child[2], a.child[3])
         elif what == "train":
             res = child_train_compile(a.child[1])
         print(json.dumps(res))
@@ -280,6 +315,10 @@ def main():
             paired = statistics.median(x / y for x, y in zip(r["times"], rr[ref]["times"]))
             print(f"{k:<34}{r['median_s'] * 1e3:>10.1f}{r['min_s'] * 1e3:>9.1f}"
                   f"{r['median_s'] / rr[ref]['median_s']:>8.2f}{paired:>8.2f}{r['compile_s']:>10.2f}{cr:>9.2f}")
+        print("CPU time per call, by thread (the main thread busy while the step runs elsewhere is a spin-wait):")
+        for k in kinds:
+            busy = sorted(rr[k]["cpu_per_call_s"].items(), key=lambda item: -item[1])
+            print(f"  {k:<32}" + ", ".join(f"{name} {sec * 1e3:.0f} ms" for name, sec in busy if sec >= 0.0005))
         if set_name == "small":
             tr = {k: _run_child(["train", k]) for k in kinds}
             all_res.append({"set": "small-train-step", "results": tr})
@@ -288,7 +327,7 @@ def main():
             for k in kinds:
                 print(f"  {k:<32}{tr[k]['train_compile_s']:>8.2f} s  x AdamWD {tr[k]['train_compile_s'] / base:.2f}")
         if not a.no_mem:
-            mems = {k: _run_child(["mem", set_name, k]) for k in kinds}
+            mems = {k: _run_child(["mem", set_name, k, a.mode]) for k in kinds}
             all_res.append({"set": set_name + "-mem", "results": mems})
             print("peak memory (separate process per optimizer; extra = peak RSS - RSS after construction):")
             for k in kinds:

@@ -26,7 +26,7 @@ os.environ.setdefault("GLOG_v", "3")
 import mindspore as ms  # noqa: E402
 from mindspore import nn  # noqa: E402
 
-from _timing import cpu_header, interleave  # noqa: E402
+from _timing import cpu_header, interleave, wait  # noqa: E402
 from model import BertConfig, BertPreTraining, BertPretrainLoss  # noqa: E402
 from train import build_optimizer, build_train_cell, load_config  # noqa: E402
 
@@ -87,7 +87,7 @@ def main():
         cell, net = _cell(kind, cfg, vocab, 10_000)
         for _ in range(2):                                  # compile, warm up
             cell(*batch)
-        ms.runtime.synchronize()
+        wait()
         cells[kind] = cell
     n_params = sum(p.size for p in net.trainable_params())
 
@@ -96,7 +96,7 @@ def main():
     for proc in spinners:
         proc.start()
     try:
-        times = interleave({k: (lambda c=c: (c(*batch), ms.runtime.synchronize())) for k, c in cells.items()},
+        times = interleave({k: (lambda c=c: (c(*batch), wait())) for k, c in cells.items()},
                            a.repeats)
     finally:
         stop.set()
