@@ -1,5 +1,6 @@
 """The optimizer's share of a real training step: the BERT example's train step with Lamb against
-nn.AdamWeightDecay, interleaved call by call in one process (GRAPH_MODE).
+nn.AdamWeightDecay, interleaved call by call in one process (GRAPH_MODE, or PYNATIVE_MODE with
+--mode pynative: the train cell then runs operator by operator and calls the optimizer's compiled step).
 
 Both train cells are built as the example builds them (BERT parameter groups, the warm-up + decay
 schedule, LossScaleTrainStep with clipping at 1.0): they differ only in the optimizer. Each round calls
@@ -9,6 +10,7 @@ difference per step, and the paired ratio (median over rounds of Lamb's step / A
     python benchmarks/bench_train_step.py --config tiny --batch 32
     python benchmarks/bench_train_step.py --config base --batch 4 --seq 128 --repeats 10
     python benchmarks/bench_train_step.py --config base --batch 4 --seq 128 --busy 1   # + 1 spinning process
+    python benchmarks/bench_train_step.py --config tiny --batch 32 --mode pynative
 """
 import argparse
 import multiprocessing
@@ -72,9 +74,10 @@ def main():
     ap.add_argument("--vocab", type=int, help="vocabulary size (default: the config's)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--busy", type=int, default=0, help="competing busy processes during the timing")
+    ap.add_argument("--mode", choices=("graph", "pynative"), default="graph", help="MindSpore execution mode")
     a = ap.parse_args()
 
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_context(mode=ms.GRAPH_MODE if a.mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
     cfg = load_config(argparse.Namespace(config=a.config, epochs=None, batch_size=None, accumulation_steps=None,
                                          max_documents=None, set=[]))
     seq = a.seq or cfg["data"]["max_seq_length"]
@@ -105,7 +108,7 @@ def main():
 
     print(cpu_header())
     print(f"# BERT {a.config}: {n_params / 1e6:.1f}M parameters, batch {a.batch} x {seq} tokens, "
-          f"{a.repeats} interleaved steps each, {a.busy} competing busy process(es)")
+          f"{a.repeats} interleaved steps each, {a.busy} competing busy process(es), {a.mode} mode")
     lamb, adamw = (statistics.median(times[k]) * 1e3 for k in ("Lamb", "AdamWeightDecay"))
     paired = statistics.median(x / y for x, y in zip(times["Lamb"], times["AdamWeightDecay"]))
     print(f"train step with Lamb            median {lamb:9.1f} ms  min {min(times['Lamb']) * 1e3:9.1f} ms")
