@@ -315,7 +315,8 @@ def main():
             paired = statistics.median(x / y for x, y in zip(r["times"], rr[ref]["times"]))
             print(f"{k:<34}{r['median_s'] * 1e3:>10.1f}{r['min_s'] * 1e3:>9.1f}"
                   f"{r['median_s'] / rr[ref]['median_s']:>8.2f}{paired:>8.2f}{r['compile_s']:>10.2f}{cr:>9.2f}")
-        print("CPU time per call, by thread (the main thread busy while the step runs elsewhere is a spin-wait):")
+        print("CPU time per call, by thread (in PYNATIVE_MODE a compiled step runs on frontend_queue or ActorThread:"
+              " CPU time of the main thread beside it there is a busy wait):")
         for k in kinds:
             busy = sorted(rr[k]["cpu_per_call_s"].items(), key=lambda item: -item[1])
             print(f"  {k:<32}" + ", ".join(f"{name} {sec * 1e3:.0f} ms" for name, sec in busy if sec >= 0.0005))
