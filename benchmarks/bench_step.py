@@ -14,9 +14,10 @@ each call followed by ``_timing.wait()`` (its work is done, in PYNATIVE_MODE too
 per optimizer, the ratio to nn.Adam's median, the compile time (first call minus the steady-state
 median), and the CPU time per call of each of the process's threads (by name) during that optimizer's
 calls. Peak memory is measured in separate child processes, one per optimizer (in the same mode): RSS
-after building parameters, gradients and the optimizer (its moments), and the peak RSS (ru_maxrss) after a few calls; "extra" = peak - that, as a multiple of the parameter
-bytes. The moments are allocated lazily (at the first call), so every optimizer's "extra" includes its
-moments and the runtime's own buffers: compare with nn.Adam's ("-Adam" column; target <= 1.0, one float32
+after building parameters, gradients and the optimizer (its moments), and the peak RSS (ru_maxrss)
+after a few calls; "extra" = peak - that, as a multiple of the parameter bytes. The moments are
+allocated lazily (at the first call), so every optimizer's "extra" includes its moments and the
+runtime's own buffers: compare with nn.Adam's ("-Adam" column; target <= 1.0, one float32
 buffer of the parameters' size).
 
 Run:  python benchmarks/bench_step.py [--sets base,large,small] [--repeats 15] [--no-mem] [--mode pynative]
