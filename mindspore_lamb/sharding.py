@@ -2,11 +2,12 @@
 
 With ``shard_state=True`` each of N workers saves its own checkpoint (``ModelCheckpoint`` or
 ``ms.save_checkpoint`` on every rank): full weights, ``lamb_m.shard`` / ``lamb_v.shard`` holding that
-worker's piece of the moments, and ``lamb_shard_names``. Then:
+worker's piece of the moments, ``lamb_shard_names`` and ``lamb_shard_rank`` ([rank, world]). Then:
 
 * :func:`merge` (or ``python -m mindspore_lamb.sharding merge OUT.ckpt RANK0.ckpt RANK1.ckpt ...``,
-  the files in rank order) writes an ordinary checkpoint, with full moments, that a non-sharded ``Lamb``
-  (or ``mindspore.nn.Lamb``) loads as it is;
+  the files in any order) checks that the checkpoints are all the workers' of one step (by
+  ``lamb_shard_rank``, ``global_step`` and the weights) and writes an ordinary checkpoint, with full
+  moments, that a non-sharded ``Lamb`` (or ``mindspore.nn.Lamb``) loads as it is;
 * :func:`cut` turns such a full checkpoint into what one worker of a sharded run with any number of
   workers loads: ``ms.load_param_into_net(train_cell, cut(ms.load_checkpoint(path), optimizer))``.
 
@@ -14,12 +15,14 @@ Both directions continue training bit-identically to an uninterrupted run (tests
 tests/test_distributed.py).
 """
 import argparse
+import os
+import sys
 
 import numpy as np
 
 from mindspore import Parameter, Tensor
 
-from .backends.sharded import NAMES_PARAMETER, piece, piece_length
+from .backends.sharded import NAMES_PARAMETER, RANK_PARAMETER, piece, piece_length, shard_record
 
 PREFIXES = ("lamb_m.", "lamb_v.")
 
@@ -29,9 +32,6 @@ def _array(value):
 
 
 def _names(state):
-    if NAMES_PARAMETER not in state:
-        raise ValueError(f"For 'sharding', the state dict has no '{NAMES_PARAMETER}': it is not from "
-                         f"Lamb(shard_state=True).")
     return bytes(_array(state[NAMES_PARAMETER]).astype(np.uint8)).decode().split("\n")
 
 
@@ -43,33 +43,108 @@ def _weight_key(state, name):
         return name
     found = sorted((key for key in state if key.endswith("." + name) and not key.startswith(PREFIXES)), key=len)
     if not found or (len(found) > 1 and len(found[0]) == len(found[1])):
-        raise ValueError(f"For 'sharding.merge', the parameter '{name}' is not in the first worker's state "
+        raise ValueError(f"For 'sharding', the parameter '{name}' of '{NAMES_PARAMETER}' is not in the state "
                          f"(keys ending with it: {found}).")
     return found[0]
 
 
-def merge(shards):
-    """One full state dict from the workers' state dicts (``ms.load_checkpoint`` results, or
-    {name: array} dicts), given in rank order: ``lamb_m.<name>`` / ``lamb_v.<name>`` of every parameter,
-    shaped like it, from the workers' pieces; everything else from rank 0 (identical on every worker in
-    data-parallel training). Returns {name: Parameter}."""
-    shards = list(shards)
+def _load(shards):
+    """[(label, state)]: state dicts as they are, paths loaded with ``ms.load_checkpoint`` (label: the path)."""
+    out = []
+    for index, shard in enumerate(shards):
+        if isinstance(shard, (str, os.PathLike)):
+            import mindspore as ms
+            out.append((os.fspath(shard), ms.load_checkpoint(os.fspath(shard))))
+        else:
+            out.append((f"shards[{index}]", shard))
+    return out
+
+
+def _in_rank_order(shards, trust_order):
+    """`shards` ([(label, state)]) sorted by their recorded rank, after checking that the records name
+    ranks 0..N-1 of a world of N once each; without records, as given if `trust_order`."""
+    world = len(shards)
+    records = [tuple(int(x) for x in _array(state[RANK_PARAMETER]).reshape(-1)) if RANK_PARAMETER in state
+               else None for _, state in shards]
+    unrecorded = [label for (label, _), record in zip(shards, records) if record is None]
+    if unrecorded and not trust_order:
+        raise ValueError(f"For 'sharding.merge', {unrecorded} hold no '{RANK_PARAMETER}' (saved before Lamb "
+                         f"recorded each worker's rank), so their order cannot be checked. If all the workers' "
+                         f"checkpoints are given in rank order, pass trust_order=True (command line: merge "
+                         f"--ranks-in-order ...).")
+    # trusted order: a checkpoint without a record is the rank of its place
+    records = [record or (index, world) for index, record in enumerate(records)]
+    wrong_world = [f"{label}: rank {r} of {w}" for (label, _), (r, w) in zip(shards, records) if w != world]
+    if wrong_world:
+        raise ValueError(f"For 'sharding.merge', {world} checkpoints were given, so each must be from a run of "
+                         f"{world} workers, but {wrong_world}: are all the workers' checkpoints there?")
+    ranks = [rank for rank, _ in records]
+    if sorted(ranks) != list(range(world)):
+        got = [f"{label}: rank {rank}" for (label, _), rank in zip(shards, ranks)]
+        raise ValueError(f"For 'sharding.merge', the checkpoints must hold ranks 0 to {world - 1} once each, but "
+                         f"got {got}.")
+    return [shard for _, shard in sorted(zip(ranks, shards), key=lambda pair: pair[0])]
+
+
+def _check_same_run_and_step(shards, names):
+    """The workers' checkpoints are of one run and one step: the same parameter names, global_step and
+    weights (data parallel: every worker holds the same weights after each step)."""
+    (first, state0), others = shards[0], shards[1:]
+    for label, state in others:
+        if _names(state) != names:
+            differ = sorted(set(_names(state)) ^ set(names)) or "the same names, in another order"
+            raise ValueError(f"For 'sharding.merge', every worker's checkpoint must list the same parameters, "
+                             f"but '{first}' ({len(names)}) and '{label}' ({len(_names(state))}) differ: {differ}.")
+    steps = {label: _array(state["global_step"]).reshape(-1).tolist() if "global_step" in state else None
+             for label, state in shards}
+    if len({str(step) for step in steps.values()}) > 1:
+        raise ValueError(f"For 'sharding.merge', the workers' checkpoints must be of the same step, but their "
+                         f"'global_step' is {steps}.")
+    for name in names:
+        weight = _array(state0[_weight_key(state0, name)])
+        for label, state in others:
+            other = _array(state[_weight_key(state, name)])
+            if other.shape != weight.shape or not np.array_equal(other, weight, equal_nan=True):
+                gap = (np.abs(other.astype(np.float64) - weight.astype(np.float64)).max()
+                       if other.shape == weight.shape else f"shapes {weight.shape} and {other.shape}")
+                raise ValueError(f"For 'sharding.merge', the weights must be identical on every worker (data "
+                                 f"parallel), but '{name}' differs between '{first}' and '{label}' (max abs "
+                                 f"difference {gap}): checkpoints of different runs or steps?")
+
+
+def merge(shards, *, trust_order=False):
+    """One full state dict from the workers' checkpoints: paths, ``ms.load_checkpoint`` results or
+    {name: array} dicts, in any order. Each worker's ``lamb_shard_rank`` gives its place; the checkpoints
+    must hold ranks 0..N-1 of N workers once each, at the same ``global_step``, with the same parameter
+    names and identical weights, else ValueError naming them. Checkpoints without ``lamb_shard_rank``
+    (saved before it existed) are refused unless `trust_order` is True: then they are taken in the order
+    given, still checked for step, names and weights.
+
+    The result holds ``lamb_m.<name>`` / ``lamb_v.<name>`` of every parameter, shaped like it, from the
+    workers' pieces, and everything else from rank 0. Returns {name: Parameter}."""
+    shards = _load(shards)
     if not shards:
         raise ValueError("For 'sharding.merge', the argument 'shards' must hold one state dict per worker, "
                          "but got none.")
-    names = _names(shards[0])
-    skip = {NAMES_PARAMETER} | {prefix + "shard" for prefix in PREFIXES}
+    for label, state in shards:
+        if NAMES_PARAMETER not in state:
+            raise ValueError(f"For 'sharding.merge', '{label}' has no '{NAMES_PARAMETER}': it is not a "
+                             f"checkpoint of Lamb(shard_state=True).")
+    shards = _in_rank_order(shards, trust_order)
+    names = _names(shards[0][1])
+    _check_same_run_and_step(shards, names)
+    skip = {NAMES_PARAMETER, RANK_PARAMETER} | {prefix + "shard" for prefix in PREFIXES}
     merged = {name: Parameter(Tensor(_array(value)), name=name)
-              for name, value in shards[0].items() if name not in skip}
+              for name, value in shards[0][1].items() if name not in skip}
     shapes = [_array(merged[_weight_key(merged, name)]).shape for name in names]
     sizes = [int(np.prod(shape)) for shape in shapes]
     total, length = sum(sizes), piece_length(sum(sizes), len(shards))
     for prefix in PREFIXES:
-        pieces = [_array(shard[prefix + "shard"]).reshape(-1) for shard in shards]
+        pieces = [_array(state[prefix + "shard"]).reshape(-1) for _, state in shards]
         if any(piece.size != length for piece in pieces):
             raise ValueError(f"For 'sharding.merge', {len(shards)} workers of {total} elements must each hold "
-                             f"{length} moments, but got {[piece.size for piece in pieces]}: are all workers' "
-                             f"checkpoints there, in rank order?")
+                             f"{length} moments, but got { {label: p.size for (label, _), p in zip(shards, pieces)} }"
+                             f": are all the workers' checkpoints there?")
         flat = np.concatenate(pieces)[:total]
         for name, shape, start, size in zip(names, shapes, np.cumsum([0] + sizes), sizes):
             merged[prefix + name] = Parameter(Tensor(flat[start:start + size].reshape(shape).astype(np.float32)),
@@ -88,7 +163,8 @@ def cut(state, optimizer):
 
 def cut_for(state, names, rank, world):
     """`state` with ``lamb_m.<name>`` / ``lamb_v.<name>`` of `names` (the optimizer's parameter order)
-    replaced by worker `rank`'s piece of `world` (``lamb_m.shard`` / ``lamb_v.shard``), and the names."""
+    replaced by worker `rank`'s piece of `world` (``lamb_m.shard`` / ``lamb_v.shard``), the names and
+    ``lamb_shard_rank``."""
     out = {name: value for name, value in state.items() if not name.startswith(PREFIXES)}
     sizes = [_array(state[PREFIXES[0] + name]).size for name in names]
     positions, valid, _ = piece(sizes, rank, world)
@@ -98,6 +174,7 @@ def cut_for(state, names, rank, world):
         out[prefix + "shard"] = Parameter(Tensor(values), name=prefix + "shard")
     encoded = np.frombuffer("\n".join(names).encode(), np.uint8).copy()
     out[NAMES_PARAMETER] = Parameter(Tensor(encoded), name=NAMES_PARAMETER, requires_grad=False)
+    out[RANK_PARAMETER] = shard_record(rank, world)
     return out
 
 
@@ -106,11 +183,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m mindspore_lamb.sharding", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    merge_cmd = sub.add_parser("merge", help="merge the workers' checkpoints (in rank order) into one")
+    merge_cmd = sub.add_parser("merge", help="merge the workers' checkpoints (any order) into one")
     merge_cmd.add_argument("out")
     merge_cmd.add_argument("shards", nargs="+")
+    merge_cmd.add_argument("--ranks-in-order", action="store_true",
+                           help="checkpoints saved without lamb_shard_rank: take them as given, rank 0 first")
     args = parser.parse_args(argv)
-    merged = merge(ms.load_checkpoint(path) for path in args.shards)
+    try:
+        merged = merge(args.shards, trust_order=args.ranks_in_order)
+    except ValueError as err:           # nothing is written
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     ms.save_checkpoint(list(merged.values()), args.out)
     print(f"merged {len(args.shards)} worker checkpoints into {args.out}")
 

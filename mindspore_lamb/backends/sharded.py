@@ -13,8 +13,9 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
 
 The graph is the same on every worker (which piece is a worker's own is data, not graph structure), so
 every worker issues the same collectives in the same order. The moments are two float32 Parameters of L
-elements, ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) lets
-``mindspore_lamb.sharding`` merge the workers' checkpoints into a full one, and cut a full one for
+elements, ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and
+``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding``
+merge the workers' checkpoints into a full one, checking that they fit together, and cut a full one for
 another number of workers. docs/distributed.md has the figures.
 """
 import numpy as np
@@ -31,6 +32,7 @@ from .contract import INDEX
 
 _PROCEED, _OUTSIDE = INDEX["proceed"], INDEX["decay_outside"]
 NAMES_PARAMETER = "lamb_shard_names"
+RANK_PARAMETER = "lamb_shard_rank"
 
 
 def piece_length(total, world):
@@ -74,9 +76,15 @@ def shard_state(params, world):
     return moments + (Parameter(Tensor(names.copy()), name=NAMES_PARAMETER, requires_grad=False),)
 
 
+def shard_record(rank, world):
+    """lamb_shard_rank, int32 [rank, world]: saved with the moments, so that a checkpoint says whose piece
+    it holds (``sharding.merge`` orders and checks the workers' checkpoints by it)."""
+    return Parameter(Tensor(np.array([rank, world], np.int32)), name=RANK_PARAMETER, requires_grad=False)
+
+
 class ShardedBackend(nn.Cell):
     """The update contract (contract.py) with sharded moments: `moments1` and `moments2` are 1-tuples
-    holding this worker's piece."""
+    holding this worker's piece; `shard_rank` records which piece it is, in the checkpoints."""
 
     name = "sharded"
     SumOfSquares = composite.SumOfSquares
@@ -93,6 +101,7 @@ class ShardedBackend(nn.Cell):
         # this worker's piece, as data: global flat positions, real or padding, parameter of each element
         positions, valid, owner = piece(sizes, rank, world)
         self.positions, self.valid, self.segments = Tensor(positions), Tensor(valid), Tensor(owner)
+        self.shard_rank = shard_record(rank, world)
         start = rank * piece_length(sum(sizes), world)
         self.bounds = Tensor(np.array([min(start, sum(sizes)), min(start + len(positions), sum(sizes))], np.int32))
         # on CPU with float32 parameters, the piece's two passes are fused kernels (fused_cpu.cc)
