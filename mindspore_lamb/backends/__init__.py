@@ -4,9 +4,10 @@
 can run the parameters. Adding a backend (a GPU or Ascend kernel) is one module with a class like
 ``CompositeBackend`` and one entry in :data:`BACKENDS`.
 
-``MINDSPORE_LAMB_FUSED``: ``0`` never uses the fused CPU backend; ``require`` raises instead of falling
-back when it cannot be used (for benchmarks); anything else (default) uses it where it can and says once,
-as a warning, why it could not.
+``MINDSPORE_LAMB_FUSED`` (case and surrounding spaces ignored): ``0``, ``false``, ``off`` or ``no`` never
+uses the fused CPU backend; ``1``, ``true``, ``on``, ``yes``, empty or unset (the default) uses it where it
+can and says once, as a warning, why it could not; ``require`` raises instead of falling back when it
+cannot be used (for benchmarks); any other value is a ``ValueError`` naming the variable and the value.
 """
 import os
 import warnings
@@ -17,16 +18,20 @@ from . import composite, fused_cpu
 
 BACKENDS = (fused_cpu.FusedCpuBackend, composite.CompositeBackend)
 _warned = set()
+# MINDSPORE_LAMB_FUSED, lower-cased: whether the fused backend is wanted
+_FUSED_SETTINGS = {"0": False, "false": False, "off": False, "no": False, "": True, "1": True, "true": True,
+                   "on": True, "yes": True, "require": "require"}
 
 
 def _wanted(backend):
-    """False when the environment turns `backend` off; "require" when it must be used."""
+    """False when MINDSPORE_LAMB_FUSED turns `backend` off; "require" when it must be used."""
     if backend is fused_cpu.FusedCpuBackend:
-        setting = os.environ.get("MINDSPORE_LAMB_FUSED", "1").strip().lower()
-        if setting == "0":
-            return False
-        if setting == "require":
-            return "require"
+        setting = os.environ.get("MINDSPORE_LAMB_FUSED", "")
+        wanted = _FUSED_SETTINGS.get(setting.strip().lower())
+        if wanted is None:
+            raise ValueError(f"mindspore_lamb: MINDSPORE_LAMB_FUSED must be one of 0, false, off, no, 1, true, on, "
+                             f"yes or require, but got {setting!r}.")
+        return wanted
     return True
 
 

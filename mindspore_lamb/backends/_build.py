@@ -3,18 +3,33 @@
 The cache is held to the standard of the JIT caches users already trust (torch extensions, Triton):
 
 * per user: ``$MINDSPORE_LAMB_CACHE``, else ``$XDG_CACHE_HOME/mindspore_lamb``, else
-  ``~/.cache/mindspore_lamb``; created with mode 0700;
+  ``~/.cache/mindspore_lamb`` (``~`` expanded, a relative path taken from the working directory when the
+  library is built); created with mode 0700;
+* ``$CXX`` (default ``g++``, one executable looked up on ``PATH``) is the compiler that is run; its resolved
+  path and its ``--version`` output are part of the library's name, with the source, the flags and the
+  CPU, so a library is never reused for another compiler, source, flags or CPU;
 * a directory or library that is not owned by the current user, or that group or others can write, is
   never loaded (a library that someone else can replace could run code in our process);
 * each library has a manifest (size and SHA-256, written when it was built); a library that does not
   match it (truncated by a full disk or a killed copy, corrupt, or replaced) is rebuilt, never loaded;
-* an unusable cache directory (not ours, too open, read-only) falls back to a private temporary directory,
-  with a warning.
+  both are checked on the open file, never through a symbolic link.
 
-The library's name is keyed by the source, the compiler flags and the CPU, so a cache shared between
-machines never hands one CPU a library built for another. docs/api/lamb.md ("What can go wrong") lists
-what each failure does.
+MindSpore opens the library by its path at the first step, not when the optimizer is built (it takes the
+text before the first ``:`` as the file, calls ``realpath`` and ``dlopen``), so the path handed to it must
+still lead to the verified file then. It is absolute and fully resolved (no symbolic link, no ``..``, no
+``:``), and nobody but the current user and root can change what it leads to: each directory above the
+cache is owned by the current user or root, and group and others cannot write it, unless root owns it
+and it is sticky (like ``/tmp``), where only the owner of an entry can rename or remove it and the entry
+below it is the current user's or root's.
+
+A cache directory that fails these rules, or in which building raises an ``OSError`` (a full disk, a
+directory where the library should be), is not used: one warning naming it and the reason, and the
+library is built in a private temporary directory (0700, removed at exit) for this process; when even
+that fails, :class:`BuildError` (the fused backend is not used). docs/api/lamb.md ("What can go wrong")
+lists what each failure does.
 """
+import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -33,118 +48,172 @@ class BuildError(RuntimeError):
 
 
 def cache_dir():
-    """The configured cache directory (not created)."""
+    """The configured cache directory, absolute (not created)."""
     configured = os.environ.get("MINDSPORE_LAMB_CACHE")
-    if configured:
-        return configured
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mindspore_lamb")
+    if not configured:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        configured = os.path.join(base, "mindspore_lamb")
+    return os.path.abspath(os.path.expanduser(configured))
 
 
-def _untrusted(path, want_dir):
-    """Why `path` must not be trusted (a str), or None. Symbolic links are followed for directories only."""
-    try:
-        info = os.stat(path) if want_dir else os.lstat(path)
-    except OSError as error:
-        return f"cannot stat it ({error.strerror})"
-    if want_dir and not stat.S_ISDIR(info.st_mode):
-        return "it is not a directory"
-    if not want_dir and not stat.S_ISREG(info.st_mode):
-        return "it is not a regular file"
-    if info.st_uid != os.getuid():
-        return f"it is owned by uid {info.st_uid}, not by the current user (uid {os.getuid()})"
-    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"group or others can write it (mode {stat.filemode(info.st_mode)})"
+def _open_to_others(path, info, below):
+    """Why users other than us and root could change what `path` (a directory, stat `info`) holds, or None.
+    `below`: the owner of the entry of it on our path, None for the cache directory itself."""
+    me = os.getuid()
+    if not stat.S_ISDIR(info.st_mode):
+        return f"{path} is not a directory"
+    if info.st_uid != me and (below is None or info.st_uid != 0):
+        return f"{path} is owned by uid {info.st_uid}, not by the current user (uid {me})" + \
+            ("" if below is None else " or root")
+    writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    sticky_root = below in (me, 0) and info.st_uid == 0 and info.st_mode & stat.S_ISVTX
+    if writable and not sticky_root:
+        return f"group or others can write {path} (mode {stat.filemode(info.st_mode)})"
     return None
 
 
 def _usable_dir(path):
-    """Create `path` (0700) if needed; return why it cannot hold our libraries, or None."""
+    """(resolved `path`, why it cannot hold libraries that MindSpore opens by path, or None); created 0700."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as error:
-        return f"cannot create it ({error.strerror})"
-    reason = _untrusted(path, want_dir=True)
-    if reason is None and not os.access(path, os.W_OK | os.X_OK):
-        reason = "it is not writable"
-    return reason
+        return path, f"cannot create it ({error.strerror})"
+    real = os.path.realpath(path)
+    if ":" in real:
+        return real, f"its path {real} has a ':', where MindSpore's kernel loader ends the file name"
+    below, current = None, real
+    while True:                       # from the cache directory up to /
+        try:
+            info = os.lstat(current)
+        except OSError as error:
+            return real, f"cannot stat {current} ({error.strerror})"
+        reason = _open_to_others(current, info, below)
+        if reason is not None:
+            return real, reason
+        if current == os.path.dirname(current):
+            break
+        below, current = info.st_uid, os.path.dirname(current)
+    if not os.access(real, os.W_OK | os.X_OK):
+        return real, "it is not writable"
+    return real, None
 
 
 def _private_cache():
-    """A private (0700) temporary directory for this process, made once."""
+    """A private (0700) temporary directory for this process, made once and removed at exit."""
     global _private_dir
     if _private_dir is None:
         _private_dir = tempfile.mkdtemp(prefix="mindspore_lamb-")
+        atexit.register(shutil.rmtree, _private_dir, True)
     return _private_dir
 
 
-def _digest(path):
-    sha = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
+def _read_private(path):
+    """The bytes of `path` when it is a regular file of ours that group and others cannot write (checked
+    on the open file; a symbolic link is not followed), else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or \
+                info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return None
+        return handle.read()
 
 
 def _verified(lib):
     """True when `lib` and its manifest are ours, private, and the library matches the manifest."""
-    manifest = lib + _MANIFEST_SUFFIX
-    if _untrusted(lib, want_dir=False) or _untrusted(manifest, want_dir=False):
+    data, manifest = _read_private(lib), _read_private(lib + _MANIFEST_SUFFIX)
+    if data is None or manifest is None:
         return False
     try:
-        with open(manifest, encoding="utf-8") as handle:
-            record = json.load(handle)
-        return os.path.getsize(lib) == record["size"] and _digest(lib) == record["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads(manifest)
+        return len(data) == record["size"] and hashlib.sha256(data).hexdigest() == record["sha256"]
+    except (ValueError, KeyError, TypeError):
         return False
 
 
-def _compile(cxx, flags, src, directory, lib):
-    """Compile into a temporary file, write its manifest, then move both into place atomically."""
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
-    os.close(fd)
+def _compile(cxx, setting, flags, src, directory, lib):
+    """Compile into a temporary file, write its manifest, then move both into place atomically. Temporary
+    files never outlive a failure."""
+    temporary = []
     try:
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(fd)
+        temporary.append(tmp)
         proc = subprocess.run([cxx, *flags, src, "-o", tmp], capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise BuildError(f"compiling {os.path.basename(src)} with {cxx} failed: {proc.stderr.strip()[-1500:]}")
+            raise BuildError(f"compiling {os.path.basename(src)} with {setting} failed: "
+                             f"{proc.stderr.strip()[-1500:]}")
         os.chmod(tmp, 0o700)
-        record = {"size": os.path.getsize(tmp), "sha256": _digest(tmp), "flags": flags}
+        with open(tmp, "rb") as handle:
+            data = handle.read()
+        record = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "flags": flags}
         fd, tmp_manifest = tempfile.mkstemp(suffix=_MANIFEST_SUFFIX, dir=directory)
+        temporary.append(tmp_manifest)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(record, handle)
+        os.replace(tmp, lib)          # concurrent processes never load a half-written library
         os.replace(tmp_manifest, lib + _MANIFEST_SUFFIX)
-        os.replace(tmp, lib)  # concurrent processes never load a half-written library
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in temporary:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _compiler_identity(cxx):
+    """The compiler's resolved path and its ``--version`` output."""
+    try:
+        proc = subprocess.run([cxx, "--version"], capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise BuildError(f"the C++ compiler {cxx} cannot be run ({error})") from error
+    return os.path.realpath(cxx).encode() + b"\0" + proc.stdout
+
+
+def _build_in(directory, name, cxx, setting, flags, src):
+    lib = os.path.join(directory, name)
+    if not _verified(lib):
+        _compile(cxx, setting, flags, src, directory, lib)
+        if not _verified(lib):
+            raise BuildError(f"the library built at {lib} does not verify (was it replaced while building?)")
+    return lib
 
 
 def build(src, flags, key_extra=b""):
-    """Path of a verified shared library compiled from `src` with `flags` (built if needed).
+    """Path of a verified shared library compiled from `src` with `flags` (built if needed): absolute,
+    resolved, and in a directory that only the current user and root can change (see the module's doc).
 
-    Raises BuildError (with the reason) when no compiler is found or the compile fails."""
-    cxx = os.environ.get("CXX", "g++")
-    if shutil.which(cxx) is None:
-        raise BuildError(f"no C++ compiler found ({cxx!r} is not on PATH)")
+    Raises BuildError (with the reason) when no compiler is found, the compile fails, or no directory can
+    hold the library."""
+    setting = os.environ.get("CXX", "g++")
+    cxx = shutil.which(setting)
+    if cxx is None:
+        raise BuildError(f"no C++ compiler found ({setting!r} is not on PATH)")
     try:
         with open(src, "rb") as handle:
             source = handle.read()
     except OSError as error:
         raise BuildError(f"the kernel source {src} is missing from the installed package ({error.strerror})") \
             from error
-    key = hashlib.sha256(source + "\0".join(flags).encode() + key_extra).hexdigest()[:16]
-    name = f"{os.path.splitext(os.path.basename(src))[0]}_{key}.so"
+    key = hashlib.sha256(b"\0".join([source, "\0".join(flags).encode(), key_extra, _compiler_identity(cxx)]))
+    name = f"{os.path.splitext(os.path.basename(src))[0]}_{key.hexdigest()[:16]}.so"
 
     directory = cache_dir()
-    reason = _usable_dir(directory)
-    if reason is not None:
-        warnings.warn(f"mindspore_lamb: the kernel cache {directory} is not used ({reason}); building in a "
-                      f"private temporary directory instead (set MINDSPORE_LAMB_CACHE to a directory of yours "
-                      f"to keep the build).", RuntimeWarning, stacklevel=3)
-        directory = _private_cache()
-    lib = os.path.join(directory, name)
-    if not _verified(lib):
-        _compile(cxx, flags, src, directory, lib)
-        if not _verified(lib):
-            raise BuildError(f"the library built at {lib} does not verify (was it replaced while building?)")
-    return lib
+    real, reason = _usable_dir(directory)
+    if reason is None:
+        try:
+            return _build_in(real, name, cxx, setting, flags, src)
+        except OSError as error:
+            reason = f"building in it failed: {error}"
+    warnings.warn(f"mindspore_lamb: the kernel cache {directory} is not used ({reason}); building in a "
+                  f"private temporary directory instead (set MINDSPORE_LAMB_CACHE to a directory of yours "
+                  f"to keep the build).", RuntimeWarning, stacklevel=3)
+    try:
+        real, reason = _usable_dir(_private_cache())
+        if reason is None:
+            return _build_in(real, name, cxx, setting, flags, src)
+    except OSError as error:
+        reason = str(error)
+    raise BuildError(f"neither the kernel cache {directory} nor a private temporary directory can hold the "
+                     f"library ({reason})")

@@ -44,7 +44,11 @@ def _cpu_signature():
 
 
 def library_path(src=SRC, extra_flags=()):
-    """The verified library built from `src` (cached; built on first use). Raises _build.BuildError."""
+    """The verified library built from `src` (cached; built on first use). Raises _build.BuildError.
+
+    ``ops.Custom`` gets this path and MindSpore opens it at the first step: it is absolute, resolved and
+    without ':', in directories only the current user and root can change (_build.py), so it still leads
+    to the library verified here."""
     key = (src, tuple(extra_flags))
     if key not in _libraries:
         try:
