@@ -11,8 +11,9 @@ worker's piece of the moments, ``lamb_shard_names`` and ``lamb_shard_rank`` ([ra
 * :func:`cut` turns such a full checkpoint into what one worker of a sharded run with any number of
   workers loads: ``ms.load_param_into_net(train_cell, cut(ms.load_checkpoint(path), optimizer))``.
 
-Both directions continue training bit-identically to an uninterrupted run (tests/test_sharding.py,
-tests/test_distributed.py).
+Both are lossless, bit for bit (tests/test_sharding.py); training resumed from them on another number
+of workers matches the uninterrupted run within float32 rounding (docs/distributed.md, "Resharding on
+resume"; tests/test_reshard.py).
 """
 import argparse
 import os
