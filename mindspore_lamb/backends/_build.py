@@ -62,9 +62,9 @@ def _open_to_others(path, info, below):
     me = os.getuid()
     if not stat.S_ISDIR(info.st_mode):
         return f"{path} is not a directory"
-    if info.st_uid != me and (below is None or info.st_uid != 0):
-        return f"{path} is owned by uid {info.st_uid}, not by the current user (uid {me})" + \
-            ("" if below is None else " or root")
+    if info.st_uid != me and (below is None or info.st_uid != 0):    # root may own the directories above
+        also = "" if below is None else " or root"
+        return f"{path} is owned by uid {info.st_uid}, not by the current user (uid {me}){also}"
     writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
     sticky_root = below in (me, 0) and info.st_uid == 0 and info.st_mode & stat.S_ISVTX
     if writable and not sticky_root:
