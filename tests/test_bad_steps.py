@@ -71,8 +71,8 @@ def _one_process(steps, scale_factor):
     """(injected, clean, plan) trained in this process (no all-reduce), the poisoned rank's batches."""
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     batches, plan = W.shard(steps, W.POISONED_RANK, 2), W.bad_steps(steps)
-    injected = W.state(*W.run_injected(batches, plan, W.POISONED_RANK, scale_factor))
-    clean = W.state(*W.run_clean(batches, plan, scale_factor))
+    injected = W.state(*W.run_injected(batches, plan, W.POISONED_RANK, scale_factor=scale_factor))
+    clean = W.state(*W.run_clean(batches, plan, scale_factor=scale_factor))
     return injected, clean, plan
 
 

@@ -85,13 +85,14 @@ def shard(steps, rank, world):
     return [(row["x"], row["label"]) for row in dataset.create_dict_iterator(output_numpy=True)]
 
 
-def build(steps, scale_factor=2.0):
-    """LossScaleTrainStep (dynamic scale, clipping) + Lamb with a warm-up/decay schedule over `steps`."""
+def build(steps, **scale):
+    """LossScaleTrainStep (dynamic scale, clipping) + Lamb with a warm-up/decay schedule over `steps`; `scale`:
+    LossScaleTrainStep arguments (init_scale, scale_factor, min_scale) other than the defaults here."""
     net = make_net(seed=5)
     opt = Lamb(net.trainable_params(), learning_rate=WarmupPolynomialDecayLR(0.05, 0.0, steps // 10, steps),
                weight_decay=0.01)
-    step = LossScaleTrainStep(nn.WithLossCell(net, loss_fn()), opt, init_scale=INIT_SCALE,
-                              scale_factor=scale_factor, scale_window=SCALE_WINDOW, max_grad_norm=1.0)
+    scale = dict({"init_scale": INIT_SCALE, "scale_window": SCALE_WINDOW}, **scale)
+    step = LossScaleTrainStep(nn.WithLossCell(net, loss_fn()), opt, max_grad_norm=1.0, **scale)
     step.set_train()
     return step
 
@@ -109,9 +110,9 @@ def train(step, batches, before_call=None):
     return {k: np.array(v) for k, v in log.items()}
 
 
-def run_injected(batches, plan, rank, scale_factor=2.0):
+def run_injected(batches, plan, rank, **scale):
     """Train on every batch; at the steps of `plan`, POISONED_RANK alone gets its NaN / Inf."""
-    step = build(len(batches), scale_factor)
+    step = build(len(batches), **scale)
     reducer = PoisonedReducer(step.grad_reducer, step.weights)
     step.grad_reducer = reducer
     poisoned = rank == POISONED_RANK
@@ -128,9 +129,9 @@ def run_injected(batches, plan, rank, scale_factor=2.0):
     return step, train(step, batches, before_call)
 
 
-def run_clean(batches, plan, scale_factor=2.0):
+def run_clean(batches, plan, **scale):
     """Train on the batches outside `plan`, with nothing injected."""
-    step = build(len(batches), scale_factor)
+    step = build(len(batches), **scale)
     return step, train(step, [b for i, b in enumerate(batches) if i not in plan])
 
 
