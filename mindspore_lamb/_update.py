@@ -17,6 +17,7 @@ _reduce_sum = P.ReduceSum(keep_dims=False)
 _reduce_mean = P.ReduceMean(keep_dims=True)
 _stack = P.Stack()
 _isfinite = P.IsFinite()
+_mul_no_nan = P.MulNoNan()
 _NO_UPDATE = Tensor([1.0, 0.0, 0.0], mstype.float32)
 (_OMB1, _OMB2, _M_GRAD_SCALE, _EPS, _EPS_ROOT, _INV_BC1, _INV_BC2, _GRAD_SCALE, _IN_GRAD, _IN_UPDATE, _OUTSIDE,
  _W_NORM_MAX, _LO, _HI, _PROCEED) = (INDEX[name] for name in (
@@ -65,13 +66,14 @@ def moments_and_update(scalars, wd, w, m, v, gradient):
     return m_t, v_t, r + (wd * scalars[_IN_UPDATE]) * w                   # u = r + lambda w
 
 
-def trust_ratio(scalars, apply, w_norm, u_norm, keep, adapt):
-    """(q to apply, q to report, keep to apply) from the norms; elementwise, so `w_norm`, `u_norm`, `keep`
-    and `adapt` (bool, or a bool Tensor) may be vectors with one entry per parameter.
+def trust_ratio(scalars, apply, lr, w_norm, u_norm, keep, adapt):
+    """(lr q to apply, q to report, keep to apply) from the norms; elementwise, so `lr`, `w_norm`, `u_norm`,
+    `keep` and `adapt` (bool, or a bool Tensor) may be vectors with one entry per parameter.
 
     q = ||w|| / ||u|| (||w|| clamped to weight_norm_clip), 1 when either norm is 0, clipped to
-    trust_ratio_clip, 1 without layer adaptation. Not applied (q = 0, keep = 1: w is written back as it
-    is) when the step is skipped or ||w|| is not finite (NaN/Inf inside w), which reports q = NaN.
+    trust_ratio_clip, 1 without layer adaptation. Not applied (lr q = 0, keep = 1: w is written back as
+    it is, see `step`) when the step is skipped, or when ||w|| or ||u|| is not finite (a NaN/Inf inside w,
+    or inside its moments: a damaged checkpoint), which reports q = NaN.
     """
     w_used = F.minimum(w_norm, scalars[_W_NORM_MAX])                      # ||w|| clamped (inf when off)
     # q = 1 when either norm is 0 (zero-initialised layer, or zero update: no NaN)
@@ -82,10 +84,16 @@ def trust_ratio(scalars, apply, w_norm, u_norm, keep, adapt):
             q = F.ones_like(q)                                            # excluded from layer adaptation
     else:
         q = F.select(adapt, q, F.ones_like(q))
-    w_finite = _isfinite(w_norm)
-    reported_q = F.select(w_finite, q, F.fill(mstype.float32, F.shape(q), float("nan")))
-    go = F.logical_and(apply, w_finite)
-    return F.select(go, q, F.zeros_like(q)), reported_q, F.select(go, keep, F.ones_like(keep))
+    finite = F.logical_and(_isfinite(w_norm), _isfinite(u_norm))
+    reported_q = F.select(finite, q, F.fill(mstype.float32, F.shape(q), float("nan")))
+    go = F.logical_and(apply, finite)
+    return F.select(go, lr * q, F.zeros_like(q)), reported_q, F.select(go, keep, F.ones_like(keep))
+
+
+def step(keep, w, lr_q, u):
+    """w = keep w - lr q u, where lr q = 0 leaves w exactly as it is even where u is NaN or Inf (MulNoNan:
+    0 * NaN is 0): a skipped step (its hyper-parameters may be NaN) or a layer with damaged moments."""
+    return keep * w - _mul_no_nan(u, lr_q)
 
 
 def expm1(x):
@@ -159,9 +167,9 @@ def _lamb_update(scalars, apply, lr, weight_decay, param, m, v, gradient, decay_
     keep = F.reshape(1.0 - lr * wd * scalars[_OUTSIDE], ())               # decay outside q: w = keep w - lr q u
     w_norm = F.sqrt(_sum_of_squares(w)) * keep                            # ||w|| (of keep w)
     u_norm = F.sqrt(_sum_of_squares(u))                                   # ||u||, of exactly the applied update
-    q, reported_q, keep = trust_ratio(scalars, apply, w_norm, u_norm, keep, adapt_flag)
+    lr_q, reported_q, keep = trust_ratio(scalars, apply, lr, w_norm, u_norm, keep, adapt_flag)
 
-    w_t = keep * w - lr * q * u                                           # w = w - lr q u
+    w_t = step(keep, w, lr_q, u)                                          # w = w - lr q u
     stats = _stack((reported_q, w_norm, u_norm))
     stats = F.depend(stats, F.assign(param, F.cast(w_t, F.dtype(param))))
     stats = F.depend(stats, F.assign(m, m_t))

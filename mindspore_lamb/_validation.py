@@ -92,7 +92,7 @@ def check_name_filter(name, value, prim="Lamb"):
     if value is None:
         return lambda param_name: False
     if callable(value):
-        return lambda param_name: bool(value(param_name))
+        return _checked_predicate(name, value, prim)
     patterns = [value] if isinstance(value, str) else value
     if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) and p for p in patterns):
         raise TypeError(f"For '{prim}', the argument '{name}' must be None, a callable, or a str or list of "
@@ -103,6 +103,23 @@ def check_name_filter(name, value, prim="Lamb"):
         raise ValueError(f"For '{prim}', the argument '{name}' holds an invalid regular expression: "
                          f"{error} in {describe(value)}.") from error
     return lambda param_name: any(p.search(param_name) for p in compiled)
+
+
+def _checked_predicate(name, predicate, prim):
+    """`predicate` (name -> bool), called on each parameter name once, in the constructor: an exception or
+    an answer that is not a bool (a str, an array: its truth is not what the user meant) is an error naming
+    the argument and the parameter."""
+    def answer(param_name):
+        try:
+            result = predicate(param_name)
+        except Exception as error:
+            raise ValueError(f"For '{prim}', the predicate '{name}' raised {type(error).__name__} on parameter "
+                             f"'{param_name}': {error}") from error
+        if not isinstance(result, (bool, np.bool_)):
+            raise TypeError(f"For '{prim}', the predicate '{name}' must return a bool for each parameter name, "
+                            f"but for '{param_name}' it returned {describe(result)}.")
+        return bool(result)
+    return answer
 
 
 def check_float(name, value, prim="Lamb"):
@@ -202,6 +219,29 @@ def check_learning_rate(name, value, prim="Lamb"):
         return _check_sequence_values(name, values, prim)
     raise TypeError(f"For '{prim}', the argument '{name}' must be int, float, Tensor, Iterable or "
                     f"LearningRateSchedule, but got {describe(value)}.")
+
+
+def _largest_fixed(value):
+    """The largest value a fixed learning rate or weight decay takes (a number, Tensor or sequence), or None
+    for a Cell (checked at every step instead)."""
+    if isinstance(value, Cell):
+        return None
+    return float(np.max(value.asnumpy() if isinstance(value, Tensor) else np.asarray(value, np.float64)))
+
+
+def check_decay_outside(learning_rate, weight_decay, params, prim="Lamb"):
+    """With the weight decay outside the trust ratio, w = (1 - lr lambda) w - lr q u: lr lambda > 1 flips the
+    weights' sign every step. Fixed values are checked here, for each group; Cells at every step."""
+    groups = params if isinstance(params[0], dict) else [{}]
+    for index, group in enumerate(groups):
+        if "order_params" in group:
+            continue
+        lr, wd = _largest_fixed(group.get("lr", learning_rate)), _largest_fixed(group.get("weight_decay", weight_decay))
+        if lr is not None and wd is not None and lr * wd > 1.0:
+            where = f" (group {index})" if len(groups) > 1 or groups[0] else ""
+            raise ValueError(f"For '{prim}', weight_decay_mode='decoupled_outside' needs learning_rate * "
+                             f"weight_decay <= 1{where} (each step multiplies the weights by 1 - lr * weight_decay), "
+                             f"but got learning_rate {lr} and weight_decay {wd}.")
 
 
 def check_trust_ratio_clip(value, prim="Lamb"):

@@ -24,6 +24,22 @@ def _check_path(name, path):
     return os.fspath(path), suffix
 
 
+def _check_writable(name, path):
+    """Create `path`'s directory and open the file for appending, now: a path that cannot be written (under a
+    file, in /proc, a directory of that name, no permission) fails here, not after the whole training run.
+    A file this check creates is removed again."""
+    existed = os.path.lexists(path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as error:
+        raise ValueError(f"For '{_NAME}', the argument '{name}' must be a file that can be written, but "
+                         f"{path!r} cannot: {error.strerror or error}.") from error
+    if not existed:
+        os.remove(path)
+
+
 class TrustRatioMonitor(Callback):
     r"""Record LAMB's per-layer trust ratios and norms during ``Model.train``, save them, plot them.
 
@@ -85,11 +101,12 @@ class TrustRatioMonitor(Callback):
         if every < 1:
             raise ValueError(f"For '{_NAME}', the argument 'every' must be >= 1, but got {every}.")
         if path is not None:
-            _check_path("path", path)
+            _check_writable("path", _check_path("path", path)[0])
         self.optimizer = optimizer
         self.every = every
         self.path = path
         self.records = []
+        self._invalid = 0          # the optimizer's invalid_steps when last looked at
 
     # ---- recording ----
 
@@ -104,16 +121,36 @@ class TrustRatioMonitor(Callback):
                                  "trust_ratio": trust, "w_norm": w_norm, "u_norm": u_norm,
                                  "grad_norm": grad_norm})
 
+    def on_train_begin(self, run_context):
+        """The optimizer's state is checked once, before the first step (a damaged checkpoint: ValueError)."""
+        check = getattr(self.optimizer, "check_state", None)
+        if check is not None:
+            check()
+        self._invalid = self._invalid_steps()
+
+    def _invalid_steps(self):
+        return getattr(self.optimizer, "invalid_steps", 0)
+
     def on_train_step_end(self, run_context):
         step = run_context.original_args().cur_step_num
         if step % self.every == 0:
             self.record(step)
             bad = sorted({row["name"] for row in self.records[-len(self.optimizer.param_names):]
-                          if not math.isfinite(row["w_norm"])})
+                          if not (math.isfinite(row["w_norm"]) and math.isfinite(row["u_norm"]))})
             if bad:
-                warnings.warn(f"{_NAME}: step {step}: parameter(s) {bad} hold NaN or Inf values (their trust "
-                              f"ratio reads NaN; Lamb leaves them as they are); training is stopped.",
+                warnings.warn(f"{_NAME}: step {step}: parameter(s) {bad} or their moments hold NaN or Inf values "
+                              f"(their trust ratio reads NaN; Lamb leaves them as they are; the optimizer's "
+                              f"check_state() names damaged moments); training is stopped.",
                               RuntimeWarning, stacklevel=2)
+                run_context.request_stop()
+            invalid = self._invalid_steps()
+            if invalid > self._invalid:
+                warnings.warn(f"{_NAME}: step {step}: {invalid - self._invalid} step(s) were skipped as invalid: a "
+                              f"learning-rate or weight-decay Cell returned NaN, Inf or a negative value (or "
+                              f"learning rate * weight decay > 1 with the decay outside the trust ratio) at "
+                              f"global_step {self.records[-1]['global_step']}, which does not advance while its "
+                              f"steps are skipped; training is stopped.", RuntimeWarning, stacklevel=2)
+                self._invalid = invalid
                 run_context.request_stop()
 
     def on_train_end(self, run_context):

@@ -14,9 +14,10 @@ from mindspore.ops.primitive import _primexpr
 
 from . import _validation as V
 from . import backends, presets
-from ._update import centralize, expm1, global_norm_factor
+from ._update import centralize, expm1, global_norm_factor, per_parameter
 from .backends import contract, sharded
 from .schedules import as_schedule
+from .state import check_state
 
 # where the weight decay goes: added to the gradient (L2), in the update u = r + lambda w (the paper's
 # decoupled decay), or applied outside the trust ratio (w = (1 - lr lambda) w - lr q u); the order matters
@@ -47,10 +48,31 @@ def _raise_on_flag_shape(shape):
                          f"but got a Tensor of shape {tuple(shape)}.")
 
 
+@_primexpr
+def _raise_on_flag_type(finite):
+    raise TypeError(f"For 'Lamb', the argument 'finite' must be None, a bool or a bool Tensor, but got "
+                    f"{type(finite).__name__} {finite!r}.")
+
+
+@_primexpr
+def _raise_on_value_shape(name, shape):
+    if len(shape) > 1 or (len(shape) == 1 and shape[0] != 1):
+        raise ValueError(f"For 'Lamb', the {name} must be a scalar (a Tensor of shape () or (1,)) at every step, "
+                         f"but its Cell returned a Tensor of shape {tuple(shape)}.")
+
+
+def _scalar(name, value):
+    """A learning-rate or weight-decay Cell's value at this step, as a 0-D Tensor (shape () or (1,) only)."""
+    _raise_on_value_shape(name, F.shape(value))
+    return F.reshape(value, ())
+
+
 def _as_flag(finite):
     """The caller's `finite` (Python bool or 1-element Tensor) as a bool 0-D Tensor."""
     if isinstance(finite, bool):
         return F.scalar_to_tensor(finite, mstype.bool_)
+    if not isinstance(finite, Tensor):
+        _raise_on_flag_type(finite)
     _raise_on_flag_shape(F.shape(finite))
     return F.reshape(F.cast(finite, mstype.bool_), ())
 
@@ -60,6 +82,19 @@ def _raise_on_dtype(name, param_dtype, grad_dtype):
     if grad_dtype not in _FLOATS:
         raise TypeError(f"For 'Lamb', the gradient of parameter '{name}' ({param_dtype}) must be a floating "
                         f"Tensor (float16, bfloat16, float32 or float64), but got {grad_dtype}.")
+
+
+@_check_gradient.register("String", "String", "Tensor", "None")
+def _check_missing_gradient(name, param_dtype, param, gradient):
+    """A None gradient: the network's output does not depend on the parameter (or a custom step dropped it)."""
+    _raise_on_missing_gradient(name)
+
+
+@_primexpr
+def _raise_on_missing_gradient(name):
+    raise TypeError(f"For 'Lamb', the gradient of parameter '{name}' is None: every parameter given to Lamb "
+                    f"needs a gradient Tensor (is it used in the network's output? Pass only the parameters "
+                    f"that train, e.g. net.trainable_params()).")
 
 
 @_primexpr
@@ -89,6 +124,16 @@ def _true_after_update(update, ok):
     is a constant returns at once and the next call waits for it in a busy loop, taking one of the cores
     the update runs on (docs/architecture.md, "PYNATIVE_MODE")."""
     return F.depend(ok, update)
+
+
+def _refuse_state_names(names, own=("global_step", "learning_rate")):
+    """A parameter named like the optimizer's own state would be taken for it in the graph and in checkpoints."""
+    clash = sorted(set(names) & set(own))
+    if clash:
+        raise ValueError(f"For 'Lamb', the parameter name '{clash[0]}' is also the name of the optimizer's own "
+                         f"state (its step counter, moments, learning rates, diagnostics: global_step, "
+                         f"learning_rate, lamb_m.*, lamb_v.*, lamb_*): a checkpoint could not tell them apart. "
+                         f"Rename the parameter.")
 
 
 def _runtime_state(value, name):
@@ -192,8 +237,10 @@ class Lamb(Optimizer):
         tuple[bool], all elements ``True``.
 
         A call whose gradients hold a NaN or Inf is skipped: see `exact_skip` and :attr:`skipped_steps`.
-        A parameter that already holds a NaN or Inf is left as it is; its trust ratio reads NaN
-        (:meth:`nonfinite_parameters` names it).
+        So is a call whose learning-rate or weight-decay Cell returns NaN, Inf or a negative value, or whose
+        ``global_step`` is negative (:attr:`invalid_steps`). A parameter that already holds a NaN or Inf, in
+        its weights or its moments, is left as it is; its trust ratio reads NaN (:meth:`nonfinite_parameters`
+        names it, :meth:`check_state` names damaged moments).
 
     Raises:
         TypeError: If `learning_rate` is not one of int, float, Tensor, Iterable, LearningRateSchedule.
@@ -219,6 +266,13 @@ class Lamb(Optimizer):
         TypeError: If a gradient is not a floating Tensor.
         ValueError: If a parameter appears twice, or the gradients do not match the parameters.
         ValueError: If `finite` is a Tensor of more than one element.
+        TypeError: If `finite` is neither None, a bool nor a Tensor, or a gradient is None.
+        ValueError: If a learning-rate or weight-decay Cell returns a Tensor of more than one element.
+        ValueError: If `weight_decay_mode` is ``"decoupled_outside"`` and a fixed learning rate times the weight
+            decay is above 1.
+        ValueError / TypeError: If an exclusion predicate raises, or returns something other than a bool.
+        ValueError: If a parameter is named like the optimizer's own state (``global_step``, ``learning_rate``,
+            ``lamb_m.*``, ...).
 
     Supported Platforms:
         ``Ascend`` ``GPU`` ``CPU``
@@ -243,7 +297,7 @@ class Lamb(Optimizer):
                  weight_norm_clip=None, layer_adaptation=True, exclude_from_weight_decay=None,
                  exclude_from_layer_adaptation=None, shard_state=False):
         params = V.check_params(params)
-        learning_rate = as_schedule(V.check_learning_rate("learning_rate", learning_rate), "learning_rate")
+        learning_rate = V.check_learning_rate("learning_rate", learning_rate)
         V.check_beta("beta1", beta1)
         V.check_beta("beta2", beta2)
         V.check_eps("eps", eps)
@@ -255,6 +309,9 @@ class Lamb(Optimizer):
         V.check_bool("shard_state", shard_state)
         V.check_choice("bias_correction", bias_correction, (True, False, "step_size"))
         V.check_choice("weight_decay_mode", weight_decay_mode, DECAY_MODES)
+        if weight_decay_mode == "decoupled_outside":
+            V.check_decay_outside(learning_rate, weight_decay, params)
+        learning_rate = as_schedule(learning_rate, "learning_rate")
         V.check_bool("grad_averaging", grad_averaging)
         V.check_bool("eps_inside_sqrt", eps_inside_sqrt)
         weight_norm_clip = V.check_number("weight_norm_clip", weight_norm_clip, "Lamb", allow_none=True,
@@ -274,6 +331,9 @@ class Lamb(Optimizer):
                 if "lr" in group:
                     group["lr"] = as_schedule(group["lr"], f"learning_rate_group_{index}")
 
+        # the base class registers the user's parameters by name over its own `global_step` / `learning_rate`
+        _refuse_state_names(p.name for group in params for p in (group.get("params", ()) if isinstance(group, dict)
+                                                                  else (group,)))
         # LAMB's weight decay is decoupled from the gradient, so loss_scale must not touch it; the base
         # class multiplies the weight decay by its loss_scale, hence 1.0 there and the real one here.
         super().__init__(learning_rate, params, weight_decay, loss_scale=1.0)
@@ -331,6 +391,11 @@ class Lamb(Optimizer):
         self.layer_stats = _runtime_state(np.zeros((self.param_length, 3), np.float32), "lamb_layer_stats")
         self.last_grad_norm = _runtime_state(np.float32(0.0), "lamb_grad_norm")
         self.skipped = _runtime_state(np.int32(0), "lamb_skipped_steps")
+        self.invalid = _runtime_state(np.int32(0), "lamb_invalid_steps")
+        self.ones = Tensor(np.ones(self.param_length, np.float32))
+        self.zeros = Tensor(np.zeros(self.param_length, np.float32))
+        self.decay_mask = Tensor(np.array(self.decay_flags, np.bool_))
+        self.reduce_all = P.ReduceAll()
         self.success = (True,) * self.param_length
         self.isfinite = P.IsFinite()
 
@@ -342,6 +407,12 @@ class Lamb(Optimizer):
             self.backend = backends.select(self.params)(self.params, **flags)
         self.shard_state = shard_state
         self.fused = self.backend.name == "fused_cpu"
+        self._check_state_names()
+
+    def _check_state_names(self):
+        """The optimizer's own state (moments, schedules' values, diagnostics) named like a parameter."""
+        trained = {id(p) for p in self.params}
+        _refuse_state_names(self.param_names, {p.name for p in self.get_parameters() if id(p) not in trained})
 
     @classmethod
     def preset(cls, name, params, learning_rate, **overrides):
@@ -381,6 +452,10 @@ class Lamb(Optimizer):
         t = F.reshape(F.cast(s, mstype.float32), ()) + 1.0  # bias correction uses t = s + 1
         inv_bias_c1, inv_bias_c2 = self._inverse_bias_corrections(t)
         lr = self.get_lr()                                  # lr_s
+        weight_decay = self.get_weight_decay()              # lambda_s
+        # a step the hyper-parameters or the counter make meaningless is skipped and counted, never applied
+        valid = self._valid_step(t, lr, weight_decay)
+        proceed = F.logical_and(proceed, valid)
         if self.bias_correction == "step_size":
             # DeepSpeed, torch-optimizer(debias): lr_s sqrt(1 - beta2^t) / (1 - beta1^t), moments uncorrected
             factor = F.sqrt(-expm1(t * self.log_beta2)) / -expm1(t * self.log_beta1)
@@ -396,9 +471,49 @@ class Lamb(Optimizer):
                                 decay_in_update=self.decay_in_update, decay_outside=self.decay_outside,
                                 w_norm_max=self.w_norm_max, trust_lo=self.trust_lo, trust_hi=self.trust_hi,
                                 proceed=proceed)
-        layer_stats, grad_sq, applied = self.backend(scalars, lr, self.get_weight_decay(),
+        layer_stats, grad_sq, applied = self.backend(scalars, lr, weight_decay,
                                                      self.params, self.moments1, self.moments2, gradients, grad_sq)
-        return self.hyper_map(F.partial(_true_after, self._record(layer_stats, grad_sq, applied)), self.success)
+        return self.hyper_map(F.partial(_true_after, self._record(layer_stats, grad_sq, applied, valid)),
+                              self.success)
+
+    def get_lr(self):
+        """lr_s: the learning rate of each parameter group at this step (a Cell's value checked to be a scalar)."""
+        if not self.dynamic_lr:
+            return self.learning_rate
+        if self.is_group_lr:
+            lr = ()
+            for schedule in self.learning_rate:
+                lr += (_scalar("learning rate", schedule(self.global_step)),)
+            return lr
+        return _scalar("learning rate", self.learning_rate(self.global_step))
+
+    def get_weight_decay(self):
+        """lambda_s: the weight decay of each parameter group at this step (a Cell's value checked to be a
+        scalar)."""
+        if not self.dynamic_weight_decay:
+            return self.weight_decay
+        if self.is_group:
+            weight_decay = ()
+            for value, dynamic in zip(self.weight_decay, self.dynamic_decay_flags):
+                weight_decay += (_scalar("weight decay", value(self.global_step)) if dynamic else value,)
+            return weight_decay
+        return _scalar("weight decay", self.weight_decay(self.global_step))
+
+    def _valid_step(self, t, lr, weight_decay):
+        """False when this step must not be applied: the step counter is negative (a damaged checkpoint), or a
+        learning-rate or weight-decay Cell returned NaN, Inf or a negative value (or lr * lambda > 1 with the
+        decay outside the trust ratio, which would flip the weights' sign). Fixed values were checked in
+        the constructor; only Cells are checked here, at every step."""
+        valid = t >= 1.0
+        if self.dynamic_lr or self.dynamic_weight_decay:
+            lr_vec = per_parameter(lr, self.ones)
+            wd_vec = F.select(self.decay_mask, per_parameter(weight_decay, self.ones), self.zeros)
+            ok = F.logical_and(self.isfinite(lr_vec), lr_vec >= 0.0)
+            ok = F.logical_and(ok, F.logical_and(self.isfinite(wd_vec), wd_vec >= 0.0))
+            if self.weight_decay_mode == "decoupled_outside":
+                ok = F.logical_and(ok, lr_vec * wd_vec <= 1.0)    # keep = 1 - lr lambda >= 0
+            valid = F.logical_and(valid, self.reduce_all(ok))
+        return valid
 
     def _inverse_bias_corrections(self, t):
         """1 / (1 - beta1^t), 1 / (1 - beta2^t); both 1 with bias_correction False or "step_size"."""
@@ -408,11 +523,12 @@ class Lamb(Optimizer):
         # beta^t is close to 1 (1 - float32(beta)^t would lose it all at beta = 1 - 1e-7)
         return 1.0 / -expm1(t * self.log_beta1), 1.0 / -expm1(t * self.log_beta2)
 
-    def _record(self, layer_stats, grad_sq, applied):
-        """Count the step (or the skip) and keep the diagnostics of an applied step."""
+    def _record(self, layer_stats, grad_sq, applied, valid):
+        """Count the step (or the skip, and why) and keep the diagnostics of an applied step."""
         step = F.cast(applied, mstype.int32)
         layer_stats = F.depend(layer_stats, self.assignadd(self.global_step, self.global_step_increase_tensor * step))
         layer_stats = F.depend(layer_stats, F.assign_add(self.skipped, 1 - step))
+        layer_stats = F.depend(layer_stats, F.assign_add(self.invalid, 1 - F.cast(valid, mstype.int32)))
         if self.use_parallel:
             layer_stats = F.depend(layer_stats, self.broadcast_params(layer_stats))
         grad_norm = F.sqrt(grad_sq) * self.inv_loss_scale
@@ -423,15 +539,32 @@ class Lamb(Optimizer):
 
     @property
     def skipped_steps(self):
-        """Number of calls skipped: a gradient was NaN or Inf, or the caller passed ``finite=False``."""
+        """Number of calls skipped: a gradient was NaN or Inf, the caller passed ``finite=False``, or the step
+        was invalid (:attr:`invalid_steps`)."""
         return int(self.skipped.asnumpy())
 
+    @property
+    def invalid_steps(self):
+        """Number of calls skipped because the step itself was invalid: a learning-rate or weight-decay Cell
+        returned NaN, Inf or a negative value (or lr * weight decay > 1 with
+        ``weight_decay_mode="decoupled_outside"``), or ``global_step`` was negative (a damaged
+        checkpoint: :meth:`check_state` names it). Counted in :attr:`skipped_steps` too."""
+        return int(self.invalid.asnumpy())
+
     def nonfinite_parameters(self):
-        """list[str]: parameters whose ||w|| was NaN or Inf at the last applied step (a NaN/Inf inside the
-        weights, e.g. from a bad checkpoint): Lamb leaves them as they are and reports their trust ratio
-        as NaN; :class:`mindspore_lamb.TrustRatioMonitor` warns and stops training when it sees one."""
+        """list[str]: parameters whose ||w|| or ||u|| was NaN or Inf at the last applied step (a NaN/Inf inside
+        the weights, or inside their moments, e.g. from a bad checkpoint: :meth:`check_state` says which): Lamb
+        leaves them as they are and reports their trust ratio as NaN; :class:`mindspore_lamb.TrustRatioMonitor`
+        warns and stops training when it sees one."""
         stats = self.layer_stats.asnumpy()
-        return [name for name, w_norm in zip(self.param_names, stats[:, 1].tolist()) if not math.isfinite(w_norm)]
+        return [name for name, row in zip(self.param_names, stats[:, 1:].tolist()) if not all(map(math.isfinite, row))]
+
+    def check_state(self):
+        """Raise ValueError naming every damaged entry of this optimizer's state: ``global_step`` < 0, a NaN or
+        Inf in a moment, a negative second moment (:func:`mindspore_lamb.check_state`, which also checks a
+        checkpoint before it is loaded). Call it after loading a checkpoint; one host read of the state."""
+        state = {p.name: p for p in (self.global_step, *self.moments1, *self.moments2)}
+        check_state(state, "the state of this Lamb")
 
     def parameter_table(self):
         """str: one row per parameter, in update order: name, shape, dtype, whether it is decayed (and how),

@@ -12,6 +12,7 @@ from mindspore.common.initializer import initializer
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
+from mindspore.ops.primitive import _primexpr
 
 from . import _validation as V
 from . import backends
@@ -22,6 +23,13 @@ _NAME = "LossScaleTrainStep"
 _unscale = C.MultitypeFuncGraph("loss_scale_unscale")
 _mul = C.MultitypeFuncGraph("loss_scale_mul")
 _store_accum = C.MultitypeFuncGraph("loss_scale_store_accum")
+
+
+@_primexpr
+def _raise_on_loss_type(length):
+    raise TypeError(f"For '{_NAME}', the network must return the loss as one Tensor, but it returned a tuple "
+                    f"of {length} elements: wrap it (nn.WithLossCell, or a Cell returning only the loss) so that "
+                    f"the gradients are taken of one loss.")
 
 
 @_unscale.register("Tensor", "Tensor")
@@ -201,6 +209,8 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
     def construct(self, *inputs):
         scale = self.loss_scale * 1.0   # a copy: the scale this call uses, returned after the update
         loss = self.network(*inputs)
+        if isinstance(loss, (tuple, list)):
+            _raise_on_loss_type(len(loss))
         sens = F.ones_like(loss) * F.cast(scale, F.dtype(loss))
         grads = self.grad(self.network, self.weights)(*inputs, sens)
         grads = self.hyper_map(F.partial(_unscale, 1.0 / scale), grads)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn
+from mindspore import Parameter, Tensor, nn, ops
 
 from mindspore_lamb import Lamb, LossScaleTrainStep, backends
 from mindspore_lamb.backends import _build, composite, fused_cpu
@@ -217,6 +217,237 @@ def test_nn_lamb_checkpoint_loads_quietly(tmp_path, caplog):
     assert not_loaded == []
     assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
     np.testing.assert_array_equal(net.fc1.weight.asnumpy(), other.fc1.weight.asnumpy())
+
+
+# ---- hyper-parameters from Cells: an invalid value is a skipped, counted step, never NaN weights ----
+
+class _BadAtStep(nn.learning_rate_schedule.LearningRateSchedule):
+    """A learning-rate or weight-decay Cell: `good` at every step but `at`, where it returns `bad`."""
+
+    def __init__(self, good, bad, at):
+        super().__init__()
+        self.good, self.bad, self.at = good, bad, at
+
+    def construct(self, global_step):
+        step = ops.reshape(global_step, ())
+        return ops.select(step == self.at, ops.fill(ms.float32, (), self.bad), ops.fill(ms.float32, (), self.good))
+
+
+INVALID_CELLS = [("learning_rate", np.nan), ("learning_rate", np.inf), ("learning_rate", -1.0),
+                 ("weight_decay", np.nan), ("weight_decay", -np.inf), ("weight_decay", -5.0)]
+
+
+@pytest.mark.parametrize("which,bad", INVALID_CELLS, ids=[f"{w}={b}" for w, b in INVALID_CELLS])
+def test_invalid_value_from_a_cell_skips_and_counts_the_step(mode, path, which, bad, rng):
+    params = _params()
+    kwargs = {"learning_rate": 0.1, "weight_decay": 0.01, which: _BadAtStep(0.1 if which == "learning_rate" else 0.01,
+                                                                            bad, at=2)}
+    opt = Lamb(params, **kwargs)
+    for _ in range(2):
+        opt(_grads(params, rng))
+    state = [x.asnumpy().copy() for x in list(params) + list(opt.moments1) + list(opt.moments2)]
+    for _ in range(3):                          # step 2 again and again: the counter does not advance
+        opt(_grads(params, rng))
+    after = [x.asnumpy() for x in list(params) + list(opt.moments1) + list(opt.moments2)]
+    for before, now in zip(state, after):
+        np.testing.assert_array_equal(now, before)
+    assert int(opt.global_step.asnumpy()[0]) == 2
+    assert opt.skipped_steps == 3 and opt.invalid_steps == 3
+
+
+def test_decay_outside_the_trust_ratio_beyond_one_is_refused_or_skipped(mode, path, rng):
+    with pytest.raises(ValueError, match=r"decoupled_outside.*learning_rate \* weight_decay <= 1.*0\.5.*4\.0"):
+        Lamb(_params(), learning_rate=[0.1, 0.5], weight_decay=4.0, weight_decay_mode="decoupled_outside")
+    with pytest.raises(ValueError, match=r"\(group 1\).*learning_rate 2\.0 and weight_decay 0\.75"):
+        params = _params()
+        Lamb([{"params": params[:1]}, {"params": params[1:], "lr": 2.0}], learning_rate=0.1, weight_decay=0.75,
+             weight_decay_mode="decoupled_outside")
+    params = _params()
+    before = [p.asnumpy().copy() for p in params]
+    opt = Lamb(params, learning_rate=0.5, weight_decay=_BadAtStep(0.1, 3.0, at=0),
+               weight_decay_mode="decoupled_outside")
+    opt(_grads(params, rng))                   # 0.5 * 3.0 > 1: the weights would flip sign
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(p.asnumpy(), b)
+    assert opt.invalid_steps == 1
+    assert all(w_norm >= 0 for _, w_norm, _ in opt.layer_norms().values())
+
+
+def test_monitor_stops_training_on_invalid_steps():
+    import mindspore.dataset as ds
+    from mindspore_lamb import TrustRatioMonitor
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = make_net(0)
+    opt = Lamb(net.trainable_params(), _BadAtStep(0.01, np.nan, at=3))
+    monitor = TrustRatioMonitor(opt, every=1)
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    data = ds.NumpySlicesDataset({"x": x, "y": np.zeros(64, np.int32)}, shuffle=False).batch(8)
+    model = ms.train.Model(net, loss_fn(), opt)
+    with pytest.warns(RuntimeWarning, match=r"step 4: 1 step\(s\) were skipped as invalid.*global_step 3.*stopped"):
+        model.train(1, data, callbacks=[monitor], dataset_sink_mode=False)
+    assert {r["step"] for r in monitor.records} == {1, 2, 3, 4}
+    assert all(np.isfinite(p.asnumpy()).all() for p in net.trainable_params())
+
+
+# ---- a damaged optimizer state (a bad checkpoint) is named, and never spreads into the weights ----
+
+def _damage(opt, kind):
+    if kind == "nan in m":
+        m = opt.moments1[0].asnumpy().copy()
+        m[1, 2] = np.nan
+        opt.moments1[0].set_data(Tensor(m))
+        return "'lamb_m.fc.weight' holds 1 NaN or Inf value(s), the first at index (1, 2)"
+    if kind == "negative v":
+        v = opt.moments2[0].asnumpy().copy()
+        v[3, 1] = -0.5
+        opt.moments2[0].set_data(Tensor(v))
+        return "'lamb_v.fc.weight' holds 1 negative value(s) (a second moment is a mean of squares), the first at " \
+               "index (3, 1): -0.5"
+    opt.global_step.set_data(Tensor(np.array([-1], np.int32)))
+    return "'global_step' must be one integer >= 0 (the number of steps taken), but it is [-1]"
+
+
+@pytest.mark.parametrize("kind", ["nan in m", "negative v", "negative global_step"])
+def test_damaged_state_is_named_and_never_reaches_the_weights(mode, path, kind, rng):
+    params = _params()
+    opt = Lamb(params, learning_rate=0.1, weight_decay=0.01)
+    opt.check_state()                                   # healthy: no error
+    message = _damage(opt, kind)                        # as a damaged checkpoint loaded before training
+    with pytest.raises(ValueError) as info:
+        opt.check_state()
+    assert message in str(info.value)
+    weight, bias = (p.asnumpy().copy() for p in params)
+    opt(_grads(params, rng))
+    np.testing.assert_array_equal(params[0].asnumpy(), weight)          # left as it was: no NaN written
+    if kind == "negative global_step":                                   # the whole step is invalid
+        assert opt.invalid_steps == 1 and int(opt.global_step.asnumpy()[0]) == -1
+        np.testing.assert_array_equal(params[1].asnumpy(), bias)
+    else:                                                                # only the damaged layer is held
+        assert opt.nonfinite_parameters() == ["fc.weight"]
+        assert np.isnan(opt.trust_ratios()["fc.weight"])
+        assert not np.array_equal(params[1].asnumpy(), bias)
+
+
+def test_damaged_checkpoint_is_named_before_it_is_loaded(tmp_path):
+    from mindspore_lamb import check_state
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = make_net(0)
+    cell = nn.TrainOneStepCell(nn.WithLossCell(net, loss_fn()), Lamb(net.trainable_params(), 0.01))
+    path = str(tmp_path / "good.ckpt")
+    ms.save_checkpoint(cell, path)
+    state = ms.load_checkpoint(path)
+    check_state(state, path)                            # a healthy checkpoint passes
+    half = {name: (Parameter(Tensor(value.asnumpy().astype(np.float16)), name=name)
+                   if name.startswith("lamb_v.") else value) for name, value in state.items()}
+    half_path = str(tmp_path / "half.ckpt")
+    ms.save_checkpoint(list(half.values()), half_path)
+    with pytest.raises(ValueError, match=r"half\.ckpt is damaged.*'lamb_v\.fc1\.weight' is stored as float16.*"
+                                         r"moments are float32"):
+        check_state(ms.load_checkpoint(half_path), half_path)
+
+
+def test_monitor_refuses_to_start_from_a_damaged_state():
+    import mindspore.dataset as ds
+    from mindspore_lamb import TrustRatioMonitor
+    ms.set_context(mode=ms.GRAPH_MODE)
+    net = make_net(0)
+    opt = Lamb(net.trainable_params(), 0.01)
+    opt.global_step.set_data(Tensor(np.array([-1], np.int32)))
+    before = {p.name: p.asnumpy().copy() for p in net.trainable_params()}
+    data = ds.NumpySlicesDataset({"x": np.ones((16, 8), np.float32), "y": np.zeros(16, np.int32)}).batch(8)
+    with pytest.raises(ValueError, match="global_step"):
+        ms.train.Model(net, loss_fn(), opt).train(1, data, callbacks=[TrustRatioMonitor(opt)],
+                                                  dataset_sink_mode=False)
+    for p in net.trainable_params():
+        np.testing.assert_array_equal(p.asnumpy(), before[p.name])
+
+
+@pytest.mark.parametrize("where", ["under a file", "in /proc", "a directory of that name"])
+def test_monitor_path_that_cannot_be_written_is_refused_up_front(tmp_path, where):
+    from mindspore_lamb import TrustRatioMonitor
+    if where == "under a file":
+        (tmp_path / "plain").write_text("x")
+        path = tmp_path / "plain" / "trust.csv"
+    elif where == "in /proc":
+        path = "/proc/trust.csv"
+    else:
+        path = tmp_path / "trust.csv"
+        path.mkdir()
+    opt = Lamb(_params(), 0.01)
+    with pytest.raises(ValueError, match=r"'TrustRatioMonitor'.*'path'.*cannot"):
+        TrustRatioMonitor(opt, path=path)
+    assert not os.path.isfile(path)
+
+
+def test_monitor_path_check_leaves_no_file_behind(tmp_path):
+    from mindspore_lamb import TrustRatioMonitor
+    TrustRatioMonitor(Lamb(_params(), 0.01), path=tmp_path / "sub" / "trust.csv")
+    assert os.listdir(tmp_path / "sub") == []
+
+
+# ---- unclear errors made clear ----
+
+class _VectorLR(nn.learning_rate_schedule.LearningRateSchedule):
+    def construct(self, global_step):
+        return ops.ones((2,), ms.float32) * 0.1
+
+
+class _TwoOutputs(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Dense(3, 2)
+
+    def construct(self, x):
+        y = self.fc(x)
+        return y.sum(), y
+
+
+def test_schedule_of_the_wrong_shape_is_named(mode):
+    params = _params()
+    with pytest.raises(ValueError, match=r"'Lamb', the learning rate must be a scalar.*shape \(2,\)"):
+        Lamb(params, _VectorLR())(_grads(params, np.random.default_rng(0)))
+
+
+def test_finite_flag_of_the_wrong_type_is_named(mode):
+    params = _params()
+    with pytest.raises(TypeError, match=r"'Lamb', the argument 'finite' must be None, a bool or a bool Tensor, "
+                                        r"but got int 0"):
+        Lamb(params, 0.1)(_grads(params, np.random.default_rng(0)), 0)
+
+
+def test_missing_gradient_names_the_parameter(mode):
+    params = _params()
+    grads = _grads(params, np.random.default_rng(0))
+    with pytest.raises(TypeError, match=r"gradient of parameter 'fc.bias' is None"):
+        Lamb(params, 0.1)((grads[0], None))
+
+
+def test_loss_scale_cell_names_a_network_returning_a_tuple(mode):
+    net = _TwoOutputs()
+    cell = LossScaleTrainStep(net, Lamb(net.trainable_params(), 0.1))
+    with pytest.raises(TypeError, match=r"'LossScaleTrainStep', the network must return the loss as one Tensor, "
+                                        r"but it returned a tuple of 2 elements"):
+        cell(Tensor(np.ones((2, 3), np.float32)))
+
+
+@pytest.mark.parametrize("name", ["global_step", "learning_rate", "lamb_m.fc.bias", "lamb_skipped_steps"])
+def test_parameter_named_like_the_optimizer_state_is_refused(name):
+    params = _params() + [Parameter(Tensor(np.ones(3, np.float32)), name=name)]
+    with pytest.raises(ValueError, match=f"parameter name '{name}' is also the name of the optimizer's own state"):
+        Lamb(params, 0.1)
+
+
+@pytest.mark.parametrize("predicate,error,words", [
+    (lambda name: 1 / 0, ValueError, r"predicate 'exclude_from_weight_decay' raised ZeroDivisionError on "
+                                     r"parameter 'fc.weight'"),
+    (lambda name: "no", TypeError, r"must return a bool.*'fc.weight'.*str 'no'"),
+    (lambda name: np.array([True, False]), TypeError, r"must return a bool.*'fc.weight'.*ndarray"),
+])
+def test_exclusion_predicate_must_answer_with_a_bool(predicate, error, words):
+    with pytest.raises(error, match=words):
+        Lamb(_params(), 0.1, weight_decay=0.01, exclude_from_weight_decay=predicate)
+    assert Lamb(_params(), 0.1, weight_decay=0.01,
+                exclude_from_weight_decay=lambda name: np.bool_(name.endswith("bias"))).decay_flags == (True, False)
 
 
 # ---- the kernel cache ----

@@ -20,7 +20,8 @@
 //   pass 1: m, v updated and stored; ||w||^2, ||u||^2 and ||g||^2 accumulated (read w g m v, write m v);
 //           an element whose new v is not finite (g NaN/Inf, or g^2 overflowing) keeps its m and v;
 //   sum of g^2 not finite: pass 2 is skipped and applied = 0 (w untouched);
-//   ||w|| not finite (NaN/Inf already in the weights): that tensor is left as it is, q reads NaN;
+//   ||w|| or ||u|| not finite (NaN/Inf already in the weights, or in the moments): that tensor is left as
+//   it is, q reads NaN;
 //   pass 2: u recomputed from the stored m, v and w (bit-identical to pass 1's), w -= lr q u.
 // ONE OpenMP parallel region per call with a single barrier between the passes (a fork/join per tensor
 // costs a scheduler time slice whenever a thread is preempted on a loaded machine). The work is cut into
@@ -268,7 +269,7 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   std::vector<Chunk> chunks = make_chunks(len, flags);
   const int64_t nc = static_cast<int64_t>(chunks.size());
   std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, g_sq]
-  std::vector<float> step(n);
+  std::vector<float> step(n), keep(n);
   const std::vector<Decay> decay = decays(hp, lrs, wds, n);
   bool applied = false;
 
@@ -303,9 +304,11 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
         q = std::fmin(std::fmax(q, hp[k_trust_lo]), hp[k_trust_hi]);  // clip(q, lo, hi); (0, inf) when off
         if (flags[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
         step[i] = lrs[i] * q;
-        if (!std::isfinite(w_norm)) {             // NaN/Inf already in w: leave it, and say so
-          q = NAN;
+        keep[i] = decay[i].keep;
+        if (!std::isfinite(w_norm) || !std::isfinite(u_norm)) {  // NaN/Inf in w, or in m, v (a damaged
+          q = NAN;                                               // checkpoint): leave w, and say so
           step[i] = 0.0f;
+          keep[i] = 1.0f;
         }
         stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
       }
@@ -314,7 +317,8 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 #pragma omp for schedule(dynamic)
       for (int64_t c = 0; c < nc; ++c) {  // pass 2
         const Chunk &k = chunks[c];
-        if (step[k.tensor] == 0.0f) continue;  // lr q = 0: w - 0 u = w (and a non-finite w stays as it is)
+        // lr q = 0 and keep = 1: w stays exactly as it is (also where w or u is NaN/Inf: 0 u is not 0 there)
+        if (step[k.tensor] == 0.0f && keep[k.tensor] == 1.0f) continue;
         auto pass = general ? pass2<true> : pass2<false>;
         pass(h, decay[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), W(k.tensor), k.lo, k.hi);
       }
@@ -401,6 +405,10 @@ extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **s
     const Chunk &k = chunks[c];
     const int64_t shift = offset[k.tensor] - start;
     const float *w = static_cast<const float *>(params[5 + k.tensor]);
+    if (steps[k.tensor] == 0.0f && keeps[k.tensor] == 1.0f) {  // w as it is (u may be NaN/Inf: 0 u is not 0)
+      std::copy(w + k.lo, w + k.hi, out + shift + k.lo);
+      continue;
+    }
     auto pass = general ? pass2<true> : pass2<false>;
     pass(h, decay[k.tensor], steps[k.tensor], w, m + shift, v + shift, out + shift, k.lo, k.hi);
   }

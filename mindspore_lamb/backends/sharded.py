@@ -26,7 +26,7 @@ from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
-from .._update import moments_and_update, per_parameter, to_float32, trust_ratio
+from .._update import moments_and_update, per_parameter, step, to_float32, trust_ratio
 from . import composite, fused_cpu
 from .contract import INDEX
 
@@ -165,12 +165,12 @@ class ShardedBackend(nn.Cell):
         keep = 1.0 - lr_vec * wd_vec * scalars[_OUTSIDE]
         w_norm = F.sqrt(sums[:, 0]) * keep
         u_norm = F.sqrt(sums[:, 1])
-        q, reported_q, keep = trust_ratio(scalars, applied, w_norm, u_norm, keep, self.adapt)
+        lr_q, reported_q, keep = trust_ratio(scalars, applied, lr_vec, w_norm, u_norm, keep, self.adapt)
         # 3. this worker's new piece, one all-gather, every parameter written back
         if self.fused:
-            piece = self.shard_apply(packed, lr_vec * q, keep, wd_vec, self.bounds, *params, m, v)
+            piece = self.shard_apply(packed, lr_q, keep, wd_vec, self.bounds, *params, m, v)
         else:
-            piece = self._per_element(keep, 1.0) * w - self._per_element(lr_vec * q, 0.0) * u
+            piece = step(self._per_element(keep, 1.0), w, self._per_element(lr_q, 0.0), u)
         flat = self.all_gather(piece)
         done = ()
         for i in range(self.n):
