@@ -21,8 +21,6 @@ import bad_steps_worker as W  # noqa: E402
 from msrun_launch import run_two_workers  # noqa: E402
 
 LAUNCH_TIMEOUT = 600          # seconds for the whole msrun job (1,000 steps: about 70 s on a loaded 2-core machine)
-# what a skipped step is allowed to change: the loss scale's own state, Lamb's skip counter, the injection switch
-SCALE_STATE = ("loss_scale", "loss_scale_good_steps", "lamb_skipped_steps", "poison_value", "poison_armed")
 
 
 def _check_same_training(injected, clean, plan, steps):
@@ -31,8 +29,8 @@ def _check_same_training(injected, clean, plan, steps):
     np.testing.assert_array_equal(injected["log.overflow"], ~good)       # skipped exactly the bad steps
     assert not clean["log.overflow"].any()
     np.testing.assert_array_equal(injected["log.loss"][good], clean["log.loss"])   # the same loss, step by step
-    names = [n for n in clean if not n.startswith("log.") and n not in SCALE_STATE]
-    assert sorted(names) == sorted(n for n in injected if not n.startswith("log.") and n not in SCALE_STATE)
+    names = [n for n in clean if not n.startswith("log.") and n not in W.SKIP_STATE]
+    assert sorted(names) == sorted(n for n in injected if not n.startswith("log.") and n not in W.SKIP_STATE)
     assert any(n.startswith("lamb_m.") for n in names) and "lamb_layer_stats" in names
     for name in names:
         np.testing.assert_array_equal(injected[name], clean[name], err_msg=f"{name}: injected run != clean run")

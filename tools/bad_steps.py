@@ -25,7 +25,6 @@ import bad_steps_worker as W  # noqa: E402
 # power-of-two factor (also from a scale that is not a power of two); other factors; scales so small that the
 # scaled gradients underflow
 DEFAULT_SETTINGS = ["2:65536", "2:1000", "3:65536", "2.5:65536", "2:1e-33:1.2e-38"]
-UNCOMPARED = ("loss_scale", "loss_scale_good_steps", "lamb_skipped_steps", "poison_value", "poison_armed")
 
 
 def parse_setting(text):
@@ -45,7 +44,7 @@ def compare(steps, scale):
     batches, plan = W.shard(steps, W.POISONED_RANK, 2), W.bad_steps(steps)
     injected = W.state(*W.run_injected(batches, plan, W.POISONED_RANK, **scale))
     clean = W.state(*W.run_clean(batches, plan, **scale))
-    names = [n for n in clean if not n.startswith("log.") and n not in UNCOMPARED]
+    names = [n for n in clean if not n.startswith("log.") and n not in W.SKIP_STATE]
     differ = {n: float(np.max(np.abs(injected[n].astype(np.float64) - clean[n]) / (np.abs(clean[n]) + 1e-30)))
               for n in names if not np.array_equal(injected[n], clean[n])}
     good = np.array([i not in plan for i in range(steps)])

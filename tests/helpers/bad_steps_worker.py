@@ -33,6 +33,8 @@ POISONED_RANK = 1
 KINDS = ("nan_input", "inf_input", "nan_grad", "inf_grad")
 INIT_SCALE = 2.0 ** 16
 SCALE_WINDOW = 25          # the clean run's scale doubles every 25 steps; the injected run's backs off too
+# what a skipped step may change: the loss scale's own state, Lamb's skip counter, the injection switch
+SKIP_STATE = ("loss_scale", "loss_scale_good_steps", "lamb_skipped_steps", "poison_value", "poison_armed")
 
 _poison = C.MultitypeFuncGraph("bad_steps_poison")
 
