@@ -39,3 +39,15 @@ def test_kernel_source_is_package_data():
     patterns = cfg["options.package_data"]["mindspore_lamb.backends"].split()
     assert any(fnmatch.fnmatch("fused_cpu.cc", p) for p in patterns)
     assert os.path.isfile(os.path.join(ROOT, "mindspore_lamb", "backends", "fused_cpu.cc"))
+
+
+def test_one_version_source_and_a_license():
+    """The version is written once (mindspore_lamb.__version__, read by setup.cfg), and the Apache-2.0 text
+    that setup.cfg declares ships as LICENSE."""
+    cfg, _ = _extras()
+    assert cfg["metadata"]["version"] == "attr: mindspore_lamb.__version__"
+    with open(os.path.join(ROOT, "mindspore_lamb", "__init__.py"), encoding="utf-8") as handle:
+        assert re.search(r'^__version__ = "\d+\.\d+\.\d+"$', handle.read(), re.M)
+    assert cfg["metadata"]["license"] == "Apache-2.0" and cfg["metadata"]["license_files"] == "LICENSE"
+    with open(os.path.join(ROOT, "LICENSE"), encoding="utf-8") as handle:
+        assert "Apache License" in handle.read(2000)
