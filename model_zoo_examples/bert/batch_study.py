@@ -74,7 +74,7 @@ def common_options(args):
     out = os.path.abspath(args.output_dir)
     opts = ["--config", os.path.join(HERE, "configs", "tiny.yaml"), "--device_target", "CPU",
             "--corpus", os.path.join(out, "kjv.txt"), "--data_dir", os.path.join(out, "data"),
-            "--set", "data.test_split=true", "--set", "train.keep_checkpoint_max=1"]
+            "--set", "data.test_split=true", "--set", "train.keep_checkpoint_max=2"]
     if args.quick:
         opts += ["--max_documents", "40", "--set", "data.eval_every=5", "--set", "data.vocab_size=600",
                  "--set", "model.hidden_size=32", "--set", "model.intermediate_size=64"]

@@ -51,7 +51,8 @@ def metrics(most_frequent_id):
 
 
 class LossRecorder(Callback):
-    """Keeps (global step, loss) of every training step in `.records`; appends them to a JSON-lines file."""
+    """Keeps (global step, loss) of every training step in `.records`; appends them to a JSON-lines file.
+    The step is Model's `cur_step_num`: global across resumes with mindspore_lamb.resume's callbacks."""
 
     def __init__(self, path=None):
         super().__init__()
@@ -69,10 +70,24 @@ class LossRecorder(Callback):
 
 
 def read_loss_log(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a loss log, up to a line torn by a kill (which ends it)."""
+    records = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    break
+    return records
+
+
+def keep_loss_log(path, step):
+    """Cut the loss log to its records up to global `step` (all of them go when `step` is 0): a run resumed
+    from the checkpoint of `step` logs the later steps again."""
+    kept = [r for r in read_loss_log(path) if r["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
 
 
 def plot_loss(records, png_path, title="BERT pretraining loss (MLM + NSP)"):

@@ -6,7 +6,9 @@
 * The pairs (not yet masked) are written once to MindRecord files, which later runs reuse.
 * `Masker` masks 15% of the tokens (80% [MASK], 10% random token, 10% unchanged) inside the
   `mindspore.dataset` pipeline: fresh masks every epoch for training (dynamic masking), fixed masks
-  (seeded by the row id) for evaluation.
+  for evaluation. Either way a row's masks are drawn from (seed, row id[, epoch]) alone, with no state
+  carried from one row to the next, so a resumed run that restarts the pipeline at its step
+  (`Dataset.set_init_step`) sees the masks of an uninterrupted one (docs/resume.md).
 """
 import hashlib
 import json
@@ -172,12 +174,13 @@ def prepare_data(cache_root, corpus_path, data_cfg, vocab_path=None, log=print):
 
 
 class Masker:
-    """MLM masking of one row: (input_ids, row_id) -> (input_ids, positions, label ids, weights).
+    """MLM masking of one row: (input_ids, row_id[, epoch]) -> (input_ids, positions, label ids, weights).
 
     Of the non-special tokens, round(15%) (at least 1, at most `max_predictions`) are chosen; each
     chosen token becomes [MASK] with probability 0.8, a random non-special token with 0.1, and
     stays unchanged with 0.1. Positions/labels are padded with 0 and weight 0 to `max_predictions`.
-    With `fixed=True` the masks depend only on (seed, row_id): identical in every epoch and run.
+    The draws depend only on (seed, row_id, epoch) (dynamic masking: new masks every epoch); with
+    `fixed=True` only on (seed, row_id): identical in every epoch and run.
     """
 
     def __init__(self, vocab_size, special_ids, mask_id, max_predictions, mask_prob=0.15, seed=0, fixed=False):
@@ -185,10 +188,10 @@ class Masker:
         self.random_pool = np.setdiff1d(np.arange(vocab_size), self.special_ids)
         self.mask_id, self.max_predictions, self.mask_prob = mask_id, max_predictions, mask_prob
         self.seed, self.fixed = seed, fixed
-        self.rng = np.random.default_rng(seed)
 
-    def __call__(self, input_ids, row_id):
-        rng = np.random.default_rng([self.seed, int(row_id)]) if self.fixed else self.rng
+    def __call__(self, input_ids, row_id, epoch=0):
+        key = [self.seed, int(row_id)] if self.fixed else [self.seed, int(epoch), int(row_id)]
+        rng = np.random.default_rng(key)
         ids = np.array(input_ids, np.int32)
         candidates = np.flatnonzero(~np.isin(ids, self.special_ids))
         n = min(self.max_predictions, max(1, int(round(len(candidates) * self.mask_prob))), len(candidates))
@@ -204,15 +207,22 @@ class Masker:
                 np.pad(labels, (0, pad)).astype(np.int32),
                 np.pad(np.ones(n, np.float32), (0, pad)))
 
+    def batch(self, input_ids, row_ids, batch_info):
+        """`Dataset.batch(per_batch_map=...)`: mask each row of a batch with the pipeline's epoch, which
+        `set_init_step` restores on resume (a counter kept here would restart at 0)."""
+        epoch = batch_info.get_epoch_num()
+        rows = [self(ids, row_id, epoch) for ids, row_id in zip(input_ids, row_ids)]
+        return tuple(list(column) for column in zip(*rows))
+
 
 def pretrain_dataset(mindrecord, batch_size, masker, shuffle, num_shards=None, shard_id=None, drop_remainder=True):
-    """MindDataset of a cached split, masked by `masker`, batched; columns in `COLUMNS` order."""
+    """MindDataset of a cached split, batched and masked by `masker`; columns in `COLUMNS` order."""
     import mindspore.dataset as ds
     data = ds.MindDataset(mindrecord, columns_list=["input_ids", "input_mask", "segment_ids",
                                                     "next_sentence_label", "row_id"],
                           shuffle=shuffle, num_shards=num_shards, shard_id=shard_id)
-    data = data.map(operations=masker, input_columns=["input_ids", "row_id"],
-                    output_columns=["input_ids", "masked_lm_positions", "masked_lm_ids", "masked_lm_weights"],
-                    num_parallel_workers=1, python_multiprocessing=False)
-    data = data.project(COLUMNS)
-    return data.batch(batch_size, drop_remainder=drop_remainder)
+    data = data.batch(batch_size, drop_remainder=drop_remainder, per_batch_map=masker.batch,
+                      input_columns=["input_ids", "row_id"],
+                      output_columns=["input_ids", "masked_lm_positions", "masked_lm_ids", "masked_lm_weights"],
+                      num_parallel_workers=1, python_multiprocessing=False)
+    return data.project(COLUMNS)

@@ -4,22 +4,22 @@
 
 Builds (or reuses) the data cache, evaluates the untrained model on the held-out split, trains with
 `Model.train` in GRAPH_MODE, evaluates again, and writes loss / trust-ratio plots to the output dir.
+Checkpoints every `train.checkpoint_every` steps; `--resume` continues from the newest complete one and
+ends bit-identical to an uninterrupted run (docs/resume.md).
 """
 import argparse
-import glob
 import json
 import os
-import re
 import sys
 import time
 
 import mindspore as ms
 import yaml
-from mindspore.train import CheckpointConfig, LossMonitor, Model, ModelCheckpoint, TimeMonitor
+from mindspore.train import LossMonitor, Model, TimeMonitor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from corpus import write_kjv_text  # noqa: E402
-from evaluate import LossRecorder, metrics, plot_loss, read_loss_log  # noqa: E402
+from evaluate import LossRecorder, keep_loss_log, metrics, plot_loss, read_loss_log  # noqa: E402
 from model import BertConfig, BertPreTraining, BertPretrainEval, BertPretrainLoss  # noqa: E402
 from pretrain_data import Masker, prepare_data, pretrain_dataset  # noqa: E402
 from progress import ProgressBar, bar_friendly_stdout  # noqa: E402
@@ -29,6 +29,7 @@ from mindspore_lamb import Lamb  # noqa: E402
 from mindspore_lamb.groups import bert_param_groups, is_no_decay  # noqa: E402
 from mindspore_lamb.schedules import WarmupPolynomialDecayLR  # noqa: E402
 
+from mindspore_lamb import resume as resumable  # noqa: E402
 from mindspore_lamb.diagnostics import TrustRatioMonitor  # noqa: E402
 from mindspore_lamb.train_step import LossScaleTrainStep  # noqa: E402
 
@@ -46,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--data_dir", help="where the MindRecord caches live (default: OUTPUT_DIR/data); runs with "
                                       "the same corpus, vocab and data config share a cache there")
     p.add_argument("--vocab", help="a BERT vocab.txt to use instead of training one on the corpus")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in output_dir, at its step (docs/resume.md)")
     p.add_argument("--phase", type=int, choices=(1, 2), default=1,
                    help="2: apply the config's `phase2:` overrides (BERT's second phase: longer sequences); "
                         "start it from phase 1 with --init_checkpoint")
@@ -105,16 +107,12 @@ def load_config(args):
 
 
 def latest_checkpoint(ckpt_dir):
-    """(path, completed epochs) of the newest `bert*-<epoch>_<step>.ckpt`, or (None, 0)."""
-    found = []
-    for path in glob.glob(os.path.join(ckpt_dir, f"{CKPT_PREFIX}*.ckpt")):
-        match = re.search(r"-(\d+)_(\d+)\.ckpt$", path)
-        if match:
-            found.append((int(match.group(1)), os.path.getmtime(path), path))
+    """(path, global step) of the newest `bert-<step>.ckpt` of `ckpt_dir`, or (None, 0)."""
+    found = resumable.checkpoints(ckpt_dir, CKPT_PREFIX)
     if not found:
         return None, 0
-    epoch, _, path = max(found)
-    return path, epoch
+    step = max(found)
+    return found[step], step
 
 
 def build_optimizer(net, tcfg, optimizer_steps):
@@ -136,6 +134,17 @@ def build_optimizer(net, tcfg, optimizer_steps):
     clip = tcfg.get("trust_ratio_clip")
     return Lamb(groups, lr, beta1=tcfg["beta1"], beta2=tcfg["beta2"], eps=tcfg["eps"],
                 trust_ratio_clip=tuple(clip) if clip else None, shard_state=tcfg.get("shard_state", False))
+
+
+def checkpoint_every(tcfg, steps_per_epoch):
+    """train.checkpoint_every (steps between checkpoints; default: one per epoch), checked with keep_checkpoint_max."""
+    every = tcfg.get("checkpoint_every") or steps_per_epoch
+    for key, value, low in (("checkpoint_every", every, 1), ("keep_checkpoint_max", tcfg["keep_checkpoint_max"], 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SystemExit(f"train.{key}: must be an int >= {low}, got {value!r}"
+                             + (" (the checkpoint being written must not replace the last complete one)"
+                                if key == "keep_checkpoint_max" else ""))
+    return every
 
 
 def build_train_cell(loss_net, optimizer, tcfg):
@@ -228,17 +237,31 @@ def load_init_weights(args, train_cell):
     print(f"initialised the weights from {path} (optimizer state and schedule start afresh)", flush=True)
 
 
-def resume(args, train_cell, ckpt_dir):
-    """Load the latest checkpoint of `ckpt_dir` into `train_cell` with --resume; returns the epochs done."""
+def checkpoint_dirs(out, rank, world, shard_state):
+    """(this worker's checkpoint directory, the other workers' ones it must agree with on resume). Rank 0
+    writes `checkpoints/`; with shard_state every worker saves its own piece of the moments, rank r > 0 in
+    `checkpoints/rank<r>`."""
+    root = os.path.join(out, "checkpoints")
+    if not shard_state:
+        return root, []
+    dirs = [root] + [os.path.join(root, f"rank{r}") for r in range(1, world)]
+    return dirs[rank], dirs[:rank] + dirs[rank + 1:]
+
+
+def resume(args, train_cell, train_ds, ckpt_dir, peers):
+    """--resume: load the newest checkpoint that verifies (on every worker) into `train_cell`, start `train_ds`
+    at its step; returns the step (0: none, or no --resume)."""
     if not args.resume:
         return 0
-    path, initial_epoch = latest_checkpoint(ckpt_dir)
-    if path:
-        ms.load_param_into_net(train_cell, ms.load_checkpoint(path))
-        print(f"resumed from {path}: {initial_epoch} epochs done", flush=True)
+    try:
+        step = resumable.resume(train_cell, ckpt_dir, CKPT_PREFIX, train_ds, peers)
+    except RuntimeError as err:
+        raise SystemExit(f"--resume: {err}")
+    if step:
+        print(f"resumed from {os.path.join(ckpt_dir, f'{CKPT_PREFIX}-{step}.ckpt')}: step {step}", flush=True)
     else:
         print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch", flush=True)
-    return initial_epoch
+    return step
 
 
 def report(results, optimizer, trust, out, loss_log):
@@ -287,36 +310,38 @@ def run(argv=None):
           f"{tcfg['epochs']} epochs = {optimizer_steps} optimizer steps of "
           f"{tcfg['batch_size'] * tcfg['accumulation_steps']} sequences", flush=True)
 
-    net = BertPreTraining(BertConfig.from_dict({**cfg["model"], "vocab_size": vocab_size}))
+    # dropout masks differ between data-parallel workers, as their batches do
+    seed = tcfg.get("seed", dcfg["seed"]) + 1000003 * rank
+    net = BertPreTraining(BertConfig.from_dict({**cfg["model"], "vocab_size": vocab_size, "dropout_seed": seed}))
     optimizer = build_optimizer(net, tcfg, optimizer_steps)
     train_cell = build_train_cell(BertPretrainLoss(net), optimizer, tcfg)
     model = Model(train_cell, eval_network=BertPretrainEval(net), metrics=metrics(info["most_frequent_id"]))
-    ckpt_dir = os.path.join(out, "checkpoints")
-    if rank != 0 and tcfg.get("shard_state"):      # each worker saves and resumes its own piece of the moments
-        ckpt_dir = os.path.join(ckpt_dir, f"rank{rank}")
+    ckpt_dir, peers = checkpoint_dirs(out, rank, args.num_shards or 1, tcfg.get("shard_state"))
     loss_log = os.path.join(out, "loss.jsonl")
-    initial_epoch = resume(args, train_cell, ckpt_dir)
-    if args.init_checkpoint and initial_epoch == 0:
+    step = resume(args, train_cell, train_ds, ckpt_dir, peers)
+    if args.init_checkpoint and step == 0:
         load_init_weights(args, train_cell)
-    if rank == 0 and initial_epoch == 0 and os.path.exists(loss_log):
-        os.remove(loss_log)
+    if rank == 0:                                  # the steps after the checkpoint are done again: not twice
+        keep_loss_log(loss_log, step)
 
-    results = {"before": evaluate(model, eval_ds, "before training" if initial_epoch == 0 else "at resume")}
+    results = {"before": evaluate(model, eval_ds, "before training" if step == 0 else "at resume")}
     callbacks = [LossMonitor(tcfg["log_every"]), TimeMonitor(steps_per_epoch)]
     trust = TrustRatioMonitor(optimizer, every=tcfg["trust_ratio_every"]) if isinstance(optimizer, Lamb) else None
-    checkpoints = ModelCheckpoint(CKPT_PREFIX, ckpt_dir, CheckpointConfig(
-        save_checkpoint_steps=steps_per_epoch, keep_checkpoint_max=tcfg["keep_checkpoint_max"]))
-    if rank == 0:                                  # data parallel: every rank holds the same weights
+    # data parallel: every rank holds the same weights, rank 0 saves them; with shard_state every rank saves
+    # its own piece of the moments. Either way every rank numbers the steps from the resumed one.
+    if rank == 0 or tcfg.get("shard_state"):
+        callbacks.append(resumable.StepCheckpoint(ckpt_dir, CKPT_PREFIX, checkpoint_every(tcfg, steps_per_epoch),
+                                                  keep=tcfg["keep_checkpoint_max"], initial_step=step))
+    else:
+        callbacks.append(resumable.GlobalStep(step))
+    if rank == 0:
         # a tqdm bar over all steps with ETA, loss and lr, only when stderr is a terminal
-        callbacks.append(ProgressBar(total_steps, initial_epoch * steps_per_epoch, optimizer.learning_rate,
-                                     tcfg["accumulation_steps"]))
-        callbacks += [LossRecorder(loss_log)] + ([trust] if trust else []) + [checkpoints]
-    elif tcfg.get("shard_state"):                  # ... but only its own piece of the moments
-        callbacks.append(checkpoints)
+        callbacks.append(ProgressBar(total_steps, step, optimizer.learning_rate, tcfg["accumulation_steps"]))
+        callbacks += [LossRecorder(loss_log)] + ([trust] if trust else [])
     t_train = time.time()
-    if initial_epoch < tcfg["epochs"]:
+    if step < total_steps:
         model.train(tcfg["epochs"], train_ds, callbacks=callbacks, dataset_sink_mode=False,
-                    initial_epoch=initial_epoch)
+                    initial_epoch=step // steps_per_epoch)
     train_seconds = time.time() - t_train
     results["after"] = evaluate(model, eval_ds, "after training")
     if test_ds is not None:                        # data.test_split: the half of the held-out chapters kept aside
@@ -325,7 +350,7 @@ def run(argv=None):
     results["nsp_majority"] = max(share, 1.0 - share)
     if rank == 0:
         results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start, vocab=info["vocab"],
-                       steps=total_steps - initial_epoch * steps_per_epoch, config=cfg)
+                       steps=total_steps - step, config=cfg)
         report(results, optimizer, trust, out, loss_log)
     return results
 
