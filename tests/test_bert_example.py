@@ -103,6 +103,18 @@ def test_phase2_overrides(tmp_path):
         train.load_config(train.parse_args(["--config", str(one_phase), "--phase", "2"]))
 
 
+def test_checkpoint_settings_are_checked():
+    """train.checkpoint_every defaults to one checkpoint per epoch; keep_checkpoint_max < 2 is refused (the
+    checkpoint being written must not replace the last complete one), as is a checkpoint_every below 1."""
+    import train
+    assert train.checkpoint_every({"keep_checkpoint_max": 2}, 469) == 469
+    assert train.checkpoint_every({"checkpoint_every": 100, "keep_checkpoint_max": 3}, 469) == 100
+    with pytest.raises(SystemExit, match=r"train.keep_checkpoint_max: must be an int >= 2, got 1"):
+        train.checkpoint_every({"keep_checkpoint_max": 1}, 469)
+    with pytest.raises(SystemExit, match=r"train.checkpoint_every: must be an int >= 1, got -5"):
+        train.checkpoint_every({"checkpoint_every": -5, "keep_checkpoint_max": 2}, 469)
+
+
 @pytest.fixture(scope="module")
 def smoke_config(tmp_path_factory):
     with open(os.path.join(BERT_DIR, "configs", "tiny.yaml")) as f:

@@ -228,7 +228,11 @@ def kill_point(case, work, index, reference, wall, rng, write_step=None):
     return row
 
 
-def run_case(case, points, work, rng, write_every=4, log=print):
+def _log(text):
+    print(text, flush=True)
+
+
+def run_case(case, points, work, rng, write_every=4, log=_log):
     """Reference + `points` kill points of one case; returns the rows."""
     t0 = time.monotonic()
     reference, wall = reference_run(case, work)

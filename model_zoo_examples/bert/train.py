@@ -303,6 +303,7 @@ def run(argv=None):
     args.vocab = init_vocab(args)
     info, vocab_size, train_ds, eval_ds, test_ds = prepare(args, dcfg, tcfg, out, rank)
     steps_per_epoch = train_ds.get_dataset_size()
+    every = checkpoint_every(tcfg, steps_per_epoch)
     total_steps = steps_per_epoch * tcfg["epochs"]
     optimizer_steps = total_steps // tcfg["accumulation_steps"]
     print(f"data ready in {time.time() - t_start:.1f}s: vocab {vocab_size}, {info['train_rows']} train rows "
@@ -330,8 +331,8 @@ def run(argv=None):
     # data parallel: every rank holds the same weights, rank 0 saves them; with shard_state every rank saves
     # its own piece of the moments. Either way every rank numbers the steps from the resumed one.
     if rank == 0 or tcfg.get("shard_state"):
-        callbacks.append(resumable.StepCheckpoint(ckpt_dir, CKPT_PREFIX, checkpoint_every(tcfg, steps_per_epoch),
-                                                  keep=tcfg["keep_checkpoint_max"], initial_step=step))
+        callbacks.append(resumable.StepCheckpoint(ckpt_dir, CKPT_PREFIX, every, keep=tcfg["keep_checkpoint_max"],
+                                                  initial_step=step))
     else:
         callbacks.append(resumable.GlobalStep(step))
     if rank == 0:
