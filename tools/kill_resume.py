@@ -193,9 +193,10 @@ def kill_point(case, work, index, reference, wall, rng, write_step=None):
             time.sleep(0.0005)
         else:
             time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
+    running = run.proc.poll() is None
     workers = run.workers()
     victim = None
-    if run.proc.poll() is None and workers:
+    if running and workers:
         # during a write: the worker whose directory holds the partial file; else any worker
         owner = [r for r in workers if partial and f"rank{r}" in partial[0]]
         victim = owner[0] if owner else rng.choice(sorted(workers))
@@ -209,7 +210,7 @@ def kill_point(case, work, index, reference, wall, rng, write_step=None):
     run.wait(timeout=at + JOB_FAILS if victim is not None and case != "single" else TIMEOUT)
     step = last_step(out)
     if victim is None:
-        doing = "finished before the kill" if run.proc.returncode == 0 else "not started"
+        doing = "no worker process yet: none killed" if running else "finished before the kill"
     elif busy:
         doing = f"writing {os.path.basename(busy[0]).split('.partial')[0].lstrip('.')}.ckpt"
     elif step >= TOTAL_STEPS:
