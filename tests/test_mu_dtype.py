@@ -34,10 +34,12 @@ def test_matches_reference_with_the_stored_moment_rounded(mode, backend, mu_dtyp
 
 def _grid_gradients(mu_dtype):
     """Gradients g = 2 x, x on and between the points of mu_dtype's grid: k/8 of a unit in the last place
-    above a grid point (k = 0..7: 4 is a midpoint, which ties to even), over a few binades, both signs."""
+    above a grid point (k = 0..7: 4 is a midpoint, which ties to even), over binades up to near float16's
+    largest, and around float16's subnormals (n + k/8) 2^-24, both signs."""
     bits = ULP_BITS[mu_dtype]
     x = [sign * 2.0 ** e * (1.0 + (j + k / 8.0) * 2.0 ** -bits)
-         for sign in (1.0, -1.0) for e in (-6, -3, 0, 2) for j in (0, 1, 2, 5) for k in range(8)]
+         for sign in (1.0, -1.0) for e in (-6, -3, 0, 2, 14) for j in (0, 1, 2, 5) for k in range(8)]
+    x += [sign * (n + k / 8.0) * 2.0 ** -24 for sign in (1.0, -1.0) for n in (0, 1, 2, 5, 100) for k in range(8)]
     return 2.0 * np.array(x, np.float32)
 
 

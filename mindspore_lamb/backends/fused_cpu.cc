@@ -135,13 +135,25 @@ inline float float_of(int32_t b) {
   return x;
 }
 
-// The dtypes a first moment is stored in: float, _Float16 (IEEE binary16: F16C instructions where the CPU
-// has them, else libgcc's conversions), and bfloat16, the top 16 bits of a float32. load() reads one as
-// float32 (exact); stored<T>() rounds a float32 to T, to nearest with ties to even (a NaN stays a NaN).
+// The dtypes a first moment is stored in: float, Half (IEEE binary16) and Bf16 (bfloat16, the top 16 bits of
+// a float32), both as their bits. load() reads one as float32 (exact); stored<T>() rounds a float32 to T, to
+// nearest with ties to even (a NaN stays a NaN). Integer operations and selects only, so the loops
+// vectorize on any ISA (GCC 12 leaves loops with _Float16 conversions scalar without AVX512-FP16); the
+// binary16 conversions are those of F16C, bit for bit (checked against it for every float32).
+enum class Half : uint16_t {};
 enum class Bf16 : uint16_t {};
 
 inline float load(float x) { return x; }
-inline float load(_Float16 x) { return static_cast<float>(x); }
+inline float load(Half x) {
+  const uint32_t h = static_cast<uint32_t>(x);
+  const uint32_t magnitude = (h & 0x7fffu) << 13;                  // exponent and significand, float-aligned
+  const uint32_t exponent = magnitude & (0x7c00u << 13);
+  const float normal = float_of(static_cast<int32_t>(magnitude + ((127u - 15u) << 23)));
+  const float special = float_of(static_cast<int32_t>(magnitude + ((255u - 31u) << 23)));    // Inf, NaN
+  const float tiny = float_of(static_cast<int32_t>(magnitude + (113u << 23))) - float_of(113 << 23);  // subnormal
+  const float value = exponent == 0 ? tiny : (exponent == (0x7c00u << 13) ? special : normal);
+  return float_of(bits_of(value) | static_cast<int32_t>((h & 0x8000u) << 16));
+}
 inline float load(Bf16 x) { return float_of(static_cast<int32_t>(static_cast<uint32_t>(x) << 16)); }
 
 template <typename T>
@@ -149,7 +161,16 @@ inline T stored(float x);
 template <>
 inline float stored<float>(float x) { return x; }
 template <>
-inline _Float16 stored<_Float16>(float x) { return static_cast<_Float16>(x); }
+inline Half stored<Half>(float x) {
+  const uint32_t b = static_cast<uint32_t>(bits_of(x));
+  const uint32_t sign = (b >> 16) & 0x8000u;
+  const uint32_t a = b & 0x7fffffffu;
+  const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;            // NaN stays NaN; 65520 and up: Inf
+  // below 2^-14, a subnormal: adding 0.5 puts its 10 bits at the bottom, rounded to nearest even by the FPU
+  const uint32_t tiny = static_cast<uint32_t>(bits_of(float_of(static_cast<int32_t>(a)) + 0.5f)) - (126u << 23);
+  const uint32_t normal = (a + ((15u - 127u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;   // ties to even
+  return static_cast<Half>((a >= (143u << 23) ? big : (a < (113u << 23) ? tiny : normal)) | sign);
+}
 template <>
 inline Bf16 stored<Bf16>(float x) {
   const uint32_t b = static_cast<uint32_t>(bits_of(x));
@@ -270,7 +291,7 @@ template <typename Body>
 int with_m_type(const char *m_dtype, Body body) {
   switch (stored_as(m_dtype)) {
     case Stored::kFloat32: return body(static_cast<float *>(nullptr));
-    case Stored::kFloat16: return body(static_cast<_Float16 *>(nullptr));
+    case Stored::kFloat16: return body(static_cast<Half *>(nullptr));
     case Stored::kBfloat16: return body(static_cast<Bf16 *>(nullptr));
     default: return 2;
   }
