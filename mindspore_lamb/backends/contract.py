@@ -119,10 +119,10 @@ def dtype_name(dtype):
 def _zeros_like(param, slot):
     """The zero state of `slot` for `param`, named ``<prefix>.<param name>``: the parameter's clone (its
     parallel layout follows it) when the dtypes agree."""
+    if param.dtype != slot.dtype:
+        return Parameter(initializer("zeros", param.shape, slot.dtype), name=slot.name(param.name))
     state = param.clone(init="zeros")
     state.name = slot.name(param.name)
-    if state.dtype != slot.dtype:
-        state = Parameter(initializer("zeros", param.shape, slot.dtype), name=state.name)
     return state
 
 
