@@ -78,7 +78,7 @@ def _build(tmp):
 class Arrays:
     def __init__(self, n_tensors, numel, nan_last=False):
         rng = np.random.default_rng(0)
-        self.hyper = np.array(contract.pack(beta1=0.9, beta2=0.999, one_minus_beta1=0.1, one_minus_beta2=1e-3,
+        self.hyper = np.array(contract.pack(one_minus_beta1=0.1, one_minus_beta2=1e-3,
                                             m_grad_scale=1.0, eps=1e-6, eps_root=0.0, inv_bias_c1=10.0,
                                             inv_bias_c2=1000.0, grad_scale=1.0, decay_in_grad=0.0,
                                             decay_in_update=1.0, decay_outside=0.0, w_norm_max=np.inf,

@@ -21,6 +21,7 @@ runtime's own buffers: compare with nn.Adam's ("-Adam" column; target <= 1.0, on
 buffer of the parameters' size).
 
 Run:  python benchmarks/bench_step.py [--sets base,large,small] [--repeats 15] [--no-mem] [--mode pynative]
+             [--mu-dtype bfloat16]
 A tiny learning rate keeps the parameters finite for all calls (so Lamb never takes its skip branch).
 """
 import argparse
@@ -88,23 +89,17 @@ def build(set_name, seed=0):
 
 def make_optimizer(kind, params):
     from mindspore import nn
+    # --mu-dtype: the first moment of every Lamb stored in that dtype (LAMB_BENCH_MU_DTYPE for the children)
+    mu_dtype = os.environ.get("LAMB_BENCH_MU_DTYPE") or None
     if kind == "Lamb":
         from mindspore_lamb import Lamb
-        return Lamb(params, learning_rate=1e-7, weight_decay=0.01)
+        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, mu_dtype=mu_dtype)
     if kind == "Lamb-exact":            # exact_skip=True: the gradient pre-pass (4 more bytes an element)
         from mindspore_lamb import Lamb
-        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, exact_skip=True)
+        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, exact_skip=True, mu_dtype=mu_dtype)
     if kind == "Lamb-composite":        # the portable composite graph (the path of GPU/Ascend/float16)
         from mindspore_lamb import Lamb
-        old = os.environ.get("MINDSPORE_LAMB_FUSED")
-        os.environ["MINDSPORE_LAMB_FUSED"] = "0"
-        try:
-            return Lamb(params, learning_rate=1e-7, weight_decay=0.01)
-        finally:
-            if old is None:
-                del os.environ["MINDSPORE_LAMB_FUSED"]
-            else:
-                os.environ["MINDSPORE_LAMB_FUSED"] = old
+        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, mu_dtype=mu_dtype, backend="composite")
     if kind == "Adam":
         return nn.Adam(params, learning_rate=1e-7)
     if kind == "AdamWeightDecay":
@@ -276,6 +271,8 @@ def main():
     ap.add_argument("--device", choices=("CPU", "GPU", "Ascend"), default="CPU",
                     help="device target (default CPU); on GPU, memory is the device's peak allocation, "
                          "'extra' is that minus parameters and gradients")
+    ap.add_argument("--mu-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                    help="Lamb(mu_dtype=...): the dtype its first moment is stored in (default float32)")
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -292,13 +289,15 @@ def main():
         return
 
     os.environ["LAMB_BENCH_DEVICE"] = a.device
+    os.environ["LAMB_BENCH_MU_DTYPE"] = a.mu_dtype or ""
     kinds = a.opts.split(",")
     ref = "Adam" if "Adam" in kinds else kinds[0]
     import platform
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _timing import cpu_header
     print(cpu_header())
-    print(f"# python {platform.python_version()}; {a.mode} mode on {a.device}; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"# python {platform.python_version()}; {a.mode} mode on {a.device}; Lamb mu_dtype "
+          f"{a.mu_dtype or 'float32'}; {time.strftime('%Y-%m-%d %H:%M')}")
     all_res = []
     for set_name in a.sets.split(","):
         t = _run_child(["time", set_name, str(a.repeats), ",".join(kinds), a.mode])

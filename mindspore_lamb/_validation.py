@@ -378,3 +378,18 @@ def check_param_dtypes(params, device_target, prim="Lamb"):
             raise TypeError(f"For '{prim}', parameter '{param.name}' is bfloat16, which MindSpore 2.10 cannot "
                             f"write on CPU (its CPU Assign kernel has no bfloat16); use float16 or float32 "
                             f"on CPU, bfloat16 on GPU/Ascend.")
+
+
+def check_dtype(name, value, dtypes, prim="Lamb"):
+    """None (the first of `dtypes`), one of `dtypes` (MindSpore dtypes) or its name (``"bfloat16"``); returned
+    as the MindSpore dtype."""
+    if value is None:
+        return dtypes[0]
+    names = {str(dtype).lower(): dtype for dtype in dtypes}
+    if isinstance(value, str) and value.strip().lower() in names:
+        return names[value.strip().lower()]
+    if isinstance(value, mstype.Type) and value in dtypes:
+        return value
+    raise (TypeError if not isinstance(value, (str, mstype.Type)) else ValueError)(
+        f"For '{prim}', the argument '{name}' must be None or one of {list(names)} (a str or a mindspore dtype), "
+        f"but got {describe(value)}.")

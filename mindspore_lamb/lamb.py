@@ -4,8 +4,7 @@ import math
 import numpy as np
 
 import mindspore.common.dtype as mstype
-from mindspore import Parameter, ParameterTuple, Tensor, jit
-from mindspore.common.initializer import initializer
+from mindspore import Parameter, Tensor, jit
 from mindspore.nn.optim.optimizer import Optimizer, opt_init_args_register
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
@@ -14,14 +13,11 @@ from mindspore.ops.primitive import _primexpr
 
 from . import _validation as V
 from . import backends, presets
-from ._update import centralize, expm1, global_norm_factor, per_parameter
-from .backends import contract, sharded
-from .schedules import as_schedule
-from .state import check_state
-
-# where the weight decay goes: added to the gradient (L2), in the update u = r + lambda w (the paper's
-# decoupled decay), or applied outside the trust ratio (w = (1 - lr lambda) w - lr q u); the order matters
-DECAY_MODES = ("l2", "decoupled", "decoupled_outside")
+from ._options import Options
+from ._step import centralize, expm1, global_norm_factor
+from .backends import contract
+from .backends.contract import per_parameter
+from .state import check_state, declare
 
 _check_gradient = C.MultitypeFuncGraph("lamb_check_gradient")
 _FLOATS = (mstype.float16, mstype.bfloat16, mstype.float32, mstype.float64)
@@ -118,12 +114,12 @@ _true_after = C.MultitypeFuncGraph("true_after")
 
 
 @_true_after.register("Tensor", "Bool")
-def _true_after_update(update, ok):
+def _true_after_update(update, success):
     """``True`` once `update` has run: the output of MindSpore's own optimizers, element by element. In
     PYNATIVE_MODE this makes the call return when the step is done, as nn.Adam's does: a graph whose output
     is a constant returns at once and the next call waits for it in a busy loop, taking one of the cores
     the update runs on (docs/architecture.md, "PYNATIVE_MODE")."""
-    return F.depend(ok, update)
+    return F.depend(success, update)
 
 
 def _refuse_state_names(names, own=("global_step", "learning_rate")):
@@ -144,15 +140,6 @@ def _runtime_state(value, name):
     return state
 
 
-def _moment(param, prefix):
-    """A float32 zero moment named `<prefix>.<param name>`, laid out like the parameter."""
-    moment = param.clone(init="zeros")
-    moment.name = f"{prefix}.{param.name}"
-    if moment.dtype != mstype.float32:
-        moment = Parameter(initializer("zeros", param.shape, mstype.float32), name=moment.name)
-    return moment
-
-
 class Lamb(Optimizer):
     r"""LAMB: layer-wise adaptive moments for large-batch training (You et al., arXiv:1904.00962).
 
@@ -170,7 +157,7 @@ class Lamb(Optimizer):
 
     :math:`\epsilon` is outside the square root; the trust ratio uses the norm of exactly the applied
     update; :math:`\lambda_s = 0` for parameters that are not decayed. Math is float32 whatever the
-    parameter dtype; the moments are float32.
+    parameter dtype; the moments are stored in float32 (the first one in `mu_dtype` when asked).
 
     Args:
         params (Union[list[Parameter], list[dict]]): the parameters, or parameter groups with keys
@@ -225,6 +212,16 @@ class Lamb(Optimizer):
         shard_state (bool): keyword-only; data-parallel training under msrun: each of the N workers keeps
             the moments of 1/N of the parameter elements (layers may be cut between workers; their
             norms are combined exactly), see docs/distributed.md. Default: ``False``.
+        mu_dtype (Union[str, mindspore.dtype]): keyword-only; the dtype the first moment :math:`m` is stored in:
+            ``None`` or ``"float32"``, ``"float16"`` or ``"bfloat16"`` (or the mindspore dtype), as optax's
+            ``mu_dtype``. It is computed in float32, rounded to nearest when stored, and the step uses it as
+            stored; checkpoints hold it in this dtype. A 16-bit one saves 2 bytes per parameter element.
+            bfloat16 on CPU needs the fused CPU backend (MindSpore 2.10 cannot write a bfloat16 Parameter
+            on CPU). Default: ``None`` (float32).
+        backend (str): keyword-only; the backend of the update, ``"fused_cpu"`` (one C++ kernel: CPU,
+            float32 parameters, a C++ compiler) or ``"composite"`` (primitive operators: every device and
+            dtype); ``None`` takes the first that can run, which ``MINDSPORE_LAMB_FUSED`` can steer (see
+            docs/api/lamb.md). Default: ``None``.
 
     Inputs:
         - **gradients** (tuple[Tensor]) - one gradient per parameter, of the parameter's shape and of a
@@ -273,6 +270,12 @@ class Lamb(Optimizer):
         ValueError / TypeError: If an exclusion predicate raises, or returns something other than a bool.
         ValueError: If a parameter is named like the optimizer's own state (``global_step``, ``learning_rate``,
             ``lamb_m.*``, ...).
+        TypeError / ValueError: If `mu_dtype` is not None, a str or a mindspore dtype / not one of float32,
+            float16, bfloat16.
+        ValueError: If `backend` is not None, ``"fused_cpu"`` or ``"composite"``.
+        RuntimeError: If the backend asked for cannot run the parameters here (the message says why).
+        TypeError: If no backend can run the parameters with the state asked for (a bfloat16 `mu_dtype` on
+            CPU without the fused CPU backend).
 
     Supported Platforms:
         ``Ascend`` ``GPU`` ``CPU``
@@ -295,99 +298,69 @@ class Lamb(Optimizer):
                  loss_scale=1.0, max_grad_norm=None, trust_ratio_clip=None, exact_skip=False,
                  bias_correction=True, weight_decay_mode="decoupled", grad_averaging=True, eps_inside_sqrt=False,
                  weight_norm_clip=None, layer_adaptation=True, exclude_from_weight_decay=None,
-                 exclude_from_layer_adaptation=None, shard_state=False):
-        params = V.check_params(params)
-        learning_rate = V.check_learning_rate("learning_rate", learning_rate)
-        V.check_beta("beta1", beta1)
-        V.check_beta("beta2", beta2)
-        V.check_eps("eps", eps)
-        weight_decay = V.check_weight_decay("weight_decay", weight_decay)
-        loss_scale = V.check_loss_scale("loss_scale", loss_scale)
-        max_grad_norm = V.check_max_grad_norm("max_grad_norm", max_grad_norm)
-        trust_ratio_clip = V.check_trust_ratio_clip(trust_ratio_clip)
-        V.check_bool("exact_skip", exact_skip)
-        V.check_bool("shard_state", shard_state)
-        V.check_choice("bias_correction", bias_correction, (True, False, "step_size"))
-        V.check_choice("weight_decay_mode", weight_decay_mode, DECAY_MODES)
-        if weight_decay_mode == "decoupled_outside":
-            V.check_decay_outside(learning_rate, weight_decay, params)
-        learning_rate = as_schedule(learning_rate, "learning_rate")
-        V.check_bool("grad_averaging", grad_averaging)
-        V.check_bool("eps_inside_sqrt", eps_inside_sqrt)
-        weight_norm_clip = V.check_number("weight_norm_clip", weight_norm_clip, "Lamb", allow_none=True,
-                                          normal=True)
-        V.check_choice("layer_adaptation", layer_adaptation, (True, False, "decayed"))
-        excluded_from_decay = V.check_name_filter("exclude_from_weight_decay", exclude_from_weight_decay)
-        excluded_from_adaptation = V.check_name_filter("exclude_from_layer_adaptation",
-                                                       exclude_from_layer_adaptation)
-
-        adapt_by_name = {}
-        if isinstance(params[0], dict):
-            for group in params:
-                for param in group.get("params", ()):
-                    adapt_by_name[param.name] = group.get("layer_adaptation", True)
-            params = [{k: val for k, val in group.items() if k != "layer_adaptation"} for group in params]
-            for index, group in enumerate(params):   # a per-step sequence holds its last value (schedules.py)
-                if "lr" in group:
-                    group["lr"] = as_schedule(group["lr"], f"learning_rate_group_{index}")
-
+                 exclude_from_layer_adaptation=None, shard_state=False, mu_dtype=None, backend=None):
+        options = Options(params, learning_rate, beta1, beta2, eps, weight_decay, loss_scale=loss_scale,
+                          max_grad_norm=max_grad_norm, trust_ratio_clip=trust_ratio_clip, exact_skip=exact_skip,
+                          bias_correction=bias_correction, weight_decay_mode=weight_decay_mode,
+                          grad_averaging=grad_averaging, eps_inside_sqrt=eps_inside_sqrt,
+                          weight_norm_clip=weight_norm_clip, layer_adaptation=layer_adaptation,
+                          exclude_from_weight_decay=exclude_from_weight_decay,
+                          exclude_from_layer_adaptation=exclude_from_layer_adaptation, shard_state=shard_state,
+                          mu_dtype=mu_dtype, backend=backend)
         # the base class registers the user's parameters by name over its own `global_step` / `learning_rate`
-        _refuse_state_names(p.name for group in params for p in (group.get("params", ()) if isinstance(group, dict)
-                                                                  else (group,)))
+        _refuse_state_names(p.name for group in options.params
+                            for p in (group.get("params", ()) if isinstance(group, dict) else (group,)))
         # LAMB's weight decay is decoupled from the gradient, so loss_scale must not touch it; the base
         # class multiplies the weight decay by its loss_scale, hence 1.0 there and the real one here.
-        super().__init__(learning_rate, params, weight_decay, loss_scale=1.0)
-        self.loss_scale = loss_scale
-        self.max_grad_norm = max_grad_norm
-        self.exact_skip = exact_skip
-        self.bias_correction = bias_correction
-        # G is computed before the update when it is needed there: NVLAMB clipping, an exact skip, or the
-        # parallel optimizer (a rank's backend sees only its own parameters' gradients).
-        self.norm_first = exact_skip or max_grad_norm is not None or self.use_parallel
-
-        f32 = lambda x: Tensor(x, mstype.float32)  # noqa: E731
-        self.inv_loss_scale = f32(1.0 / loss_scale)
-        self.max_grad_norm_t = f32(max_grad_norm if max_grad_norm is not None else 1.0)
-        lo, hi = trust_ratio_clip if trust_ratio_clip is not None else (0.0, math.inf)
-        self.trust_lo, self.trust_hi = f32(lo), f32(hi)
-        self.beta1, self.beta2, self.one = f32(beta1), f32(beta2), f32(1.0)
-        # r = m^ / (sqrt(v^ + eps_root) + eps)
-        self.eps, self.eps_root = (f32(0.0), f32(eps)) if eps_inside_sqrt else (f32(eps), f32(0.0))
-        # without gradient averaging m = b1 m + g, written as m + (1 - b1) (g / (1 - b1) - m)
-        self.m_grad_scale = f32(1.0 if grad_averaging else 1.0 / (1.0 - beta1))
-        self.decay_in_grad, self.decay_in_update, self.decay_outside = (
-            f32(float(weight_decay_mode == mode)) for mode in DECAY_MODES)
-        self.w_norm_max = f32(math.inf if weight_norm_clip is None else weight_norm_clip)
-        self.weight_decay_mode = weight_decay_mode
-        # 1 - beta in float64, rounded once (1 - float32(0.999) is 1.3e-5 off, 19 % at 1 - 1e-7); and
-        # 1 - beta^t = -expm1(t log beta) with log beta taken in float64, for the same reason
-        self.one_minus_beta1, self.one_minus_beta2 = f32(1.0 - beta1), f32(1.0 - beta2)
-        self.log_beta1, self.log_beta2 = f32(math.log(beta1)), f32(math.log(beta2))
-
+        super().__init__(options.learning_rate, options.params, options.weight_decay, loss_scale=1.0)
         self.params = self._parameters
         V.check_param_dtypes(self.params, self._target)
-        if shard_state:
-            # data parallel: this worker keeps the moments of 1/N of the elements (backends/sharded.py)
-            rank, world = sharded.data_parallel_group(self.use_parallel)
-            self.rank, self.world = rank, world
-            moment1, moment2, self.shard_names = sharded.shard_state(self.params, world)
-            self.moments1, self.moments2 = ParameterTuple((moment1,)), ParameterTuple((moment2,))
-        else:
-            self.moments1 = ParameterTuple(_moment(p, "lamb_m") for p in self.params)
-            self.moments2 = ParameterTuple(_moment(p, "lamb_v") for p in self.params)
+        self._keep(options)
+        self._resolve_flags(options)
+        self._add_diagnostics()
+        # the backend of the update, chosen once; it allocates the declared state (backends/__init__.py)
+        self.backend = backends.create(self.params, declare({"m": self.mu_dtype}), decay_flags=self.decay_flags,
+                                       adapt_flags=self.adapt_flags, owned_flags=self.optim_filter,
+                                       shard_state=self.shard_state, parallel_optimizer=self.use_parallel,
+                                       name=options.backend)
+        self.fused = self.backend.name == "fused_cpu"
+        self._check_state_names()
+
+    def _keep(self, options):
+        """The options the step reads, and the step's constant scalars as float32 Tensors."""
+        self.loss_scale = options.loss_scale
+        self.max_grad_norm = options.max_grad_norm
+        self.exact_skip = options.exact_skip
+        self.bias_correction = options.bias_correction
+        self.weight_decay_mode = options.weight_decay_mode
+        self.shard_state = options.shard_state
+        self.mu_dtype = options.mu_dtype
+        # G is computed before the update when it is needed there: NVLAMB clipping, an exact skip, or the
+        # parallel optimizer (a rank's backend sees only its own parameters' gradients).
+        self.norm_first = self.exact_skip or self.max_grad_norm is not None or self.use_parallel
+        f32 = lambda x: Tensor(x, mstype.float32)  # noqa: E731
+        for name, value in options.constants().items():      # the fields of contract.pack that never change
+            setattr(self, name, f32(value))
+        self.inv_loss_scale = f32(1.0 / self.loss_scale)
+        self.max_grad_norm_t = f32(self.max_grad_norm if self.max_grad_norm is not None else 1.0)
+        self.one = f32(1.0)
+        # 1 - beta^t = -expm1(t log beta), log beta taken in float64
+        self.log_beta1, self.log_beta2 = f32(math.log(options.beta1)), f32(math.log(options.beta2))
+
+    def _resolve_flags(self, options):
+        """Which parameter is decayed and which gets a trust ratio: resolved once, here (parameter_table())."""
         self.param_names = tuple(p.name for p in self.params)
         self.param_dtypes = tuple(str(p.dtype) for p in self.params)
-        # which parameter is decayed and which gets a trust ratio: resolved once, here (parameter_table())
-        self.decay_flags = tuple(decay and not excluded_from_decay(name)
+        self.decay_flags = tuple(decay and not options.excluded_from_decay(name)
                                  for decay, name in zip(self.decay_flags, self.param_names))
-        self.adapt_flags = tuple(adapt_by_name.get(name, True) and layer_adaptation is not False
-                                 and (layer_adaptation != "decayed" or decay) and not excluded_from_adaptation(name)
-                                 for name, decay in zip(self.param_names, self.decay_flags))
+        self.adapt_flags = tuple(options.adapted(name, decay) for name, decay in zip(self.param_names,
+                                                                                      self.decay_flags))
         if not self.is_group:
             self.grad_centralization_flags = (False,) * self.param_length
 
-        # Diagnostics of the last applied step, written inside the graph (no host sync in the step). They
-        # are runtime state, left out of checkpoints (which keep nn.Lamb's layout: docs/api/lamb.md).
+    def _add_diagnostics(self):
+        """The diagnostics of the last applied step, written inside the graph (no host sync in the step). They
+        are runtime state, left out of checkpoints (which keep nn.Lamb's layout: docs/api/lamb.md)."""
         self.layer_stats = _runtime_state(np.zeros((self.param_length, 3), np.float32), "lamb_layer_stats")
         self.last_grad_norm = _runtime_state(np.float32(0.0), "lamb_grad_norm")
         self.skipped = _runtime_state(np.int32(0), "lamb_skipped_steps")
@@ -399,15 +372,16 @@ class Lamb(Optimizer):
         self.success = (True,) * self.param_length
         self.isfinite = P.IsFinite()
 
-        # The backend of the update of all parameters, chosen once (backends/__init__.py).
-        flags = dict(decay_flags=self.decay_flags, adapt_flags=self.adapt_flags, owned_flags=self.optim_filter)
-        if shard_state:
-            self.backend = sharded.ShardedBackend(self.params, rank=rank, world=world, **flags)
-        else:
-            self.backend = backends.select(self.params)(self.params, **flags)
-        self.shard_state = shard_state
-        self.fused = self.backend.name == "fused_cpu"
-        self._check_state_names()
+    @property
+    def moments1(self):
+        """tuple[Parameter]: the first moments (``lamb_m.<name>``, one per parameter; ``lamb_m.shard`` with
+        ``shard_state=True``), stored in `mu_dtype`."""
+        return contract.slot_state(self.backend, "m")
+
+    @property
+    def moments2(self):
+        """tuple[Parameter]: the second moments (``lamb_v.<name>``; ``lamb_v.shard``), float32."""
+        return contract.slot_state(self.backend, "v")
 
     def _check_state_names(self):
         """The optimizer's own state (moments, schedules' values, diagnostics) named like a parameter."""
@@ -464,15 +438,14 @@ class Lamb(Optimizer):
         if self.max_grad_norm is not None:
             grad_scale = grad_scale * global_norm_factor(F.sqrt(grad_sq) * self.inv_loss_scale,
                                                          self.max_grad_norm_t)
-        scalars = contract.pack(beta1=self.beta1, beta2=self.beta2, one_minus_beta1=self.one_minus_beta1,
-                                one_minus_beta2=self.one_minus_beta2, m_grad_scale=self.m_grad_scale,
-                                eps=self.eps, eps_root=self.eps_root, inv_bias_c1=inv_bias_c1,
-                                inv_bias_c2=inv_bias_c2, grad_scale=grad_scale, decay_in_grad=self.decay_in_grad,
+        scalars = contract.pack(one_minus_beta1=self.one_minus_beta1, one_minus_beta2=self.one_minus_beta2,
+                                m_grad_scale=self.m_grad_scale, eps=self.eps, eps_root=self.eps_root,
+                                inv_bias_c1=inv_bias_c1, inv_bias_c2=inv_bias_c2, grad_scale=grad_scale,
+                                decay_in_grad=self.decay_in_grad,
                                 decay_in_update=self.decay_in_update, decay_outside=self.decay_outside,
                                 w_norm_max=self.w_norm_max, trust_lo=self.trust_lo, trust_hi=self.trust_hi,
                                 proceed=proceed)
-        layer_stats, grad_sq, applied = self.backend(scalars, lr, weight_decay,
-                                                     self.params, self.moments1, self.moments2, gradients, grad_sq)
+        layer_stats, grad_sq, applied = self.backend(scalars, lr, weight_decay, self.params, gradients, grad_sq)
         return self.hyper_map(F.partial(_true_after, self._record(layer_stats, grad_sq, applied, valid)),
                               self.success)
 
@@ -508,11 +481,11 @@ class Lamb(Optimizer):
         if self.dynamic_lr or self.dynamic_weight_decay:
             lr_vec = per_parameter(lr, self.ones)
             wd_vec = F.select(self.decay_mask, per_parameter(weight_decay, self.ones), self.zeros)
-            ok = F.logical_and(self.isfinite(lr_vec), lr_vec >= 0.0)
-            ok = F.logical_and(ok, F.logical_and(self.isfinite(wd_vec), wd_vec >= 0.0))
+            each = F.logical_and(self.isfinite(lr_vec), lr_vec >= 0.0)
+            each = F.logical_and(each, F.logical_and(self.isfinite(wd_vec), wd_vec >= 0.0))
             if self.weight_decay_mode == "decoupled_outside":
-                ok = F.logical_and(ok, lr_vec * wd_vec <= 1.0)    # keep = 1 - lr lambda >= 0
-            valid = F.logical_and(valid, self.reduce_all(ok))
+                each = F.logical_and(each, lr_vec * wd_vec <= 1.0)    # keep = 1 - lr lambda >= 0
+            valid = F.logical_and(valid, self.reduce_all(each))
         return valid
 
     def _inverse_bias_corrections(self, t):
@@ -563,7 +536,7 @@ class Lamb(Optimizer):
         """Raise ValueError naming every damaged entry of this optimizer's state: ``global_step`` < 0, a NaN or
         Inf in a moment, a negative second moment (:func:`mindspore_lamb.check_state`, which also checks a
         checkpoint before it is loaded). Call it after loading a checkpoint; one host read of the state."""
-        state = {p.name: p for p in (self.global_step, *self.moments1, *self.moments2)}
+        state = {p.name: p for p in (self.global_step, *self.backend.state)}
         check_state(state, "the state of this Lamb")
 
     def parameter_table(self):

@@ -23,9 +23,8 @@ import numpy as np
 
 from mindspore import Parameter, Tensor
 
-from .backends.sharded import NAMES_PARAMETER, RANK_PARAMETER, piece, piece_length, shard_record
-
-PREFIXES = ("lamb_m.", "lamb_v.")
+from .backends.sharded import NAMES_PARAMETER, RANK_PARAMETER, names_record, piece, piece_length, shard_record
+from .state import PREFIXES, SLOTS
 
 
 def _array(value):
@@ -121,8 +120,9 @@ def merge(shards, *, trust_order=False):
     (saved before it existed) are refused unless `trust_order` is True: then they are taken in the order
     given, still checked for step, names and weights.
 
-    The result holds ``lamb_m.<name>`` / ``lamb_v.<name>`` of every parameter, shaped like it, from the
-    workers' pieces, and everything else from rank 0. Returns {name: Parameter}."""
+    The result holds ``lamb_m.<name>`` / ``lamb_v.<name>`` of every parameter (each slot of
+    ``state.SLOTS``), shaped like it, in the dtype the workers stored it in, from the workers' pieces, and
+    everything else from rank 0. Returns {name: Parameter}."""
     shards = _load(shards)
     if not shards:
         raise ValueError("For 'sharding.merge', the argument 'shards' must hold one state dict per worker, "
@@ -134,22 +134,22 @@ def merge(shards, *, trust_order=False):
     shards = _in_rank_order(shards, trust_order)
     names = _names(shards[0][1])
     _check_same_run_and_step(shards, names)
-    skip = {NAMES_PARAMETER, RANK_PARAMETER} | {prefix + "shard" for prefix in PREFIXES}
+    skip = {NAMES_PARAMETER, RANK_PARAMETER} | {slot.name("shard") for slot in SLOTS}
     merged = {name: Parameter(Tensor(_array(value)), name=name)
               for name, value in shards[0][1].items() if name not in skip}
     shapes = [_array(merged[_weight_key(merged, name)]).shape for name in names]
     sizes = [int(np.prod(shape)) for shape in shapes]
     total, length = sum(sizes), piece_length(sum(sizes), len(shards))
-    for prefix in PREFIXES:
-        pieces = [_array(state[prefix + "shard"]).reshape(-1) for _, state in shards]
+    for slot in SLOTS:
+        pieces = [_array(state[slot.name("shard")]).reshape(-1) for _, state in shards]
         if any(piece.size != length for piece in pieces):
             raise ValueError(f"For 'sharding.merge', {len(shards)} workers of {total} elements must each hold "
                              f"{length} moments, but got { {label: p.size for (label, _), p in zip(shards, pieces)} }"
                              f": are all the workers' checkpoints there?")
         flat = np.concatenate(pieces)[:total]
         for name, shape, start, size in zip(names, shapes, np.cumsum([0] + sizes), sizes):
-            merged[prefix + name] = Parameter(Tensor(flat[start:start + size].reshape(shape).astype(np.float32)),
-                                              name=prefix + name)
+            merged[slot.name(name)] = Parameter(Tensor(flat[start:start + size].reshape(shape).copy()),
+                                                name=slot.name(name))
     return merged
 
 
@@ -159,22 +159,21 @@ def cut(state, optimizer):
     new dict; load it with ``ms.load_param_into_net``."""
     if not getattr(optimizer, "shard_state", False):
         return dict(state)
-    return cut_for(state, optimizer.param_names, optimizer.rank, optimizer.world)
+    return cut_for(state, optimizer.param_names, optimizer.backend.rank, optimizer.backend.world)
 
 
 def cut_for(state, names, rank, world):
-    """`state` with ``lamb_m.<name>`` / ``lamb_v.<name>`` of `names` (the optimizer's parameter order)
-    replaced by worker `rank`'s piece of `world` (``lamb_m.shard`` / ``lamb_v.shard``), the names and
-    ``lamb_shard_rank``."""
+    """`state` with ``lamb_m.<name>`` / ``lamb_v.<name>`` of `names` (the optimizer's parameter order; each slot
+    of ``state.SLOTS``) replaced by worker `rank`'s piece of `world` (``lamb_m.shard`` / ``lamb_v.shard``, in
+    the dtype `state` holds them in), the names and ``lamb_shard_rank``."""
     out = {name: value for name, value in state.items() if not name.startswith(PREFIXES)}
-    sizes = [_array(state[PREFIXES[0] + name]).size for name in names]
+    sizes = [_array(state[SLOTS[0].name(name)]).size for name in names]
     positions, valid, _ = piece(sizes, rank, world)
-    for prefix in PREFIXES:
-        flat = np.concatenate([_array(state[prefix + name]).reshape(-1) for name in names])
-        values = np.where(valid > 0, flat[positions], 0.0).astype(np.float32)
-        out[prefix + "shard"] = Parameter(Tensor(values), name=prefix + "shard")
-    encoded = np.frombuffer("\n".join(names).encode(), np.uint8).copy()
-    out[NAMES_PARAMETER] = Parameter(Tensor(encoded), name=NAMES_PARAMETER, requires_grad=False)
+    for slot in SLOTS:
+        values = np.concatenate([_array(state[slot.name(name)]).reshape(-1) for name in names])[positions]
+        values[valid == 0] = 0                                  # the padding
+        out[slot.name("shard")] = Parameter(Tensor(values), name=slot.name("shard"))
+    out[NAMES_PARAMETER] = names_record(names)
     out[RANK_PARAMETER] = shard_record(rank, world)
     return out
 

@@ -1,18 +1,63 @@
-"""LAMB's state in checkpoints: the names it is saved under, and a check of its values.
+"""LAMB's state, declared once: its slots (what each is called in checkpoints, the dtype it is stored in), and
+a check of its values.
 
-A checkpoint holds, besides the weights, ``global_step`` (the 0-based step counter), the first moments
-``lamb_m.<parameter name>`` and the second moments ``lamb_v.<parameter name>`` (``lamb_m.shard`` /
-``lamb_v.shard`` with ``shard_state=True``), all float32: the names of ``mindspore.nn.Lamb``. MindSpore's
-``load_param_into_net`` loads whatever the file holds, casting a float16 moment up without a word, so a
-damaged or converted checkpoint would reach the step. :func:`check_state` names what is wrong before it
-does (docs/api/lamb.md, "State and checkpoints").
+A checkpoint holds, besides the weights, ``global_step`` (the 0-based step counter) and one entry per slot and
+parameter: the first moments ``lamb_m.<parameter name>`` and the second moments ``lamb_v.<parameter name>``
+(``lamb_m.shard`` / ``lamb_v.shard`` with ``shard_state=True``): the names of ``mindspore.nn.Lamb``. The second
+moments are float32; the first moments are stored in the optimizer's ``mu_dtype`` (float32 unless asked).
+MindSpore's ``load_param_into_net`` loads whatever the file holds, casting a moment to the optimizer's dtype
+without a word, so a damaged or converted checkpoint would reach the step. :func:`check_state` names what is
+wrong before it does (docs/api/lamb.md, "State and checkpoints").
+
+Every backend allocates the state from :data:`SLOTS` (docs/architecture.md, "Adding a state slot"): a slot is
+elementwise, one value per element of each parameter, so it is laid out like the parameter and sharded with
+it, by elements (backends/sharded.py).
 """
+from typing import NamedTuple
+
 import numpy as np
 
 import mindspore.common.dtype as mstype
 
 STEP = "global_step"
-FIRST_MOMENT, SECOND_MOMENT = "lamb_m.", "lamb_v."
+# the dtypes a first moment may be stored in (Lamb's mu_dtype), the default first
+MU_DTYPES = (mstype.float32, mstype.float16, mstype.bfloat16)
+
+
+class Slot(NamedTuple):
+    """One elementwise state tensor of the LAMB rule.
+
+    role: the rule's name for it (``m``, ``v``): the order of :data:`SLOTS` is the order in which every
+        backend holds and the fused kernel receives the slots;
+    prefix: its checkpoint names, ``<prefix>.<parameter name>`` (shaped like the parameter) or
+        ``<prefix>.shard`` (this worker's piece, with ``shard_state=True``);
+    title: what it is, in messages;
+    dtype: the dtype it is stored in (:func:`declare` sets an optimizer's); the math is float32 whatever it is:
+        read as float32, rounded to nearest when stored;
+    dtypes: the dtypes it may be stored in (and be found in a checkpoint);
+    nonnegative: why a negative value is damage, or "" when it is not.
+    """
+    role: str
+    prefix: str
+    title: str
+    dtype: mstype.Type
+    dtypes: tuple
+    nonnegative: str = ""
+
+    def name(self, parameter_name):
+        """The checkpoint name of this slot for `parameter_name` (or ``"shard"``)."""
+        return f"{self.prefix}.{parameter_name}"
+
+
+SLOTS = (Slot("m", "lamb_m", "first moments", mstype.float32, MU_DTYPES),
+         Slot("v", "lamb_v", "second moments", mstype.float32, (mstype.float32,), "a second moment is a mean of squares"))
+PREFIXES = tuple(slot.prefix + "." for slot in SLOTS)
+
+
+def declare(dtypes):
+    """The slots of one optimizer: :data:`SLOTS` with the stored dtype of each role in `dtypes` ({role: dtype},
+    one of that slot's `dtypes`, checked by the option that chose it)."""
+    return tuple(slot._replace(dtype=dtypes.get(slot.role, slot.dtype)) for slot in SLOTS)
 
 
 def _dtype(value):
@@ -24,44 +69,52 @@ def _dtype(value):
 
 
 def _values(value):
-    return value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+    """float32 or wider values (NumPy has no bfloat16 arithmetic)."""
+    array = value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)
+    return array.astype(np.float32) if array.dtype.itemsize < 4 and array.dtype.kind not in "iub" else array
 
 
 def _first_index(mask):
     return tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(mask)[0]), mask.shape))
 
 
-def _problems(name, value):
-    """What is wrong with one entry of the optimizer's state (a list of str)."""
-    if name == STEP:
+def _problems(name, slot, value):
+    """What is wrong with one entry of the optimizer's state (a list of str); `slot` None: the step counter."""
+    if slot is None:
         step = _values(value).reshape(-1)
         if step.size != 1 or not np.issubdtype(step.dtype, np.integer) or step[0] < 0:
             return [f"'{name}' must be one integer >= 0 (the number of steps taken), but it is "
                     f"{step.tolist()} ({_dtype(value)})"]
         return []
-    if _dtype(value) != "float32":
-        return [f"'{name}' is stored as {_dtype(value)}, but LAMB's moments are float32 (in float16 the second "
-                f"moment underflows: the first step after loading would be off)"]
+    allowed = [str(dtype).lower() for dtype in slot.dtypes]
+    if _dtype(value) not in allowed:
+        why = "" if "float16" in allowed else " (in float16 they underflow: the first step after loading would be off)"
+        return [f"'{name}' is stored as {_dtype(value)}, but LAMB's {slot.title} are {' or '.join(allowed)}{why}"]
     array = _values(value)
     problems = []
     bad = ~np.isfinite(array)
     if bad.any():
         problems.append(f"'{name}' holds {int(bad.sum())} NaN or Inf value(s), the first at index "
                         f"{_first_index(bad)}")
-    if name.startswith(SECOND_MOMENT):
+    if slot.nonnegative:
         negative = array < 0
         if negative.any():
             index = _first_index(negative)
-            problems.append(f"'{name}' holds {int(negative.sum())} negative value(s) (a second moment is a mean of "
-                            f"squares), the first at index {index}: {array[index]}")
+            problems.append(f"'{name}' holds {int(negative.sum())} negative value(s) ({slot.nonnegative}), the first "
+                            f"at index {index}: {array[index]}")
     return problems
+
+
+def _slot_of(name):
+    return next((slot for slot in SLOTS if name.startswith(slot.prefix + ".")), None)
 
 
 def check_state(state, source="the optimizer state"):
     """Raise ValueError naming every damaged entry of LAMB's state in `state`.
 
-    Checked: ``global_step`` is one integer >= 0; every ``lamb_m.*`` / ``lamb_v.*`` entry is float32 and
-    finite, and the second moments are >= 0. Other entries (the weights, a loss scale) are not looked at.
+    Checked: ``global_step`` is one integer >= 0; every ``lamb_m.*`` / ``lamb_v.*`` entry is finite and stored
+    in a dtype LAMB stores it in (``lamb_v.*``: float32; ``lamb_m.*``: float32, float16 or bfloat16, see
+    `mu_dtype`), and the second moments are >= 0. Other entries (the weights, a loss scale) are not looked at.
 
     Args:
         state (dict): name -> Parameter, Tensor or NumPy array: what ``mindspore.load_checkpoint`` returns
@@ -78,8 +131,8 @@ def check_state(state, source="the optimizer state"):
         >>> check_state({"global_step": np.array([3], np.int32), "lamb_v.w": np.ones(2, np.float32)})
     """
     problems = [problem for name, value in state.items()
-                if name == STEP or name.startswith((FIRST_MOMENT, SECOND_MOMENT))
-                for problem in _problems(name, value)]
+                if name == STEP or _slot_of(name) is not None
+                for problem in _problems(name, _slot_of(name), value)]
     if problems:
         raise ValueError(f"{source} is damaged, so training from it would not continue the run: "
                          + "; ".join(problems) + ".")

@@ -16,7 +16,7 @@ from mindspore.ops.primitive import _primexpr
 
 from . import _validation as V
 from . import backends
-from ._update import global_norm_factor
+from ._step import global_norm_factor
 
 _NAME = "LossScaleTrainStep"
 
@@ -200,9 +200,11 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
 
         self.hyper_map = C.HyperMap()
         self.isfinite = P.IsFinite()
-        # sum of squares of the (float32, unscaled) gradients, from the backend Lamb would use (one fused
-        # kernel on CPU: benchmarks/README.md has what an IsFinite per gradient costs instead)
-        self.sum_of_squares = backends.sum_of_squares()
+        # sum of squares of the (float32, unscaled) gradients, from the optimizer's backend, or the one Lamb
+        # would pick for another optimizer (one fused kernel on CPU: benchmarks/README.md has what an IsFinite
+        # per gradient costs instead)
+        own = getattr(getattr(optimizer, "backend", None), "SumOfSquares", None)
+        self.sum_of_squares = own() if own is not None else backends.sum_of_squares()
         if self.reducer_flag:
             self.allreduce = P.AllReduce()
 

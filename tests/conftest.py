@@ -25,11 +25,10 @@ def mode(request):
     ms.set_context(mode=ms.GRAPH_MODE)
 
 
-@pytest.fixture(params=["fused", "composite"])
-def path(request, monkeypatch):
-    """float32 on CPU takes the fused C++ kernels; MINDSPORE_LAMB_FUSED=0 forces the composite graph that
-    GPU/Ascend (and float16 here) run. Both are held to the same reference."""
-    monkeypatch.setenv("MINDSPORE_LAMB_FUSED", "1" if request.param == "fused" else "0")
+@pytest.fixture(params=["fused_cpu", "composite"], ids=["fused", "composite"])
+def path(request):
+    """The backend to ask Lamb for (``Lamb(..., backend=path)``): the fused C++ kernels that float32 takes on
+    CPU, or the composite graph that GPU/Ascend (and float16 here) run. Both are held to the same reference."""
     return request.param
 
 

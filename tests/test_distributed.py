@@ -115,9 +115,9 @@ def launched_sharded(request, tmp_path_factory):
     return out_dir, workers, references
 
 
-def _check_sharded(ranks, reference, case):
+def _check_sharded(ranks, reference, case, m_rtol=RTOL):
     """The workers end bit-identical to each other, each holds 1/N of the moments, and the merged state
-    equals one process on the combined batch."""
+    equals one process on the combined batch (the first moments within `m_rtol`)."""
     from mindspore_lamb import sharding
     merged = {name: value.asnumpy() for name, value in sharding.merge(ranks).items()}
     pieces = {rank["lamb_m.shard"].size for rank in ranks}
@@ -129,7 +129,8 @@ def _check_sharded(ranks, reference, case):
         for other in ranks[1:]:
             if not name.startswith(("lamb_m.", "lamb_v.")):
                 np.testing.assert_array_equal(ranks[0][name], other[name], err_msg=f"{name}: ranks differ")
-        np.testing.assert_allclose(merged[name].astype(np.float64), value.astype(np.float64), rtol=RTOL,
+        rtol = m_rtol if name.startswith("lamb_m.") else RTOL
+        np.testing.assert_allclose(merged[name].astype(np.float64), value.astype(np.float64), rtol=rtol,
                                    atol=ATOL, err_msg=f"{name}: {len(ranks)} sharded workers != 1 process")
     for other in ranks[1:]:
         np.testing.assert_array_equal(ranks[0]["lamb_layer_stats"], other["lamb_layer_stats"])
@@ -144,6 +145,30 @@ def test_sharded_state_matches_one_process(launched_sharded, case):
     clipping and an overflow on rank 1 only (loss_scale case)."""
     _, workers, references = launched_sharded
     _check_sharded(workers[case], references[case], case)
+
+
+@pytest.mark.parametrize("kernels, mu_dtype", [("fused", "bfloat16"),
+                                               pytest.param("composite", "float16", marks=pytest.mark.slow)])
+def test_sharded_state_with_a_16_bit_first_moment(tmp_path, monkeypatch, kernels, mu_dtype):
+    """Lamb(shard_state=True, mu_dtype=...): each worker stores its piece of the first moments in mu_dtype,
+    its checkpoint carries that dtype, and the merged state matches one process with the same mu_dtype
+    (the first moments within one unit in their last place: the reduced gradients of the workers and of the
+    combined batch round differently)."""
+    from mindspore_lamb import sharding
+    monkeypatch.setenv("LAMB_TEST_MU_DTYPE", mu_dtype)                  # inherited by msrun, read by both
+    monkeypatch.setenv("MINDSPORE_LAMB_FUSED", "1" if kernels == "fused" else "0")
+    out_dir = str(tmp_path)
+    references = run_two_workers(out_dir, [os.path.join(HELPERS, "dist_worker.py"), out_dir, "graph", "sharded"],
+                                 LAUNCH_TIMEOUT, during=_references)
+    ulp = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}[mu_dtype]
+    for case in ("model", "loss_scale"):
+        ranks = [dict(np.load(os.path.join(out_dir, f"{case}_sharded_rank{r}.npz"))) for r in range(2)]
+        _check_sharded(ranks, references[case], case, m_rtol=ulp)
+    paths = [os.path.join(out_dir, f"model_sharded_rank{r}.ckpt") for r in range(2)]
+    saved = ms.load_checkpoint(paths[0])
+    assert saved["lamb_m.shard"].dtype == getattr(ms, mu_dtype) and saved["lamb_v.shard"].dtype == ms.float32
+    merged = sharding.merge(paths)
+    assert {merged[n].dtype for n in merged if n.startswith("lamb_m.")} == {getattr(ms, mu_dtype)}
 
 
 @pytest.mark.slow

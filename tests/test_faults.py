@@ -111,7 +111,7 @@ def test_short_learning_rate_sequence_holds_its_last_value(mode, path, form, rng
     lr = values if form == "list" else Tensor(np.array(values, np.float32))
     params = _params()
     ref = LambReference([p.asnumpy().astype(np.float64) for p in params])
-    opt = Lamb(params, learning_rate=lr, weight_decay=0.01)
+    opt = Lamb(params, learning_rate=lr, weight_decay=0.01, backend=path)
     for step in range(6):                     # steps 3, 4, 5 run past the end: lr 0.01
         grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
         opt(tuple(Tensor(g) for g in grads))
@@ -125,7 +125,7 @@ def test_short_learning_rate_sequence_holds_its_last_value(mode, path, form, rng
 
 def test_nonfinite_weight_is_left_alone_and_reported(mode, path, rng):
     params = _params()
-    opt = Lamb(params, learning_rate=0.1, weight_decay=0.01)
+    opt = Lamb(params, learning_rate=0.1, weight_decay=0.01, backend=path)
     poisoned = params[0].asnumpy().copy()
     poisoned[1, 2] = np.nan
     params[0].set_data(Tensor(poisoned))
@@ -183,7 +183,7 @@ def test_floating_gradients_are_cast_to_float32(mode, path, dtype, rng):
     results = []
     for grad_dtype in (np.float32, dtype):
         params = _params()
-        opt = Lamb(params, learning_rate=0.1, weight_decay=0.01)
+        opt = Lamb(params, learning_rate=0.1, weight_decay=0.01, backend=path)
         grads = [np.random.default_rng(5).standard_normal(p.shape).astype(dtype) for p in params]
         opt(tuple(Tensor(g.astype(grad_dtype)) for g in grads))
         results.append([p.asnumpy().copy() for p in params])
@@ -193,7 +193,7 @@ def test_floating_gradients_are_cast_to_float32(mode, path, dtype, rng):
 
 def test_integer_gradient_is_an_error_naming_the_parameter(mode, path):
     params = _params()
-    opt = Lamb(params, learning_rate=0.1)
+    opt = Lamb(params, learning_rate=0.1, backend=path)
     before = [p.asnumpy().copy() for p in params]
     grads = (Tensor(np.ones((4, 6), np.int32)), Tensor(np.ones(6, np.float32)))
     with pytest.raises(TypeError, match="fc.weight.*Float32.*Int32"):
@@ -242,7 +242,7 @@ def test_invalid_value_from_a_cell_skips_and_counts_the_step(mode, path, which, 
     params = _params()
     kwargs = {"learning_rate": 0.1, "weight_decay": 0.01, which: _BadAtStep(0.1 if which == "learning_rate" else 0.01,
                                                                             bad, at=2)}
-    opt = Lamb(params, **kwargs)
+    opt = Lamb(params, **kwargs, backend=path)
     for _ in range(2):
         opt(_grads(params, rng))
     state = [x.asnumpy().copy() for x in list(params) + list(opt.moments1) + list(opt.moments2)]
@@ -257,15 +257,16 @@ def test_invalid_value_from_a_cell_skips_and_counts_the_step(mode, path, which, 
 
 def test_decay_outside_the_trust_ratio_beyond_one_is_refused_or_skipped(mode, path, rng):
     with pytest.raises(ValueError, match=r"decoupled_outside.*learning_rate \* weight_decay <= 1.*0\.5.*4\.0"):
-        Lamb(_params(), learning_rate=[0.1, 0.5], weight_decay=4.0, weight_decay_mode="decoupled_outside")
+        Lamb(_params(), learning_rate=[0.1, 0.5], weight_decay=4.0, weight_decay_mode="decoupled_outside",
+             backend=path)
     with pytest.raises(ValueError, match=r"\(group 1\).*learning_rate 2\.0 and weight_decay 0\.75"):
         params = _params()
         Lamb([{"params": params[:1]}, {"params": params[1:], "lr": 2.0}], learning_rate=0.1, weight_decay=0.75,
-             weight_decay_mode="decoupled_outside")
+             weight_decay_mode="decoupled_outside", backend=path)
     params = _params()
     before = [p.asnumpy().copy() for p in params]
     opt = Lamb(params, learning_rate=0.5, weight_decay=_BadAtStep(0.1, 3.0, at=0),
-               weight_decay_mode="decoupled_outside")
+               weight_decay_mode="decoupled_outside", backend=path)
     opt(_grads(params, rng))                   # 0.5 * 3.0 > 1: the weights would flip sign
     for p, b in zip(params, before):
         np.testing.assert_array_equal(p.asnumpy(), b)
@@ -310,7 +311,7 @@ def _damage(opt, kind):
 @pytest.mark.parametrize("kind", ["nan in m", "negative v", "negative global_step"])
 def test_damaged_state_is_named_and_never_reaches_the_weights(mode, path, kind, rng):
     params = _params()
-    opt = Lamb(params, learning_rate=0.1, weight_decay=0.01)
+    opt = Lamb(params, learning_rate=0.1, weight_decay=0.01, backend=path)
     opt.check_state()                                   # healthy: no error
     message = _damage(opt, kind)                        # as a damaged checkpoint loaded before training
     with pytest.raises(ValueError) as info:

@@ -24,8 +24,8 @@ def test_constant_gradient_is_exact_to_float32(mode, path, beta2):
     # layer_adaptation=False and no weight decay: q = 1, so a step with lr = 1 moves w by exactly -r
     # (w stays below 2 * STEPS: its float32 rounding is below 2e-6 of a step)
     opt = Lamb([{"params": [w], "layer_adaptation": False}], learning_rate=1.0, beta1=BETA1, beta2=beta2,
-               eps=EPS)
-    assert opt.fused == (path == "fused")
+               eps=EPS, backend=path)
+    assert opt.backend.name == path
     g64 = g.astype(np.float64)
     want_r = g64 / (np.abs(g64) + EPS)
     worst_v = worst_r = 0.0

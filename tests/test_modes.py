@@ -18,7 +18,7 @@ def _weights(n_params):
 
 def test_output_is_one_true_per_parameter(mode, path):
     params = _weights(3)
-    opt = Lamb(params, learning_rate=0.1)
+    opt = Lamb(params, learning_rate=0.1, backend=path)
     out = opt(tuple(Tensor(np.full(p.shape, 0.5, np.float32)) for p in params))
     assert isinstance(out, tuple) and len(out) == 3
     assert all(x is True or (isinstance(x, Tensor) and bool(x.asnumpy())) for x in out), out
@@ -33,7 +33,7 @@ def test_pynative_call_returns_when_the_update_is_done(path):
     ms.set_context(mode=ms.PYNATIVE_MODE, device_target="CPU")
     try:
         (w,) = params = _weights(1)
-        opt = Lamb(params, learning_rate=0.1)
+        opt = Lamb(params, learning_rate=0.1, backend=path)
         grads = (Tensor(np.full(N, 0.5, np.float32)),)
         opt(grads)                                     # compiles
         for _ in range(3):

@@ -134,3 +134,19 @@ def test_merge_command_line_any_order_and_refusals(rng, tmp_path, capsys):
     assert "--ranks-in-order" in capsys.readouterr().err and not (tmp_path / "old.ckpt").exists()
     sharding.main(["merge", str(tmp_path / "old.ckpt"), "--ranks-in-order"] + old)
     _assert_merged_is(ms.load_checkpoint(str(tmp_path / "old.ckpt")), full)
+
+
+@pytest.mark.parametrize("mu_dtype", [ms.float16, ms.bfloat16])
+def test_merge_and_cut_keep_a_16_bit_first_moment(mu_dtype, rng):
+    """Lamb(mu_dtype=...): the pieces of lamb_m stay in the stored dtype through cut and merge, bit for bit."""
+    full = _full_state(rng)
+    for name in SHAPES:
+        full["lamb_m." + name] = ms.Tensor(full["lamb_m." + name], mu_dtype).asnumpy()
+    shards = [sharding.cut_for(full, list(SHAPES), rank, 3) for rank in range(3)]
+    assert all(shard["lamb_m.shard"].dtype == mu_dtype and shard["lamb_v.shard"].dtype == ms.float32
+               for shard in shards)
+    merged = sharding.merge(shards)
+    for name in SHAPES:
+        assert merged["lamb_m." + name].dtype == mu_dtype
+        np.testing.assert_array_equal(merged["lamb_m." + name].asnumpy().view(np.uint16),
+                                      full["lamb_m." + name].view(np.uint16))

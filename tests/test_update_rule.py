@@ -197,8 +197,8 @@ CONFIGS.update(OPTIONS)
 
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_matches_reference_float32(mode, path, config):
-    opt, _ = run_against_reference(CONFIGS[config], "float32")
-    assert opt.fused == (path == "fused")
+    opt, _ = run_against_reference(CONFIGS[config], "float32", backend=path)
+    assert opt.backend.name == path
 
 
 @pytest.mark.parametrize("config", ["default", "weight_decay", "groups", "loss_scale"])

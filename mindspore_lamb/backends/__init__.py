@@ -1,22 +1,28 @@
 """Backends of the LAMB update of all parameters, behind one contract (contract.py, docs/architecture.md).
 
-:func:`select` picks the backend once, when the optimizer is built: the first of :data:`BACKENDS` that
-can run the parameters. Adding a backend (a GPU or Ascend kernel) is one module with a class like
-``CompositeBackend`` and one entry in :data:`BACKENDS`.
+:func:`create` is the one dispatch: when the optimizer is built, it picks the backend that runs the update
+(:func:`select`: the first of :data:`BACKENDS` that can run the parameters and store the state, or the one
+asked for by name) and builds it; with ``shard_state`` the state is sharded across data-parallel workers and
+the sharded backend runs the chosen one's operators on each worker's piece. Every backend allocates its
+own state from the declared slots (``state.SLOTS``). Adding a backend (a GPU or Ascend kernel) is one
+module with a class like ``CompositeBackend`` and one entry in :data:`BACKENDS`.
 
-``MINDSPORE_LAMB_FUSED`` (case and surrounding spaces ignored): ``0``, ``false``, ``off`` or ``no`` never
-uses the fused CPU backend; ``1``, ``true``, ``on``, ``yes``, empty or unset (the default) uses it where it
-can and says once, as a warning, why it could not; ``require`` raises instead of falling back when it
-cannot be used (for benchmarks); any other value is a ``ValueError`` naming the variable and the value.
+``MINDSPORE_LAMB_FUSED`` (case and surrounding spaces ignored) steers the automatic choice: ``0``,
+``false``, ``off`` or ``no`` never uses the fused CPU backend; ``1``, ``true``, ``on``, ``yes``, empty or
+unset (the default) uses it where it can and says once, as a warning, why it could not; ``require`` raises
+instead of falling back when it cannot be used (for benchmarks); any other value is a ``ValueError`` naming
+the variable and the value. A backend asked for by name (``Lamb(backend=...)``) is used whatever the
+variable says, or a ``RuntimeError`` says why it cannot be.
 """
 import os
 import warnings
 
 import mindspore as ms
 
-from . import composite, fused_cpu
+from . import composite, fused_cpu, sharded
 
 BACKENDS = (fused_cpu.FusedCpuBackend, composite.CompositeBackend)
+NAMES = tuple(backend.name for backend in BACKENDS)
 _warned = set()
 # MINDSPORE_LAMB_FUSED, lower-cased: whether the fused backend is wanted
 _FUSED_SETTINGS = {"0": False, "false": False, "off": False, "no": False, "": True, "1": True, "true": True,
@@ -35,31 +41,56 @@ def _wanted(backend):
     return True
 
 
-def select(params, device_target=None):
-    """The backend class for `params` (None: float32 gradients only) on `device_target` (default: the
-    context's). A backend that is not there for a reason the user can fix (no compiler) is named in a
-    warning, once."""
+def select(params, slots=None, device_target=None, name=None):
+    """The backend class for `params` (None: float32 gradients only) and the state `slots` on `device_target`
+    (default: the context's): the backend called `name` (one of :data:`NAMES`), or, with `name` None, the
+    first of :data:`BACKENDS` that can run them and that MINDSPORE_LAMB_FUSED allows. A backend that is not
+    there for a reason the user can fix (no compiler) is named in a warning, once."""
     device_target = device_target or ms.get_context("device_target")
+    if name is not None:
+        backend = BACKENDS[NAMES.index(name)]
+        reason, _ = backend.unavailable(params, slots, device_target)
+        if reason is not None:
+            raise RuntimeError(f"For 'Lamb', the argument 'backend' is {name!r}, but that backend cannot be used: "
+                               f"{reason}.")
+        return backend
+    reasons = []
     for backend in BACKENDS:
         wanted = _wanted(backend)
         if not wanted:
             continue
-        reason, loud = backend.unavailable(params, device_target)
+        reason, loud = backend.unavailable(params, slots, device_target)
         if reason is None:
             return backend
         if wanted == "require":
             raise RuntimeError(f"mindspore_lamb: MINDSPORE_LAMB_FUSED=require, but the {backend.name} backend "
                                f"cannot be used: {reason}.")
-        if loud and backend.name not in _warned:
+        reasons.append(f"{backend.name}: {reason}")
+        if loud and backend.name not in _warned and backend is not BACKENDS[-1]:
             _warned.add(backend.name)
             warnings.warn(f"mindspore_lamb: the {backend.name} backend is not used ({reason}); Lamb takes the "
                           f"composite graph, about 8-14x slower per optimizer step on CPU. Install g++ with "
                           f"OpenMP to get it, or set MINDSPORE_LAMB_FUSED=0 to silence this.",
                           RuntimeWarning, stacklevel=3)
-    raise RuntimeError("mindspore_lamb: no backend can run these parameters")  # composite always can
+    raise TypeError(f"For 'Lamb', no backend can run these parameters with this state on {device_target} ("
+                    + "; ".join(reasons) + ").")
+
+
+def create(params, slots, *, decay_flags, adapt_flags, owned_flags, shard_state=False, parallel_optimizer=False,
+           name=None):
+    """The backend Cell of the update of `params`, holding the state declared by `slots` (the one dispatch).
+
+    `name`: the backend asked for (:func:`select`); `shard_state`: each data-parallel worker keeps 1/N of the
+    state (backends/sharded.py), the chosen backend's operators running that piece."""
+    kernels = select(params, slots, name=name)
+    flags = dict(decay_flags=decay_flags, adapt_flags=adapt_flags, owned_flags=owned_flags)
+    if shard_state:
+        rank, world = sharded.data_parallel_group(parallel_optimizer)
+        return sharded.ShardedBackend(params, slots, kernels=kernels, rank=rank, world=world, **flags)
+    return kernels(params, slots, **flags)
 
 
 def sum_of_squares(device_target=None):
     """A Cell computing sum(g^2) over a tuple of float32 gradients, from the backend :func:`select` picks
     (the loss-scale cell's overflow test and clipping use it)."""
-    return select(None, device_target).SumOfSquares()
+    return select(None, device_target=device_target).SumOfSquares()

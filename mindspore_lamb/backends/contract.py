@@ -1,11 +1,13 @@
 """The update contract: what every backend of "the LAMB update of all parameters" takes and returns.
 
-A backend is a Cell built once per optimizer with the static facts of each parameter, and called once per
-step, inside the optimizer's graph::
+A backend is a Cell built once per optimizer with the static facts of each parameter and the declared state
+(``state.SLOTS``, with the optimizer's dtypes), which it allocates itself, and called once per step, inside
+the optimizer's graph::
 
-    backend = Backend(params, decay_flags=..., adapt_flags=..., owned_flags=...)
-    layer_stats, grad_sq, applied = backend(scalars, lr, weight_decay, params, moments1, moments2,
-                                            gradients, grad_sq)
+    backend = Backend(params, slots, decay_flags=..., adapt_flags=..., owned_flags=...)
+    backend.slots        # `slots`, as given
+    backend.state        # a ParameterTuple, slot by slot in the order of `slots` (see parameter_state)
+    layer_stats, grad_sq, applied = backend(scalars, lr, weight_decay, params, gradients, grad_sq)
 
 Inputs (the optimizer computes every one of them first; a backend computes no hyper-parameter):
 
@@ -13,9 +15,8 @@ Inputs (the optimizer computes every one of them first; a backend computes no hy
   a bool 0-D Tensor.
 * ``lr``, ``weight_decay``: one float32 scalar shared by every parameter, or a tuple with one scalar per
   parameter (parameter groups). A parameter whose ``decay_flags`` entry is False is never decayed.
-* ``params``, ``moments1``, ``moments2``: the optimizer's ParameterTuples (``w``, ``m``, ``v``), updated
-  in place; ``gradients``: the raw gradients, float32 for float32 parameters (multiplied by
-  ``grad_scale`` inside).
+* ``params``: the optimizer's ParameterTuple (``w``), updated in place with the backend's own state;
+  ``gradients``: the raw gradients, float32 for float32 parameters (multiplied by ``grad_scale`` inside).
 * ``grad_sq``: the sum of squares of every element of every (raw) gradient when the optimizer computed
   it before the update (with ``max_grad_norm``, an exact skip, or the parallel optimizer), passed in as a
   named scalar, apex-style; ``None`` lets the backend take it from its own pass over the gradients.
@@ -24,7 +25,8 @@ Semantics (identical for every backend; docs/architecture.md):
 
 * ``proceed`` False: nothing changes (the caller knows the step is skipped).
 * Else the moments of every element whose new ``v`` is finite take this step's gradient (the others keep
-  theirs); the weights are updated only when ``grad_sq`` is finite. ``applied`` says whether they were.
+  theirs), each stored in its slot's dtype and read back from there (the update uses the moments as
+  stored); the weights are updated only when ``grad_sq`` is finite. ``applied`` says whether they were.
 * A parameter whose ``||w||`` is not finite (a NaN/Inf already inside the weights) is left as it is, and
   its trust ratio reads NaN in ``layer_stats``.
 
@@ -35,17 +37,21 @@ Outputs:
 * ``grad_sq``: the float32 sum of squares used for the decision (for ``global_grad_norm``).
 * ``applied``: bool 0-D Tensor.
 """
-
 import inspect
 
+import mindspore.common.dtype as mstype
+from mindspore import Parameter, ParameterTuple
+from mindspore.common.initializer import initializer
+from mindspore.ops import composite as C
+from mindspore.ops import functional as F
+from mindspore.ops import operations as P
 
-def pack(*, beta1, beta2, one_minus_beta1, one_minus_beta2, m_grad_scale, eps, eps_root, inv_bias_c1,
-         inv_bias_c2, grad_scale, decay_in_grad, decay_in_update, decay_outside, w_norm_max, trust_lo, trust_hi,
-         proceed):
+
+def pack(*, one_minus_beta1, one_minus_beta2, m_grad_scale, eps, eps_root, inv_bias_c1, inv_bias_c2, grad_scale,
+         decay_in_grad, decay_in_update, decay_outside, w_norm_max, trust_lo, trust_hi, proceed):
     """The `scalars` tuple, in the order of this signature (the one definition of the layout).
 
-    beta1, beta2: kept for backends that want them (the moments use only 1 - beta, which is exact);
-    one_minus_beta1/2: 1 - beta computed in float64 and rounded once to float32;
+    one_minus_beta1/2: 1 - beta computed in float64 and rounded once to float32 (the moments use only these);
     m_grad_scale: 1, or 1 / (1 - beta1) without gradient averaging (m = b1 m + g);
     eps, eps_root: r = m^ / (sqrt(v^ + eps_root) + eps);
     inv_bias_c1/2: 1 / (1 - beta^t), or 1 without bias correction;
@@ -57,11 +63,79 @@ def pack(*, beta1, beta2, one_minus_beta1, one_minus_beta2, m_grad_scale, eps, e
     trust_lo, trust_hi: clip bounds of q (0 and inf when off);
     proceed: bool, False when the step is skipped (nothing changes).
     """
-    return (beta1, beta2, one_minus_beta1, one_minus_beta2, m_grad_scale, eps, eps_root, inv_bias_c1, inv_bias_c2,
-            grad_scale, decay_in_grad, decay_in_update, decay_outside, w_norm_max, trust_lo, trust_hi, proceed)
+    return (one_minus_beta1, one_minus_beta2, m_grad_scale, eps, eps_root, inv_bias_c1, inv_bias_c2, grad_scale,
+            decay_in_grad, decay_in_update, decay_outside, w_norm_max, trust_lo, trust_hi, proceed)
 
 
 # The names, in order: the float32 array handed to a compiled kernel follows it (backends/fused_cpu.py
 # generates the C++ enum from it), and composite backends index the tuple with INDEX.
 SCALARS = tuple(inspect.signature(pack).parameters)
 INDEX = {name: i for i, name in enumerate(SCALARS)}
+
+# Every scalar, and whether the fused kernel's fast loop (the paper's rule: fused_cpu.cc with kGeneral false)
+# reads it. None: every loop reads it. A number: only the general loop reads it, and the fast loop gives the
+# same bits when the scalar has this neutral value; the kernel takes the general loop whenever one of them
+# has another value (is_general() in fused_cpu.cc is generated from this table). A scalar added to `pack`
+# must be entered here, so that no loop ignores it silently.
+FAST_LOOP = {"one_minus_beta1": None, "one_minus_beta2": None, "m_grad_scale": 1.0, "eps": None, "eps_root": 0.0,
+             "inv_bias_c1": None, "inv_bias_c2": None, "grad_scale": None, "decay_in_grad": 0.0,
+             "decay_in_update": None, "decay_outside": 0.0, "w_norm_max": None, "trust_lo": None, "trust_hi": None,
+             "proceed": None}
+if tuple(FAST_LOOP) != SCALARS:
+    raise ImportError(f"mindspore_lamb.backends.contract: FAST_LOOP must list the scalars of pack() in its order "
+                      f"{SCALARS}, but lists {tuple(FAST_LOOP)}")
+GENERAL_ONLY = {name: neutral for name, neutral in FAST_LOOP.items() if neutral is not None}
+
+to_float32 = C.MultitypeFuncGraph("lamb_to_float32")
+_stack = P.Stack()
+_hyper_map = C.HyperMap()
+
+
+@to_float32.register("Number")
+def _number_to_float32(x):
+    """A Python number (a fixed weight decay) as a float32 0-D Tensor."""
+    return F.scalar_to_tensor(x, mstype.float32)
+
+
+@to_float32.register("Tensor")
+def _tensor_to_float32(x):
+    """A 0-D or (1,) Tensor (lr, schedules, flags) as a float32 0-D Tensor."""
+    return F.reshape(F.cast(x, mstype.float32), ())
+
+
+def per_parameter(value, ones):
+    """float32 (n,): one value per parameter, from a shared scalar or a tuple of one per parameter
+    (`ones`: a float32 (n,) Tensor of ones)."""
+    if isinstance(value, tuple):
+        return _stack(_hyper_map(to_float32, value))
+    return ones * to_float32(value)
+
+
+def dtype_name(dtype):
+    """``float32``, ``float16``, ``bfloat16``: a stored dtype as the kernels and the composite rule name it."""
+    return str(dtype).lower()
+
+
+def _zeros_like(param, slot):
+    """The zero state of `slot` for `param`, named ``<prefix>.<param name>``: the parameter's clone (its
+    parallel layout follows it) when the dtypes agree."""
+    if param.dtype != slot.dtype:
+        return Parameter(initializer("zeros", param.shape, slot.dtype), name=slot.name(param.name))
+    state = param.clone(init="zeros")
+    state.name = slot.name(param.name)
+    return state
+
+
+def parameter_state(params, slots):
+    """The state of the parameter-by-parameter backends, one ParameterTuple slot by slot: for each slot, zeros
+    laid out like each parameter (``lamb_m.<name>``, ...), in the slot's dtype; slot k of parameter i is
+    entry ``k * len(params) + i`` (the fused kernel's argument order)."""
+    return ParameterTuple(_zeros_like(param, slot) for slot in slots for param in params)
+
+
+def slot_state(backend, role):
+    """The Parameters of slot `role` (``"m"``, ``"v"``) in `backend.state`, one per parameter (or this worker's
+    piece), for host-side readers."""
+    index = [slot.role for slot in backend.slots].index(role)
+    count = len(backend.state) // len(backend.slots)
+    return tuple(backend.state[index * count:(index + 1) * count])

@@ -7,16 +7,22 @@
 //
 // LambStep(scalars, lrs, wds, flags, w_0..w_{n-1}, m_0..m_{n-1}, v_0..v_{n-1}, g_0..g_{n-1}) -> (n + 1, 3)
 //   scalars: float32[kScalarCount], laid out as mindspore_lamb/backends/contract.py's `pack`; the enum
-//   below is generated from it: fused_cpu.py compiles this file with -DLAMB_SCALARS(X)=X(beta1) X(beta2)..
+//   below is generated from it: fused_cpu.py compiles this file with -DLAMB_SCALARS(X)=X(one_minus_beta1)..
 //   and a library is never built without it. A wrong length is rejected (return code 3).
 //   lrs[i], wds[i]: learning rate and weight decay of parameter i (wds[i] = 0 when i is not decayed)
 //   flags[i]: 1 = layer-adapted, 0 = q forced to 1 (layer_adaptation=False), -1 = not updated here
-//   w_i, m_i, v_i are float32 and are UPDATED IN PLACE (they are the Parameters' memory on CPU);
+//   the state slots follow the weights, slot by slot in the order of mindspore_lamb/state.py's SLOTS
+//   (-DLAMB_SLOTS(X)=X(m) X(v), generated from it: kSlotCount, and the argument count, follow it);
+//   w_i, v_i are float32, m_i float32, float16 or bfloat16 (all alike: Lamb's mu_dtype); w, m, v are
+//   UPDATED IN PLACE (they are the Parameters' memory on CPU); a wrong count is return code 1, a wrong
+//   dtype return code 2;
 //   out[i] = (q, ||w||, ||u||) of parameter i; out[n] = (sum of g^2, applied, 0).
 //
-// The arithmetic is that of mindspore_lamb/_update.py, operation by operation, in float32 (no FMA
-// contraction: -ffp-contract=off; -fno-math-errno lets sqrt vectorize, still correctly rounded); only
-// the norms accumulate in double. 40 bytes of memory traffic per element:
+// The arithmetic is that of mindspore_lamb/backends/composite.py, operation by operation, in float32 (no
+// FMA contraction: -ffp-contract=off; -fno-math-errno lets sqrt vectorize, still correctly rounded); only
+// the norms accumulate in double. m is read as float32 and rounded to nearest (ties to even) when stored in
+// float16 or bfloat16; the update is computed from m as stored. 40 bytes of memory traffic per element
+// (34 with a 16-bit m):
 //   pass 1: m, v updated and stored; ||w||^2, ||u||^2 and ||g||^2 accumulated (read w g m v, write m v);
 //           an element whose new v is not finite (g NaN/Inf, or g^2 overflowing) keeps its m and v;
 //   sum of g^2 not finite: pass 2 is skipped and applied = 0 (w untouched);
@@ -34,10 +40,11 @@
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
-#ifndef LAMB_SCALARS
-#error "build this file through mindspore_lamb/backends/fused_cpu.py, which defines LAMB_SCALARS"
+#if !defined(LAMB_SCALARS) || !defined(LAMB_GENERAL_ONLY) || !defined(LAMB_SLOTS)
+#error "build this file through mindspore_lamb/backends/fused_cpu.py, which defines LAMB_SCALARS, LAMB_GENERAL_ONLY and LAMB_SLOTS"
 #endif
 
 namespace {
@@ -47,6 +54,13 @@ enum ScalarIndex : int {
   LAMB_SCALARS(LAMB_SCALAR_INDEX)
 #undef LAMB_SCALAR_INDEX
   kScalarCount
+};
+
+enum SlotIndex : int {
+#define LAMB_SLOT_INDEX(name) kSlot_##name,
+  LAMB_SLOTS(LAMB_SLOT_INDEX)
+#undef LAMB_SLOT_INDEX
+  kSlotCount
 };
 
 int64_t numel(int nd, const int64_t *shape) {
@@ -68,7 +82,9 @@ struct Decay {
 
 // kGeneral false: the paper's rule only (no L2 term, grad averaging, eps outside the square root, decay
 // inside the update), the fastest loops; true: every option of Lamb. Both give the same bits for the
-// paper's rule (every extra term is then an exact no-op).
+// paper's rule (every extra term is then an exact no-op). The fast loops never read the scalars of
+// LAMB_GENERAL_ONLY (contract.FAST_LOOP); is_general() takes the general loops whenever one of them is not
+// at its neutral value, so a scalar the fast loops ignore is never ignored when it matters.
 template <bool kGeneral>
 inline float update_u(const Hyper &h, float m, float v, float w, const Decay &d) {
   float r;
@@ -119,15 +135,68 @@ inline float float_of(int32_t b) {
   return x;
 }
 
-template <bool kGeneral>
-void pass1(const Hyper &hyper, const Decay &decay, const float *w, float *m, float *v, const float *g, int64_t lo,
+// The dtypes a first moment is stored in: float, Half (IEEE binary16) and Bf16 (bfloat16, the top 16 bits of
+// a float32), both as their bits. load() reads one as float32 (exact); stored<T>() rounds a float32 to T, to
+// nearest with ties to even (a NaN stays a NaN). Integer operations and selects only, so the loops
+// vectorize on any ISA (GCC 12 leaves loops with _Float16 conversions scalar without AVX512-FP16); the
+// binary16 conversions are those of F16C, bit for bit (checked against it for every float32).
+enum class Half : uint16_t {};
+enum class Bf16 : uint16_t {};
+
+inline float load(float x) { return x; }
+inline float load(Half x) {
+  const uint32_t h = static_cast<uint32_t>(x);
+  const uint32_t magnitude = (h & 0x7fffu) << 13;                  // exponent and significand, float-aligned
+  const uint32_t exponent = magnitude & (0x7c00u << 13);
+  const float normal = float_of(static_cast<int32_t>(magnitude + ((127u - 15u) << 23)));
+  const float special = float_of(static_cast<int32_t>(magnitude + ((255u - 31u) << 23)));    // Inf, NaN
+  const float tiny = float_of(static_cast<int32_t>(magnitude + (113u << 23))) - float_of(113 << 23);  // subnormal
+  const float value = exponent == 0 ? tiny : (exponent == (0x7c00u << 13) ? special : normal);
+  return float_of(bits_of(value) | static_cast<int32_t>((h & 0x8000u) << 16));
+}
+inline float load(Bf16 x) { return float_of(static_cast<int32_t>(static_cast<uint32_t>(x) << 16)); }
+
+template <typename T>
+inline T stored(float x);
+template <>
+inline float stored<float>(float x) { return x; }
+template <>
+inline Half stored<Half>(float x) {
+  const uint32_t b = static_cast<uint32_t>(bits_of(x));
+  const uint32_t sign = (b >> 16) & 0x8000u;
+  const uint32_t a = b & 0x7fffffffu;
+  const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;            // NaN stays NaN; 65520 and up: Inf
+  // below 2^-14, a subnormal: adding 0.5 puts its 10 bits at the bottom, rounded to nearest even by the FPU
+  const uint32_t tiny = static_cast<uint32_t>(bits_of(float_of(static_cast<int32_t>(a)) + 0.5f)) - (126u << 23);
+  const uint32_t normal = (a + ((15u - 127u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;   // ties to even
+  return static_cast<Half>((a >= (143u << 23) ? big : (a < (113u << 23) ? tiny : normal)) | sign);
+}
+template <>
+inline Bf16 stored<Bf16>(float x) {
+  const uint32_t b = static_cast<uint32_t>(bits_of(x));
+  const uint32_t rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;  // to nearest, ties to even
+  const uint32_t quiet_nan = (b >> 16) | 0x40u;                      // rounding could carry a NaN to Inf
+  return static_cast<Bf16>((b & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+// The storage type of a dtype name of MindSpore's aot convention.
+enum class Stored { kFloat32, kFloat16, kBfloat16, kOther };
+Stored stored_as(const char *dtype) {
+  if (std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0) return Stored::kFloat32;
+  if (std::strcmp(dtype, "float16") == 0) return Stored::kFloat16;
+  if (std::strcmp(dtype, "bfloat16") == 0) return Stored::kBfloat16;
+  return Stored::kOther;
+}
+
+template <bool kGeneral, typename MT>
+void pass1(const Hyper &hyper, const Decay &decay, const float *w, MT *m, float *v, const float *g, int64_t lo,
            int64_t hi, double *sums) {
   const Hyper h = hyper;  // a local copy: the stores to m and v cannot alias it (else reloaded every element)
   const Decay d = decay;
   double ws = 0.0, us = 0.0, gsq = 0.0;
 #pragma omp simd reduction(+ : ws, us, gsq)
   for (int64_t j = lo; j < hi; ++j) {
-    const float graw = g[j], m0 = m[j], v0 = v[j], wj = w[j];
+    const float graw = g[j], m0 = load(m[j]), v0 = v[j], wj = w[j];
     float gj = graw * h.gs;  // unscale (+ NVLAMB pre-normalisation)
     float gm = gj;
     if (kGeneral) {
@@ -144,11 +213,11 @@ void pass1(const Hyper &hyper, const Decay &decay, const float *w, float *m, flo
     // float operation may trap) and, without AVX-512's masked stores, leaves the whole loop scalar: 4-5x
     // slower with AVX2 or SSE. |vn| > FLT_MAX or NaN <=> its bits without the sign > those of FLT_MAX.
     const int32_t keep = -static_cast<int32_t>((bits_of(vn) & 0x7fffffff) > 0x7f7fffff);  // 0, or all ones
-    const float mj = float_of((bits_of(mn) & ~keep) | (bits_of(m0) & keep));
+    const MT ms = stored<MT>(float_of((bits_of(mn) & ~keep) | (bits_of(m0) & keep)));
     const float vj = float_of((bits_of(vn) & ~keep) | (bits_of(v0) & keep));
-    m[j] = mj;
+    m[j] = ms;
     v[j] = vj;
-    const float uj = update_u<kGeneral>(h, mj, vj, wj, d);
+    const float uj = update_u<kGeneral>(h, load(ms), vj, wj, d);  // from m as stored
     ws = add_sq(ws, wj);
     us = add_sq(us, uj);
     gsq = add_sq(gsq, graw);
@@ -158,15 +227,15 @@ void pass1(const Hyper &hyper, const Decay &decay, const float *w, float *m, flo
   sums[2] = gsq;
 }
 
-template <bool kGeneral>
-void pass2(const Hyper &hyper, const Decay &decay, float step, const float *w, const float *m, const float *v,
+template <bool kGeneral, typename MT>
+void pass2(const Hyper &hyper, const Decay &decay, float step, const float *w, const MT *m, const float *v,
            float *out, int64_t lo, int64_t hi) {  // out: w itself (in place), or a sharded piece
   const Hyper h = hyper;  // a local copy (see pass1)
   const Decay d = decay;
 #pragma omp simd
   for (int64_t j = lo; j < hi; ++j) {
     float wj = w[j];
-    const float uj = update_u<kGeneral>(h, m[j], v[j], wj, d);
+    const float uj = update_u<kGeneral>(h, load(m[j]), v[j], wj, d);
     out[j] = (kGeneral ? d.keep * wj : wj) - step * uj;  // w = w - (lr q) u
   }
 }
@@ -176,9 +245,13 @@ Hyper read_hyper(const float *hp) {
                hp[k_inv_bias_c1], hp[k_inv_bias_c2], hp[k_grad_scale]};
 }
 
+// Whether a scalar that only the general loops read is away from its neutral value (LAMB_GENERAL_ONLY).
 bool is_general(const float *hp) {
-  return hp[k_decay_in_grad] != 0.0f || hp[k_decay_outside] != 0.0f || hp[k_eps_root] != 0.0f ||
-         hp[k_m_grad_scale] != 1.0f;
+  bool general = false;
+#define LAMB_AWAY_FROM_NEUTRAL(name, neutral) general = general || hp[k_##name] != (neutral);
+  LAMB_GENERAL_ONLY(LAMB_AWAY_FROM_NEUTRAL)
+#undef LAMB_AWAY_FROM_NEUTRAL
+  return general;
 }
 
 // Where each tensor's weight decay lambda_i goes; keep_i = 1 - lr_i lambda_i outside the trust ratio.
@@ -205,10 +278,23 @@ std::vector<Chunk> range_chunks(const std::vector<int64_t> &len, int64_t start, 
   return chunks;
 }
 
-bool all_float32(int from, int to, const char **dtypes) {
+// Whether dtypes[from..to) are all `want`.
+bool all_stored_as(int from, int to, const char **dtypes, Stored want) {
   for (int i = from; i < to; ++i)
-    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "float") != 0) return false;
+    if (stored_as(dtypes[i]) != want) return false;
   return true;
+}
+bool all_float32(int from, int to, const char **dtypes) { return all_stored_as(from, to, dtypes, Stored::kFloat32); }
+
+// Runs body<MT>() for the storage type of dtype `m_dtype` (the first moment's); 2 (a wrong dtype) for others.
+template <typename Body>
+int with_m_type(const char *m_dtype, Body body) {
+  switch (stored_as(m_dtype)) {
+    case Stored::kFloat32: return body(static_cast<float *>(nullptr));
+    case Stored::kFloat16: return body(static_cast<Half *>(nullptr));
+    case Stored::kBfloat16: return body(static_cast<Bf16 *>(nullptr));
+    default: return 2;
+  }
 }
 
 // Few elements: one thread (a parallel region costs more than it saves).
@@ -242,93 +328,102 @@ extern "C" int LambSumSq(int nparam, void **params, int *ndims, int64_t **shapes
 
 extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                         void *stream, void *extra) {
-  if ((nparam - 5) % 4 != 0) return 1;
-  int n = (nparam - 5) / 4;
-  if (!all_float32(0, nparam, dtypes)) return 2;
+  constexpr int kPerParam = 2 + kSlotCount;  // w, the slots, g
+  if ((nparam - 5) % kPerParam != 0) return 1;
+  const int n = (nparam - 5) / kPerParam;
+  auto S = [&](int slot, int i) { return 4 + (1 + slot) * n + i; };  // index of slot `slot` of parameter i
+  const char *m_dtype = dtypes[S(kSlot_m, 0)];
+  if (!all_float32(0, S(kSlot_m, 0), dtypes) || !all_float32(S(kSlot_m, n), nparam, dtypes) ||
+      !all_stored_as(S(kSlot_m, 0), S(kSlot_m, n), dtypes, stored_as(m_dtype)))
+    return 2;
   if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
-  const float *hp = static_cast<const float *>(params[0]);
-  const Hyper h = read_hyper(hp);
-  const bool general = is_general(hp);
-  float *stats = static_cast<float *>(params[nparam - 1]);
-  for (int i = 0; i < n; ++i) {  // what a skipped call reports (the caller keeps its previous stats)
-    stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
-  }
-  stats[3 * n] = 0.0f; stats[3 * n + 1] = 0.0f; stats[3 * n + 2] = 0.0f;
-  if (hp[k_proceed] == 0.0f) return 0;  // the caller skips this step: w, m, v untouched
-  const float *lrs = static_cast<const float *>(params[1]);
-  const float *wds = static_cast<const float *>(params[2]);
-  const float *flags = static_cast<const float *>(params[3]);
-  auto W = [&](int i) { return static_cast<float *>(params[4 + i]); };
-  auto M = [&](int i) { return static_cast<float *>(params[4 + n + i]); };
-  auto V = [&](int i) { return static_cast<float *>(params[4 + 2 * n + i]); };
-  auto G = [&](int i) { return static_cast<const float *>(params[4 + 3 * n + i]); };
+  return with_m_type(m_dtype, [&](auto *typed) {
+    using MT = std::remove_pointer_t<decltype(typed)>;
+    const float *hp = static_cast<const float *>(params[0]);
+    const Hyper h = read_hyper(hp);
+    const bool general = is_general(hp);
+    float *stats = static_cast<float *>(params[nparam - 1]);
+    for (int i = 0; i < n; ++i) {  // what a skipped call reports (the caller keeps its previous stats)
+      stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
+    }
+    stats[3 * n] = 0.0f; stats[3 * n + 1] = 0.0f; stats[3 * n + 2] = 0.0f;
+    if (hp[k_proceed] == 0.0f) return 0;  // the caller skips this step: w, m, v untouched
+    const float *lrs = static_cast<const float *>(params[1]);
+    const float *wds = static_cast<const float *>(params[2]);
+    const float *flags = static_cast<const float *>(params[3]);
+    auto W = [&](int i) { return static_cast<float *>(params[4 + i]); };
+    auto M = [&](int i) { return static_cast<MT *>(params[S(kSlot_m, i)]); };
+    auto V = [&](int i) { return static_cast<float *>(params[S(kSlot_v, i)]); };
+    auto G = [&](int i) { return static_cast<const float *>(params[S(kSlotCount, i)]); };
 
-  std::vector<int64_t> len(n);
-  int64_t total_len = 0;
-  for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[4 + i], shapes[4 + i]));
-  std::vector<Chunk> chunks = make_chunks(len, flags);
-  const int64_t nc = static_cast<int64_t>(chunks.size());
-  std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, g_sq]
-  std::vector<float> step(n), keep(n);
-  const std::vector<Decay> decay = decays(hp, lrs, wds, n);
-  bool applied = false;
+    std::vector<int64_t> len(n);
+    int64_t total_len = 0;
+    for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[4 + i], shapes[4 + i]));
+    std::vector<Chunk> chunks = make_chunks(len, flags);
+    const int64_t nc = static_cast<int64_t>(chunks.size());
+    std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, g_sq]
+    std::vector<float> step(n), keep(n);
+    const std::vector<Decay> decay = decays(hp, lrs, wds, n);
+    bool applied = false;
 
 #pragma omp parallel num_threads(threads_for(total_len))
-  {
-#pragma omp for schedule(dynamic)
-    for (int64_t c = 0; c < nc; ++c) {  // pass 1
-      const Chunk &k = chunks[c];
-      auto pass = general ? pass1<true> : pass1<false>;
-      pass(h, decay[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), G(k.tensor), k.lo, k.hi, &part[3 * c]);
-    }  // implicit barrier
-#pragma omp single
     {
-      std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
-      double g_sq = 0.0;
-      for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
-        w_sq[chunks[c].tensor] += part[3 * c];
-        u_sq[chunks[c].tensor] += part[3 * c + 1];
-        g_sq += part[3 * c + 2];
-      }
-      const float g_sq_f = static_cast<float>(g_sq);
-      applied = std::isfinite(g_sq_f);  // a NaN/Inf gradient, or a norm beyond float32
-      stats[3 * n] = g_sq_f;
-      stats[3 * n + 1] = applied ? 1.0f : 0.0f;
-      for (int i = 0; i < n && applied; ++i) {
-        if (flags[i] < 0.0f) continue;
-        float w_norm = std::sqrt(static_cast<float>(w_sq[i]));
-        if (general) w_norm = w_norm * decay[i].keep;  // the norm of keep w (decay outside the trust ratio)
-        float u_norm = std::sqrt(static_cast<float>(u_sq[i]));
-        const float w_used = std::fmin(w_norm, hp[k_w_norm_max]);  // ||w|| clamped (inf when off)
-        float q = (w_used > 0.0f && u_norm > 0.0f) ? w_used / u_norm : 1.0f;  // q = 1 if a norm is 0
-        q = std::fmin(std::fmax(q, hp[k_trust_lo]), hp[k_trust_hi]);  // clip(q, lo, hi); (0, inf) when off
-        if (flags[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
-        step[i] = lrs[i] * q;
-        keep[i] = decay[i].keep;
-        if (!std::isfinite(w_norm) || !std::isfinite(u_norm)) {  // NaN/Inf in w, or in m, v (a damaged
-          q = NAN;                                               // checkpoint): leave w, and say so
-          step[i] = 0.0f;
-          keep[i] = 1.0f;
-        }
-        stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
-      }
-    }  // implicit barrier: applied and step[] are ready
-    if (applied) {
 #pragma omp for schedule(dynamic)
-      for (int64_t c = 0; c < nc; ++c) {  // pass 2
+      for (int64_t c = 0; c < nc; ++c) {  // pass 1
         const Chunk &k = chunks[c];
-        // lr q = 0 and keep = 1: w stays exactly as it is (also where w or u is NaN/Inf: 0 u is not 0 there)
-        if (step[k.tensor] == 0.0f && keep[k.tensor] == 1.0f) continue;
-        auto pass = general ? pass2<true> : pass2<false>;
-        pass(h, decay[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), W(k.tensor), k.lo, k.hi);
+        auto pass = general ? pass1<true, MT> : pass1<false, MT>;
+        pass(h, decay[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), G(k.tensor), k.lo, k.hi, &part[3 * c]);
+      }  // implicit barrier
+#pragma omp single
+      {
+        std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
+        double g_sq = 0.0;
+        for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
+          w_sq[chunks[c].tensor] += part[3 * c];
+          u_sq[chunks[c].tensor] += part[3 * c + 1];
+          g_sq += part[3 * c + 2];
+        }
+        const float g_sq_f = static_cast<float>(g_sq);
+        applied = std::isfinite(g_sq_f);  // a NaN/Inf gradient, or a norm beyond float32
+        stats[3 * n] = g_sq_f;
+        stats[3 * n + 1] = applied ? 1.0f : 0.0f;
+        for (int i = 0; i < n && applied; ++i) {
+          if (flags[i] < 0.0f) continue;
+          float w_norm = std::sqrt(static_cast<float>(w_sq[i]));
+          if (general) w_norm = w_norm * decay[i].keep;  // the norm of keep w (decay outside the trust ratio)
+          float u_norm = std::sqrt(static_cast<float>(u_sq[i]));
+          const float w_used = std::fmin(w_norm, hp[k_w_norm_max]);  // ||w|| clamped (inf when off)
+          float q = (w_used > 0.0f && u_norm > 0.0f) ? w_used / u_norm : 1.0f;  // q = 1 if a norm is 0
+          q = std::fmin(std::fmax(q, hp[k_trust_lo]), hp[k_trust_hi]);  // clip(q, lo, hi); (0, inf) when off
+          if (flags[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
+          step[i] = lrs[i] * q;
+          keep[i] = decay[i].keep;
+          if (!std::isfinite(w_norm) || !std::isfinite(u_norm)) {  // NaN/Inf in w, or in m, v (a damaged
+            q = NAN;                                               // checkpoint): leave w, and say so
+            step[i] = 0.0f;
+            keep[i] = 1.0f;
+          }
+          stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
+        }
+      }  // implicit barrier: applied and step[] are ready
+      if (applied) {
+#pragma omp for schedule(dynamic)
+        for (int64_t c = 0; c < nc; ++c) {  // pass 2
+          const Chunk &k = chunks[c];
+          // lr q = 0 and keep = 1: w stays exactly as it is (also where w or u is NaN/Inf: 0 u is not 0 there)
+          if (step[k.tensor] == 0.0f && keep[k.tensor] == 1.0f) continue;
+          auto pass = general ? pass2<true, MT> : pass2<false, MT>;
+          pass(h, decay[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), W(k.tensor), k.lo, k.hi);
+        }
       }
     }
-  }
-  return 0;
+    return 0;
+  });
 }
 
 // The sharded backend's two kernels (backends/sharded.py), over one worker's piece [start, end) of the
-// parameters flattened and concatenated in order; m and v are the piece's moments (end - start used).
+// parameters flattened and concatenated in order; m and v are the piece's slots, in LAMB_SLOTS order (end -
+// start used; m float32, float16 or bfloat16, v float32).
 //
 // LambShardSums(scalars, lrs, wds, bounds, w_0..w_{n-1}, m, v, g_0..g_{n-1}) -> (n, 2): pass 1 over the
 //   piece (m, v updated IN PLACE), and per tensor (||w||^2, ||u||^2) over the piece, summed in double in
@@ -338,79 +433,89 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 //   end - start). steps[i] = lr_i q_i, keeps[i] as in Decay (1 unless decay is outside the trust ratio).
 extern "C" int LambShardSums(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
-  if ((nparam - 7) % 2 != 0) return 1;
-  const int n = (nparam - 7) / 2;
+  if ((nparam - 5 - kSlotCount) % 2 != 0) return 1;
+  const int n = (nparam - 5 - kSlotCount) / 2;
+  const int slots = 4 + n;  // index of the first slot's piece
+  if (!all_float32(slots + kSlot_v, slots + kSlot_v + 1, dtypes)) return 2;
   if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
-  const float *hp = static_cast<const float *>(params[0]);
-  const int32_t *bounds = static_cast<const int32_t *>(params[3]);
-  float *sums = static_cast<float *>(params[nparam - 1]);
-  std::fill(sums, sums + 2 * n, 0.0f);
-  if (hp[k_proceed] == 0.0f) return 0;
-  const Hyper h = read_hyper(hp);
-  const bool general = is_general(hp);
-  const std::vector<Decay> decay = decays(hp, static_cast<const float *>(params[1]),
-                                          static_cast<const float *>(params[2]), n);
-  std::vector<int64_t> len(n), offset(n);
-  for (int i = 0; i < n; ++i) len[i] = numel(ndims[4 + i], shapes[4 + i]);
-  const int64_t start = bounds[0];
-  const std::vector<Chunk> chunks = range_chunks(len, start, bounds[1], &offset);
-  float *m = static_cast<float *>(params[4 + n]);
-  float *v = static_cast<float *>(params[5 + n]);
-  const int64_t nc = static_cast<int64_t>(chunks.size());
-  std::vector<double> part(3 * nc);
+  return with_m_type(dtypes[slots + kSlot_m], [&](auto *typed) {
+    using MT = std::remove_pointer_t<decltype(typed)>;
+    const float *hp = static_cast<const float *>(params[0]);
+    const int32_t *bounds = static_cast<const int32_t *>(params[3]);
+    float *sums = static_cast<float *>(params[nparam - 1]);
+    std::fill(sums, sums + 2 * n, 0.0f);
+    if (hp[k_proceed] == 0.0f) return 0;
+    const Hyper h = read_hyper(hp);
+    const bool general = is_general(hp);
+    const std::vector<Decay> decay = decays(hp, static_cast<const float *>(params[1]),
+                                            static_cast<const float *>(params[2]), n);
+    std::vector<int64_t> len(n), offset(n);
+    for (int i = 0; i < n; ++i) len[i] = numel(ndims[4 + i], shapes[4 + i]);
+    const int64_t start = bounds[0];
+    const std::vector<Chunk> chunks = range_chunks(len, start, bounds[1], &offset);
+    MT *m = static_cast<MT *>(params[slots + kSlot_m]);
+    float *v = static_cast<float *>(params[slots + kSlot_v]);
+    const int64_t nc = static_cast<int64_t>(chunks.size());
+    std::vector<double> part(3 * nc);
 #pragma omp parallel for schedule(dynamic) num_threads(threads_for(bounds[1] - start))
-  for (int64_t c = 0; c < nc; ++c) {
-    const Chunk &k = chunks[c];
-    const int64_t shift = offset[k.tensor] - start;  // tensor-local j -> piece index j + shift
-    auto pass = general ? pass1<true> : pass1<false>;
-    pass(h, decay[k.tensor], static_cast<const float *>(params[4 + k.tensor]), m + shift, v + shift,
-         static_cast<const float *>(params[6 + n + k.tensor]), k.lo, k.hi, &part[3 * c]);
-  }
-  std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
-  for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
-    w_sq[chunks[c].tensor] += part[3 * c];
-    u_sq[chunks[c].tensor] += part[3 * c + 1];
-  }
-  for (int i = 0; i < n; ++i) {
-    sums[2 * i] = static_cast<float>(w_sq[i]);
-    sums[2 * i + 1] = static_cast<float>(u_sq[i]);
-  }
-  return 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      const Chunk &k = chunks[c];
+      const int64_t shift = offset[k.tensor] - start;  // tensor-local j -> piece index j + shift
+      auto pass = general ? pass1<true, MT> : pass1<false, MT>;
+      pass(h, decay[k.tensor], static_cast<const float *>(params[4 + k.tensor]), m + shift, v + shift,
+           static_cast<const float *>(params[slots + kSlotCount + k.tensor]), k.lo, k.hi, &part[3 * c]);
+    }
+    std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
+    for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
+      w_sq[chunks[c].tensor] += part[3 * c];
+      u_sq[chunks[c].tensor] += part[3 * c + 1];
+    }
+    for (int i = 0; i < n; ++i) {
+      sums[2 * i] = static_cast<float>(w_sq[i]);
+      sums[2 * i + 1] = static_cast<float>(u_sq[i]);
+    }
+    return 0;
+  });
 }
 
 extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
-  const int n = nparam - 8;
+  const int n = nparam - 6 - kSlotCount;
   if (n < 1 || numel(ndims[0], shapes[0]) != kScalarCount) return 3;
-  const float *hp = static_cast<const float *>(params[0]);
-  const float *steps = static_cast<const float *>(params[1]);
-  const float *keeps = static_cast<const float *>(params[2]);
-  const int32_t *bounds = static_cast<const int32_t *>(params[4]);
-  const Hyper h = read_hyper(hp);
-  const bool general = is_general(hp);
-  std::vector<Decay> decay = decays(hp, steps, static_cast<const float *>(params[3]), n);
-  for (int i = 0; i < n; ++i) decay[i].keep = keeps[i];
-  std::vector<int64_t> len(n), offset(n);
-  for (int i = 0; i < n; ++i) len[i] = numel(ndims[5 + i], shapes[5 + i]);
-  const int64_t start = bounds[0];
-  const std::vector<Chunk> chunks = range_chunks(len, start, bounds[1], &offset);
-  const float *m = static_cast<const float *>(params[5 + n]);
-  const float *v = static_cast<const float *>(params[6 + n]);
-  float *out = static_cast<float *>(params[nparam - 1]);
-  const int64_t piece = numel(ndims[nparam - 1], shapes[nparam - 1]);
-  std::fill(out + (bounds[1] - start), out + piece, 0.0f);  // the padding
-  const int64_t nc = static_cast<int64_t>(chunks.size());
+  const int slots = 5 + n;  // index of the first slot's piece
+  if (!all_float32(slots + kSlot_v, slots + kSlot_v + 1, dtypes)) return 2;
+  return with_m_type(dtypes[slots + kSlot_m], [&](auto *typed) {
+    using MT = std::remove_pointer_t<decltype(typed)>;
+    const float *hp = static_cast<const float *>(params[0]);
+    const float *steps = static_cast<const float *>(params[1]);
+    const float *keeps = static_cast<const float *>(params[2]);
+    const int32_t *bounds = static_cast<const int32_t *>(params[4]);
+    const Hyper h = read_hyper(hp);
+    const bool general = is_general(hp);
+    std::vector<Decay> decay = decays(hp, steps, static_cast<const float *>(params[3]), n);
+    for (int i = 0; i < n; ++i) decay[i].keep = keeps[i];
+    std::vector<int64_t> len(n), offset(n);
+    for (int i = 0; i < n; ++i) len[i] = numel(ndims[5 + i], shapes[5 + i]);
+    const int64_t start = bounds[0];
+    const std::vector<Chunk> chunks = range_chunks(len, start, bounds[1], &offset);
+    const MT *m = static_cast<const MT *>(params[slots + kSlot_m]);
+    const float *v = static_cast<const float *>(params[slots + kSlot_v]);
+    float *out = static_cast<float *>(params[nparam - 1]);
+    const int64_t piece = numel(ndims[nparam - 1], shapes[nparam - 1]);
+    std::fill(out + (bounds[1] - start), out + piece, 0.0f);  // the padding
+    const int64_t nc = static_cast<int64_t>(chunks.size());
 #pragma omp parallel for schedule(dynamic) num_threads(threads_for(bounds[1] - start))
-  for (int64_t c = 0; c < nc; ++c) {
-    const Chunk &k = chunks[c];
-    const int64_t shift = offset[k.tensor] - start;
-    const float *w = static_cast<const float *>(params[5 + k.tensor]);
-    if (steps[k.tensor] == 0.0f && keeps[k.tensor] == 1.0f) {  // w as it is (u may be NaN/Inf: 0 u is not 0)
-      std::copy(w + k.lo, w + k.hi, out + shift + k.lo);
-      continue;
+    for (int64_t c = 0; c < nc; ++c) {
+      const Chunk &k = chunks[c];
+      const int64_t shift = offset[k.tensor] - start;
+      const float *w = static_cast<const float *>(params[5 + k.tensor]);
+      if (steps[k.tensor] == 0.0f && keeps[k.tensor] == 1.0f) {  // w as it is (u may be NaN/Inf: 0 u is not 0)
+        std::copy(w + k.lo, w + k.hi, out + shift + k.lo);
+        continue;
+      }
+      auto pass = general ? pass2<true, MT> : pass2<false, MT>;
+      pass(h, decay[k.tensor], steps[k.tensor], w, m + shift, v + shift, out + shift, k.lo, k.hi);
     }
-    auto pass = general ? pass2<true> : pass2<false>;
-    pass(h, decay[k.tensor], steps[k.tensor], w, m + shift, v + shift, out + shift, k.lo, k.hi);
-  }
-  return 0;
+    return 0;
+  });
 }

@@ -2,9 +2,15 @@
 
 Used on CPU when every parameter is float32 and a C++ compiler with OpenMP is there. The library is
 compiled on first use and cached per user (``_build.py``); without a compiler, Lamb says so once and
-takes the composite backend. The kernel updates the parameters and both moments in place, in two passes
-over memory (40 bytes per element), with the float32 arithmetic of ``_update.py`` operation by
-operation; ``benchmarks/README.md`` has its speed.
+takes the composite backend. The kernel updates the parameters and the state in place, in two passes
+over memory (40 bytes per element with float32 moments, 34 with a 16-bit first moment), with the float32
+arithmetic of the composite rule (``composite.py``) operation by operation; ``benchmarks/README.md`` has
+its speed.
+
+Everything the kernel and Python must agree on is generated from one Python definition and compiled in
+(``-D`` macros; the library's cache key includes them): the scalars' layout (``contract.pack``), the
+scalars only the general loop reads with their neutral values (``contract.FAST_LOOP``), and the state
+slots, in order (``state.SLOTS``).
 """
 import os
 
@@ -13,21 +19,24 @@ import numpy as np
 import mindspore.common.dtype as mstype
 from mindspore import Tensor, nn, ops
 from mindspore.ops import composite as C
-from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
-from .._update import per_parameter, to_float32
+from .. import state
 from . import _build, contract
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fused_cpu.cc")
-# The scalars' layout, generated into the C++ enum (see fused_cpu.cc): defined once, in contract.pack.
-LAYOUT_DEFINE = "-DLAMB_SCALARS(X)=" + " ".join(f"X({name})" for name in contract.SCALARS)
+LAYOUT_DEFINES = [
+    "-DLAMB_SCALARS(X)=" + " ".join(f"X({name})" for name in contract.SCALARS),
+    "-DLAMB_GENERAL_ONLY(X)=" + " ".join(f"X({name},{float(neutral)!r}f)"
+                                         for name, neutral in contract.GENERAL_ONLY.items()),
+    "-DLAMB_SLOTS(X)=" + " ".join(f"X({slot.role})" for slot in state.SLOTS),
+]
 # -march: the CPU this process runs on (the cache key includes the CPU's flags, so a shared cache never
 # hands a library to a CPU it was not built for); MINDSPORE_LAMB_MARCH=x86-64-v3 (say) builds for an ISA
 # level instead, to measure what users of that level get (benchmarks/README.md).
 MARCH = os.environ.get("MINDSPORE_LAMB_MARCH", "native")
 FLAGS = ["-O3", f"-march={MARCH}", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
-         "-std=c++17", LAYOUT_DEFINE]
+         "-std=c++17", *LAYOUT_DEFINES]
 _libraries = {}
 
 
@@ -61,9 +70,9 @@ def library_path(src=SRC, extra_flags=()):
     return found
 
 
-def unavailable(params, device_target):
-    """(why this backend cannot run `params`, whether the user should hear of it), or (None, False).
-    `params` None: float32 gradients only (a sum of squares)."""
+def unavailable(params, slots, device_target):
+    """(why this backend cannot run `params` with `slots`, whether the user should hear of it), or (None, False).
+    `params` and `slots` None: float32 gradients only (a sum of squares)."""
     if device_target != "CPU":
         return f"the device target is {device_target}, not CPU", False
     if params is not None and any(p.dtype != mstype.float32 for p in params):
@@ -84,7 +93,7 @@ class SumOfSquares(nn.Cell):
                              out_dtype=lambda *types: mstype.float32, func_type="aot")
 
     def construct(self, gradients):
-        return F.reshape(self.op(*gradients), ())
+        return ops.reshape(self.op(*gradients), ())
 
 
 class FusedCpuBackend(nn.Cell):
@@ -94,10 +103,12 @@ class FusedCpuBackend(nn.Cell):
     unavailable = staticmethod(unavailable)
     SumOfSquares = SumOfSquares
 
-    def __init__(self, params, *, decay_flags, adapt_flags, owned_flags):
+    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags):
         super().__init__()
         n = len(params)
         self.n = n
+        self.slots = slots
+        self.state = contract.parameter_state(params, slots)
         self.sum_of_squares = SumOfSquares()
         self.step = ops.Custom(library_path() + ":LambStep", out_shape=lambda *shapes: (n + 1, 3),
                                out_dtype=lambda *types: mstype.float32, func_type="aot")
@@ -110,10 +121,11 @@ class FusedCpuBackend(nn.Cell):
         self.stack = P.Stack()
         self.hyper_map = C.HyperMap()
 
-    def construct(self, scalars, lr, weight_decay, params, moments1, moments2, gradients, grad_sq):
-        scalars = self.stack(self.hyper_map(to_float32, scalars))
-        out = self.step(scalars, per_parameter(lr, self.ones), per_parameter(weight_decay, self.ones) * self.decay_mask,
-                        self.flags, *params, *moments1, *moments2, *gradients)
+    def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):
+        scalars = self.stack(self.hyper_map(contract.to_float32, scalars))
+        out = self.step(scalars, contract.per_parameter(lr, self.ones),
+                        contract.per_parameter(weight_decay, self.ones) * self.decay_mask,
+                        self.flags, *params, *self.state, *gradients)
         totals = out[self.n]                                   # (sum of g^2, applied, 0)
         if grad_sq is None:
             grad_sq = totals[0]

@@ -4,31 +4,31 @@ The parameters, flattened and concatenated in update order (E elements), are cut
 pieces of L = ceil(E / N) elements (by elements, not by tensors: a layer may be cut between workers).
 Each step, every worker (the gradients arrive all-reduced, identical everywhere):
 
-1. updates the moments of its piece and computes the update u there, with the composite rule of
-   ``_update.moments_and_update``;
+1. updates the moments of its piece and computes the update u there, with the composite rule
+   (``composite.moments_and_update``) or the fused CPU kernel's first pass;
 2. sums ||w||^2 and ||u||^2 of each parameter over its piece (accumulated in float64), and ONE all-reduce of that
    (n, 2) array gives every worker the norms of whole layers, so the trust ratios are exact;
 3. applies w = keep w - lr q u to its piece, and ONE all-gather of the pieces gives every worker the full
    weights after the step.
 
 The graph is the same on every worker (which piece is a worker's own is data, not graph structure), so
-every worker issues the same collectives in the same order. The moments are two float32 Parameters of L
-elements, ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and
-``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding``
-merge the workers' checkpoints into a full one, checking that they fit together, and cut a full one for
-another number of workers. docs/distributed.md has the figures.
+every worker issues the same collectives in the same order. The state is one Parameter of L elements per
+slot of ``state.SLOTS``, in the slot's dtype: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names``
+(the parameter names, UTF-8) and ``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds)
+let ``mindspore_lamb.sharding`` merge the workers' checkpoints into a full one, checking that they fit
+together, and cut a full one for another number of workers. docs/distributed.md has the figures.
 """
 import numpy as np
 
 import mindspore.common.dtype as mstype
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
-from .._update import moments_and_update, per_parameter, step, to_float32, trust_ratio
 from . import composite, fused_cpu
-from .contract import INDEX
+from .composite import moments_and_update, step, trust_ratio
+from .contract import INDEX, dtype_name, per_parameter, to_float32
 
 _PROCEED, _OUTSIDE = INDEX["proceed"], INDEX["decay_outside"]
 NAMES_PARAMETER = "lamb_shard_names"
@@ -67,13 +67,18 @@ def data_parallel_group(parallel_optimizer):
     return get_rank(), get_group_size()
 
 
-def shard_state(params, world):
-    """(lamb_m.shard, lamb_v.shard, lamb_shard_names): this worker's zero moments and the names."""
+def shard_state(params, slots, world):
+    """This worker's zero state: one Parameter of L elements per slot (``lamb_m.shard``, ...), in the slot's
+    dtype, in the order of `slots`."""
     length = piece_length(sum(int(np.prod(p.shape)) for p in params), world)
-    moments = tuple(Parameter(Tensor(np.zeros(length, np.float32)), name=f"{prefix}.shard")
-                    for prefix in ("lamb_m", "lamb_v"))
-    names = np.frombuffer("\n".join(p.name for p in params).encode(), np.uint8)
-    return moments + (Parameter(Tensor(names.copy()), name=NAMES_PARAMETER, requires_grad=False),)
+    return ParameterTuple(Parameter(Tensor(np.zeros(length, np.float32), slot.dtype), name=slot.name("shard"))
+                          for slot in slots)
+
+
+def names_record(names):
+    """lamb_shard_names: the parameter names, in update order, UTF-8 (one per line)."""
+    encoded = np.frombuffer("\n".join(names).encode(), np.uint8).copy()
+    return Parameter(Tensor(encoded), name=NAMES_PARAMETER, requires_grad=False)
 
 
 def shard_record(rank, world):
@@ -83,19 +88,25 @@ def shard_record(rank, world):
 
 
 class ShardedBackend(nn.Cell):
-    """The update contract (contract.py) with sharded moments: `moments1` and `moments2` are 1-tuples
-    holding this worker's piece; `shard_rank` records which piece it is, in the checkpoints."""
+    """The update contract (contract.py) with sharded state: `state` holds this worker's piece of each slot;
+    `shard_names` and `shard_rank` record the parameters and which piece it is, in the checkpoints. `kernels`
+    is the backend whose operators run the piece (backends.create chose it): the fused CPU kernels, or the
+    composite rule."""
 
     name = "sharded"
-    SumOfSquares = composite.SumOfSquares
 
-    def __init__(self, params, *, decay_flags, adapt_flags, owned_flags, rank, world):
+    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, kernels, rank, world):
         super().__init__()
         if not all(owned_flags):
             raise ValueError("The sharded backend does its own sharding: it does not run under MindSpore's "
                              "parallel optimizer.")
         sizes = [int(np.prod(p.shape)) for p in params]
         self.n = len(params)
+        self.rank, self.world = rank, world
+        self.slots = slots
+        self.state = shard_state(params, slots, world)
+        self.m_dtype = dtype_name(slots[0].dtype)
+        self.shard_names = names_record([p.name for p in params])
         self.shapes = tuple(tuple(p.shape) for p in params)
         self.offsets = tuple(int(x) for x in np.cumsum([0] + sizes))
         # this worker's piece, as data: global flat positions, real or padding, parameter of each element
@@ -105,8 +116,8 @@ class ShardedBackend(nn.Cell):
         start = rank * piece_length(sum(sizes), world)
         self.bounds = Tensor(np.array([min(start, sum(sizes)), min(start + len(positions), sum(sizes))], np.int32))
         # on CPU with float32 parameters, the piece's two passes are fused kernels (fused_cpu.cc)
-        from . import select    # (backends/__init__.py imports this module)
-        self.fused = select(params) is fused_cpu.FusedCpuBackend
+        self.fused = kernels is fused_cpu.FusedCpuBackend
+        self.SumOfSquares = kernels.SumOfSquares            # for the loss-scale cell: the chosen kernels' sum
         if self.fused:
             n, width = self.n, len(positions)
             self.shard_sums = ops.Custom(fused_cpu.library_path() + ":LambShardSums",
@@ -140,22 +151,22 @@ class ShardedBackend(nn.Cell):
         """The value of each element's parameter (`pad` for padding), from a float32 (n,) vector."""
         return F.gather(self.concat((per_param, F.fill(mstype.float32, (1,), pad))), self.segments, 0)
 
-    def construct(self, scalars, lr, weight_decay, params, moments1, moments2, gradients, grad_sq):
+    def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):
         if grad_sq is None:
             grad_sq = self.sum_of_squares(gradients)        # the full gradients: the same on every worker
         applied = F.logical_and(scalars[_PROCEED], self.isfinite(grad_sq))
         lr_vec = per_parameter(lr, self.ones)
         wd_vec = per_parameter(weight_decay, self.ones) * self.decay_mask
-        m, v = moments1[0], moments2[0]
 
         # 1. this worker's piece: moments, update u, per-parameter partial sums of ||w||^2 and ||u||^2
         if self.fused:
             packed = self.stack0(self.hyper_map(to_float32, scalars))
-            sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, m, v, *gradients)
+            sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, *self.state, *gradients)
         else:
+            m, v = self.state                               # this worker's piece of each slot (state.SLOTS)
             w = F.gather(self._flat(params), self.positions, 0) * self.valid
             g = F.gather(self._flat(gradients), self.positions, 0) * self.valid
-            m_t, v_t, u = moments_and_update(scalars, self._per_element(wd_vec, 0.0), w, m, v, g)
+            m_t, v_t, u = moments_and_update(scalars, self._per_element(wd_vec, 0.0), w, m, v, g, self.m_dtype)
             u = F.depend(u, F.assign(m, m_t))
             u = F.depend(u, F.assign(v, v_t))
             squares = self.stack((F.square(F.cast(w, mstype.float64)), F.square(F.cast(u, mstype.float64))))
@@ -168,7 +179,7 @@ class ShardedBackend(nn.Cell):
         lr_q, reported_q, keep = trust_ratio(scalars, applied, lr_vec, w_norm, u_norm, keep, self.adapt)
         # 3. this worker's new piece, one all-gather, every parameter written back
         if self.fused:
-            piece = self.shard_apply(packed, lr_q, keep, wd_vec, self.bounds, *params, m, v)
+            piece = self.shard_apply(packed, lr_q, keep, wd_vec, self.bounds, *params, *self.state)
         else:
             piece = step(self._per_element(keep, 1.0), w, self._per_element(lr_q, 0.0), u)
         flat = self.all_gather(piece)

@@ -14,6 +14,8 @@ parameter of its train cell (network weights, LAMB moments, global_step, loss sc
   Lamb; at step ``OVERFLOW_STEP`` only rank 1 gets an Inf in its input, so only its local gradients
   overflow, and both ranks must skip that step.
 
+Every Lamb stores its first moments in ``$LAMB_TEST_MU_DTYPE`` (``mu_dtype``; unset: float32).
+
 The builders below are imported by the test to run the single-process reference over the combined
 batch (the union of the workers' batches of each step).
 """
@@ -31,6 +33,13 @@ from nets import loss_fn, make_data, make_net  # noqa: E402
 from mindspore_lamb import Lamb, LossScaleTrainStep  # noqa: E402
 
 WORLD = int(os.environ.get("LAMB_TEST_WORLD", "2"))   # workers (3 in the slow uneven-split test)
+
+
+def mu_dtype():
+    """Lamb's mu_dtype for this run (read when a case is built: the test sets it for workers and reference)."""
+    return os.environ.get("LAMB_TEST_MU_DTYPE")
+
+
 BATCH = 8             # per worker and step
 STEPS = 6             # steps of each case
 OVERFLOW_STEP = 2     # the loss_scale case's step where rank 1 (only) overflows
@@ -77,14 +86,15 @@ def build_model_case(shard_state=False):
               {"params": [p for p in params if "weight" not in p.name or "norm" in p.name]}]
     # max_grad_norm well below the gradient norm: the pre-normalisation must use the reduced gradients
     opt = Lamb(groups, learning_rate=nn.PolynomialDecayLR(0.05, 0.005, STEPS, 1.0), max_grad_norm=0.05,
-               shard_state=shard_state)
+               shard_state=shard_state, mu_dtype=mu_dtype())
     return ms.train.Model(net, loss_fn=loss_fn(), optimizer=opt), opt
 
 
 def build_loss_scale_case(shard_state=False):
     """LossScaleTrainStep + Lamb: dynamic scale growing every 2 good steps, clipping by global norm."""
     net = make_net(seed=4)
-    opt = Lamb(net.trainable_params(), learning_rate=0.05, weight_decay=0.01, shard_state=shard_state)
+    opt = Lamb(net.trainable_params(), learning_rate=0.05, weight_decay=0.01, shard_state=shard_state,
+               mu_dtype=mu_dtype())
     return LossScaleTrainStep(nn.WithLossCell(net, loss_fn()), opt, init_scale=2.0 ** 10, scale_window=2,
                               max_grad_norm=0.05)
 
@@ -119,8 +129,9 @@ def run_loss_scale_case(batches, shard_state=False):
 
 
 def state(cell, log):
-    """{name: copy} of every parameter of the train cell (asnumpy shares memory on CPU), plus the log."""
-    out = {p.name: p.asnumpy().copy() for p in cell.get_parameters()}
+    """{name: copy} of every parameter of the train cell (asnumpy shares memory on CPU; bfloat16 as float32,
+    which NumPy files hold), plus the log."""
+    out = {p.name: (p.float() if p.dtype == ms.bfloat16 else p).asnumpy().copy() for p in cell.get_parameters()}
     out.update(log)
     return out
 

@@ -32,12 +32,14 @@ class LambReference:
             it and the others keep theirs.
         param_dtype: storage dtype of the parameters ('float32', 'float16', 'bfloat16');
             w is rounded to it after each step (Lamb writes it back in its own dtype).
+        mu_dtype: storage dtype of the first moment ('float32', 'float16', 'bfloat16'), or None (kept in
+            float64, as the exact rule): each new m is rounded to it, to nearest, and the step uses m as stored.
     """
 
     def __init__(self, weights, beta1=0.9, beta2=0.999, eps=1e-6, loss_scale=1.0,
                  max_grad_norm=None, trust_ratio_clip=None, param_dtype="float32", exact_skip=False,
                  bias_correction=True, weight_decay_mode="decoupled", grad_averaging=True, eps_inside_sqrt=False,
-                 weight_norm_clip=None):
+                 weight_norm_clip=None, mu_dtype=None):
         self.w = [np.array(w, dtype=np.float64) for w in weights]
         self.m = [np.zeros_like(w) for w in self.w]
         self.v = [np.zeros_like(w) for w in self.w]
@@ -53,7 +55,12 @@ class LambReference:
         self.grad_averaging = grad_averaging
         self.eps_inside_sqrt = eps_inside_sqrt
         self.weight_norm_clip = weight_norm_clip
+        self.mu_dtype = mu_dtype
         self.trust_ratios = [None] * len(self.w)
+
+    def _stored_m(self, m):
+        """The first moment as stored: rounded to mu_dtype (None: exact)."""
+        return m if self.mu_dtype is None else round_to(m, self.mu_dtype)
 
     def step(self, grads, lr, weight_decay, decay=None, layer_adaptation=None, centralize=None):
         """One call. `lr` and `weight_decay` are functions of the step s (or numbers, or per-parameter lists
@@ -81,7 +88,7 @@ class LambReference:
                         m = self.beta1 * self.m[i] + (1 - self.beta1) * g[i]
                         v = self.beta2 * self.v[i] + (1 - self.beta2) * g[i] ** 2
                         ok = np.isfinite(np.float32(g[i] ** 2)) & np.isfinite(np.float32(v))  # float32 g^2, v
-                        self.m[i] = np.where(ok, m, self.m[i])
+                        self.m[i] = np.where(ok, self._stored_m(m), self.m[i])
                         self.v[i] = np.where(ok, v, self.v[i])
                 return False                   # w and s never change
         if self.max_grad_norm is not None and big_g > 0:
@@ -92,7 +99,7 @@ class LambReference:
             mode = self.weight_decay_mode
             g_i = g[i] + wd_i * self.w[i] if mode == "l2" else g[i]
             m_coef = (1 - self.beta1) if self.grad_averaging else 1.0
-            self.m[i] = self.beta1 * self.m[i] + m_coef * g_i
+            self.m[i] = self._stored_m(self.beta1 * self.m[i] + m_coef * g_i)
             self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * g_i ** 2
             corrected = self.bias_correction is True
             m_hat = self.m[i] / (1 - self.beta1 ** t) if corrected else self.m[i]
