@@ -17,6 +17,8 @@ import re
 import mindspore as ms
 from mindspore.train import Callback
 
+from .state import check_state
+
 STEP = "resume_step"          # checkpoint entry: the Model.train steps (data batches) done
 
 
@@ -73,6 +75,10 @@ def _verified(path, step, cell):
     missing = [p.name for p in _saved_parameters(cell) if p.name not in params or params[p.name].shape != p.shape]
     if missing:
         return f"lacks (or has another shape for) {len(missing)} parameters of the cell, e.g. {missing[:3]}"
+    try:
+        check_state(params, "it")          # LAMB's state: global_step >= 0, finite moments, v >= 0
+    except ValueError as err:
+        return str(err)
     return params
 
 

@@ -132,3 +132,27 @@ def test_bert_example_killed_in_its_last_epoch(tmp_path):
     records = [json.loads(line) for line in open(log)]
     assert [r["step"] for r in records] == list(range(1, 16))
     assert records == [json.loads(line) for line in open(os.path.join(full, "loss.jsonl"))]
+
+
+def test_resume_skips_a_checkpoint_with_damaged_optimizer_state(tmp_path, capsys):
+    """A newest checkpoint that loads and passes its CRC but holds damaged LAMB state (a negative second
+    moment, as a hand-edited or converted file may) is skipped, naming the entry; the one before is used."""
+    import numpy as np
+    import mindspore as ms
+    from mindspore import Tensor, nn
+    from mindspore_lamb import Lamb
+    from mindspore_lamb.resume import newest, save
+    from nets import loss_fn, make_net
+    net = make_net(0)
+    cell = nn.TrainOneStepCell(nn.WithLossCell(net, loss_fn()), Lamb(net.trainable_params(), 0.01))
+    save(cell, str(tmp_path), "model", 5)
+    v = cell.optimizer.moments2[0]
+    damaged = v.asnumpy().copy()
+    damaged.flat[3] = -1.0
+    v.set_data(Tensor(damaged))
+    save(cell, str(tmp_path), "model", 10)
+    step, params = newest(cell, str(tmp_path), "model")
+    assert step == 5 and np.all(params[v.name].asnumpy() >= 0)
+    assert f"{v.name}' holds 1 negative value(s)" in capsys.readouterr().out
+    ms.load_param_into_net(cell, params)
+    cell.optimizer.check_state()
