@@ -6,6 +6,8 @@ registers (``NPUGetFloatStatusV2``), which have no CPU kernel, and
 ``IsFinite`` on the sum of squares of the gradients instead (one fused kernel on
 CPU), so the same graph runs everywhere.
 """
+from typing import Optional, Union
+
 import mindspore.common.dtype as mstype
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 from mindspore.common.initializer import initializer
@@ -141,8 +143,10 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         >>> loss, overflow, scale = step(x, y)
     """
 
-    def __init__(self, network, optimizer, *, init_scale=2.0 ** 16, scale_factor=2.0, scale_window=1000,
-                 min_scale=1.0, dynamic=True, max_grad_norm=None, accumulation_steps=1):
+    def __init__(self, network: nn.Cell, optimizer: nn.Cell, *, init_scale: Union[float, int] = 2.0 ** 16,
+                 scale_factor: Union[float, int] = 2.0, scale_window: int = 1000, min_scale: Union[float, int] = 1.0,
+                 dynamic: bool = True, max_grad_norm: Union[float, int, None] = None,
+                 accumulation_steps: int = 1) -> None:
         if not isinstance(network, nn.Cell):
             raise TypeError(f"For '{_NAME}', the argument 'network' must be a Cell, but got {V.describe(network)}.")
         if not isinstance(optimizer, nn.Cell):
@@ -287,6 +291,6 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
 
     # ---- host-side readers ----
 
-    def get_loss_scale(self):
+    def get_loss_scale(self) -> float:
         """float: the current loss scale (one host read)."""
         return float(self.loss_scale.asnumpy())
