@@ -52,7 +52,7 @@ class TrustRatioMonitor(Callback):
     it: one read of ``layer_stats`` plus two scalars (``last_grad_norm``, ``global_step``), so the
     training step itself never synchronises with the host.
 
-    Each recorded step adds one dict per parameter to :attr:`records`, with keys ``step`` (``Model``'s
+    Each recorded step adds one dict per parameter to ``records``, with keys ``step`` (``Model``'s
     ``cur_step_num``, 1-based, counting every call), ``global_step`` (the optimizer's step counter after
     the step: the number of applied updates, so it lags ``step`` after overflow-skipped steps),
     ``name``, ``trust_ratio``, ``w_norm``, ``u_norm`` and ``grad_norm`` (the same :math:`G` on every
@@ -72,7 +72,7 @@ class TrustRatioMonitor(Callback):
         Not called directly: ``Model.train`` calls ``on_train_step_end`` and ``on_train_end``.
 
     Outputs:
-        :attr:`records`, list[dict], as above.
+        ``records``, list[dict], as above.
 
     Raises:
         TypeError: If `optimizer` has no ``layer_stats``/``param_names`` (is not a Lamb).
@@ -162,7 +162,7 @@ class TrustRatioMonitor(Callback):
     # ---- output ----
 
     def save(self, path: Union[str, os.PathLike]) -> str:
-        """Write :attr:`records` to `path`: CSV (header ``step,global_step,name,trust_ratio,w_norm,u_norm,
+        """Write ``records`` to `path`: CSV (header ``step,global_step,name,trust_ratio,w_norm,u_norm,
         grad_norm``, one row per parameter and recorded step) or JSON (a list of those dicts), by suffix.
 
         Raises:

@@ -290,11 +290,12 @@ class Lamb(Optimizer):
         ValueError: If a learning-rate or weight-decay Cell returns a Tensor of more than one element.
         ValueError: If `weight_decay_mode` is ``"decoupled_outside"`` and a fixed learning rate times the weight
             decay is above 1.
-        ValueError / TypeError: If an exclusion predicate raises, or returns something other than a bool.
+        ValueError: If an exclusion predicate raises.
+        TypeError: If an exclusion predicate returns something other than a bool.
         ValueError: If a parameter is named like the optimizer's own state (``global_step``, ``learning_rate``,
             ``lamb_m.*``, ...).
-        TypeError / ValueError: If `mu_dtype` is not None, a str or a mindspore dtype / not one of float32,
-            float16, bfloat16.
+        TypeError: If `mu_dtype` is not None, a str or a mindspore dtype.
+        ValueError: If `mu_dtype` is not one of float32, float16, bfloat16.
         ValueError: If `backend` is not None, ``"fused_cpu"`` or ``"composite"``.
         RuntimeError: If the backend asked for cannot run the parameters here (the message says why).
         TypeError: If no backend can run the parameters with the state asked for (a bfloat16 `mu_dtype` on
@@ -540,16 +541,16 @@ class Lamb(Optimizer):
 
     @property
     def skipped_steps(self) -> int:
-        """Number of calls skipped: a gradient was NaN or Inf, the caller passed ``finite=False``, or the step
-        was invalid (:attr:`invalid_steps`)."""
+        """int: how many calls were skipped (a gradient was NaN or Inf, the caller passed ``finite=False``, or the
+        step was invalid, :attr:`invalid_steps`)."""
         return int(self.skipped.asnumpy())
 
     @property
     def invalid_steps(self) -> int:
-        """Number of calls skipped because the step itself was invalid: a learning-rate or weight-decay Cell
-        returned NaN, Inf or a negative value (or lr * weight decay > 1 with
-        ``weight_decay_mode="decoupled_outside"``), or ``global_step`` was negative (a damaged
-        checkpoint: :meth:`check_state` names it). Counted in :attr:`skipped_steps` too."""
+        """int: how many calls were skipped because the step itself was invalid (a learning-rate or weight-decay Cell
+        returned NaN, Inf or a negative value, or lr * weight decay > 1 with ``weight_decay_mode="decoupled_outside"``,
+        or ``global_step`` was negative, a damaged checkpoint that :meth:`check_state` names). Counted in
+        :attr:`skipped_steps` too."""
         return int(self.invalid.asnumpy())
 
     def nonfinite_parameters(self) -> List[str]:
@@ -592,6 +593,6 @@ class Lamb(Optimizer):
 
     @property
     def global_grad_norm(self) -> float:
-        """G of the last applied (not skipped) call: the global L2 norm of the unscaled gradients (before
+        """float: :math:`G` of the last applied (not skipped) call, the global L2 norm of the unscaled gradients (before
         max_grad_norm)."""
         return float(self.last_grad_norm.asnumpy())

@@ -57,7 +57,7 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
     Each call:
 
     1. computes ``loss = network(*inputs)`` and the gradients of ``loss * scale`` (``scale`` is the
-       current loss scale, the Parameter :attr:`loss_scale`);
+       current loss scale, the Parameter ``loss_scale``);
     2. divides the gradients by ``scale``, in float32, then reduces them across devices in data/hybrid
        parallel mode (``nn.DistributedGradReducer``, as ``nn.TrainOneStepCell``);
     3. sets ``overflow`` when the sum of squares of all the unscaled gradients is not finite (``IsFinite``
