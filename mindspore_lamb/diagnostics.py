@@ -80,7 +80,8 @@ class TrustRatioMonitor(Callback):
         ValueError: If `every` is < 1, or `path` does not end in ``.csv`` or ``.json``.
 
     Supported Platforms:
-        ``Ascend`` ``GPU`` ``CPU``
+        ``CPU`` (tested). ``GPU`` ``Ascend``: the composite backend, made of primitive operators for them, has not
+        yet run on either device.
 
     Examples:
         >>> from mindspore import nn, train

@@ -89,7 +89,7 @@ def bert_param_groups(params: Union[Cell, List[Parameter]], weight_decay: Union[
         TypeError: If `no_decay_keywords` is a str or holds anything but non-empty str.
 
     Supported Platforms:
-        ``Ascend`` ``GPU`` ``CPU``
+        ``CPU`` ``GPU`` ``Ascend`` (a plain Python function: no device code).
 
     Examples:
         >>> from mindspore import nn

@@ -302,7 +302,8 @@ class Lamb(Optimizer):
             CPU without the fused CPU backend).
 
     Supported Platforms:
-        ``Ascend`` ``GPU`` ``CPU``
+        ``CPU`` (tested). ``GPU`` ``Ascend``: the composite backend, made of primitive operators for them, has not
+        yet run on either device.
 
     Examples:
         >>> import mindspore as ms

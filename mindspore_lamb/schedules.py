@@ -85,7 +85,8 @@ class WarmupPolynomialDecayLR(LearningRateSchedule):
         ValueError: If `decay_steps` is not > 0, `warmup_steps` is < 0, or `warmup_steps` > `decay_steps`.
 
     Supported Platforms:
-        ``Ascend`` ``GPU`` ``CPU``
+        ``CPU`` (tested). ``GPU`` ``Ascend``: the composite backend, made of primitive operators for them, has not
+        yet run on either device.
 
     Examples:
         >>> import mindspore as ms

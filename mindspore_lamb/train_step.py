@@ -1,4 +1,4 @@
-"""A loss-scaled training step that runs on CPU as well as GPU and Ascend.
+"""A loss-scaled training step that runs on CPU (tested) and is made of operators GPU and Ascend have too.
 
 MindSpore's ``nn.TrainOneStepWithLossScaleCell`` reads the NPU float-status
 registers (``NPUGetFloatStatusV2``), which have no CPU kernel, and
@@ -129,7 +129,8 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
             while `max_grad_norm` is set here too.
 
     Supported Platforms:
-        ``Ascend`` ``GPU`` ``CPU``
+        ``CPU`` (tested). ``GPU`` ``Ascend``: the composite backend, made of primitive operators for them, has not
+        yet run on either device.
 
     Examples:
         >>> from mindspore import float32, nn, ops, train
