@@ -55,5 +55,18 @@ def _write_generated(app):
         handle.write(presets.table() + "\n")
 
 
+def _class_signature(app, what, name, obj, options, signature, return_annotation):
+    """A Cell subclass's signature as inspect.signature gives it (its __init__'s): autodoc would take
+    mindspore.nn.Cell.__new__'s (*args, **kwargs) instead. Annotations are left out, as autodoc_typehints says."""
+    if what == "class" and signature == "(*args, **kwargs)":
+        import inspect
+        full = inspect.signature(obj)
+        plain = full.replace(parameters=[p.replace(annotation=p.empty) for p in full.parameters.values()],
+                             return_annotation=full.empty)
+        return str(plain), return_annotation
+    return None
+
+
 def setup(app):
     app.connect("builder-inited", _write_generated)
+    app.connect("autodoc-process-signature", _class_signature)
