@@ -1,4 +1,4 @@
-"""mindspore_lamb: the LAMB optimizer for MindSpore, portable across CPU, GPU and Ascend."""
+"""mindspore_lamb: the LAMB optimizer for MindSpore (tested on CPU; its composite graph is written for GPU and Ascend)."""
 from .diagnostics import TrustRatioMonitor
 from .groups import bert_param_groups
 from .lamb import Lamb

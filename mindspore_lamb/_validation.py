@@ -4,6 +4,8 @@ Every check runs in a constructor, before anything is built, so that bad input
 never reaches graph compilation. Every message names the argument and the value
 received. Numbers are checked as float32, the math dtype, will see them.
 """
+import difflib
+import inspect
 import math
 import re
 from collections.abc import Iterable
@@ -28,6 +30,27 @@ def describe(value):
     if len(text) > 80:
         text = text[:77] + "..."
     return f"{type(value).__name__} {text}"
+
+
+def check_keywords(owner, function, args, kwargs):
+    """Bind `args`, `kwargs` to `function`'s signature (`args` with ``self`` for a method) as Python would, but
+    name `owner` and, for an unknown keyword, the closest valid one; a TypeError either way."""
+    signature = inspect.signature(function)
+    shown = signature.replace(parameters=[p.replace(annotation=p.empty) for name, p in signature.parameters.items()
+                                          if name != "self"], return_annotation=signature.empty)
+    positional = list(signature.parameters)[:len(args)]
+    valid = [name for name, p in shown.parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in positional]
+    for name in kwargs:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise TypeError(f"For '{owner}', {name!r} is not a keyword argument: {hint}"
+                            f"the keywords are {', '.join(valid)}.")
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise TypeError(f"For '{owner}', {error}; the signature is {owner}{shown}.") from None
 
 
 def is_number(value):

@@ -4,7 +4,9 @@ import json
 import math
 import os
 import warnings
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+from mindspore.nn import Cell
 from mindspore.train import Callback
 
 from ._validation import describe
@@ -50,7 +52,7 @@ class TrustRatioMonitor(Callback):
     it: one read of ``layer_stats`` plus two scalars (``last_grad_norm``, ``global_step``), so the
     training step itself never synchronises with the host.
 
-    Each recorded step adds one dict per parameter to :attr:`records`, with keys ``step`` (``Model``'s
+    Each recorded step adds one dict per parameter to ``records``, with keys ``step`` (``Model``'s
     ``cur_step_num``, 1-based, counting every call), ``global_step`` (the optimizer's step counter after
     the step: the number of applied updates, so it lags ``step`` after overflow-skipped steps),
     ``name``, ``trust_ratio``, ``w_norm``, ``u_norm`` and ``grad_norm`` (the same :math:`G` on every
@@ -70,7 +72,7 @@ class TrustRatioMonitor(Callback):
         Not called directly: ``Model.train`` calls ``on_train_step_end`` and ``on_train_end``.
 
     Outputs:
-        :attr:`records`, list[dict], as above.
+        ``records``, list[dict], as above.
 
     Raises:
         TypeError: If `optimizer` has no ``layer_stats``/``param_names`` (is not a Lamb).
@@ -78,7 +80,8 @@ class TrustRatioMonitor(Callback):
         ValueError: If `every` is < 1, or `path` does not end in ``.csv`` or ``.json``.
 
     Supported Platforms:
-        ``Ascend`` ``GPU`` ``CPU``
+        ``CPU`` (tested). ``GPU`` ``Ascend``: the composite backend, made of primitive operators for them, has not
+        yet run on either device.
 
     Examples:
         >>> from mindspore import nn, train
@@ -90,7 +93,7 @@ class TrustRatioMonitor(Callback):
         >>> # model.train(1, dataset, callbacks=[monitor]); then monitor.plot("trust.png")
     """
 
-    def __init__(self, optimizer, every=10, path=None):
+    def __init__(self, optimizer: Cell, every: int = 10, path: Union[str, os.PathLike, None] = None) -> None:
         super().__init__()
         for attr in ("layer_stats", "last_grad_norm", "global_step", "param_names"):
             if not hasattr(optimizer, attr):
@@ -110,7 +113,7 @@ class TrustRatioMonitor(Callback):
 
     # ---- recording ----
 
-    def record(self, step):
+    def record(self, step: int) -> None:
         """Read the last step's stats (one host read of ``layer_stats``) and append them under `step`."""
         opt = self.optimizer
         stats = opt.layer_stats.asnumpy().copy()   # asnumpy shares memory on CPU: copy
@@ -159,8 +162,8 @@ class TrustRatioMonitor(Callback):
 
     # ---- output ----
 
-    def save(self, path):
-        """Write :attr:`records` to `path`: CSV (header ``step,global_step,name,trust_ratio,w_norm,u_norm,
+    def save(self, path: Union[str, os.PathLike]) -> str:
+        """Write ``records`` to `path`: CSV (header ``step,global_step,name,trust_ratio,w_norm,u_norm,
         grad_norm``, one row per parameter and recorded step) or JSON (a list of those dicts), by suffix.
 
         Raises:
@@ -179,7 +182,7 @@ class TrustRatioMonitor(Callback):
                 json.dump(self.records, handle, indent=1)
         return path
 
-    def series(self):
+    def series(self) -> Dict[str, Tuple[List[int], List[float]]]:
         """dict: parameter name -> (list of steps, list of trust ratios), in recording order."""
         out = {}
         for row in self.records:
@@ -188,7 +191,8 @@ class TrustRatioMonitor(Callback):
             ratios.append(row["trust_ratio"])
         return out
 
-    def plot(self, png_path, top_k=None, names=None):
+    def plot(self, png_path: Union[str, os.PathLike], top_k: Optional[int] = None,
+             names: Optional[Sequence[str]] = None) -> str:
         """Save a PNG of the trust ratio of each layer over the recorded steps (log y axis).
 
         Needs matplotlib (``pip install matplotlib``, or the ``plot`` extra); it is imported here, not

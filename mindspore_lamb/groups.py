@@ -1,5 +1,6 @@
 """BERT-style parameter groups: no weight decay for LayerNorm and bias parameters."""
 from collections.abc import Iterable
+from typing import List, Optional, Sequence, Union
 
 from mindspore import Parameter
 from mindspore.nn import Cell
@@ -36,7 +37,7 @@ def _check_params(params):
     return params
 
 
-def is_no_decay(name, no_decay_keywords=("layernorm", "bias")):
+def is_no_decay(name: str, no_decay_keywords: Sequence[str] = ("layernorm", "bias")) -> bool:
     """Whether the parameter called `name` is excluded from weight decay.
 
     True when the lower-cased name contains one of the (lower-cased) keywords, or, when
@@ -52,7 +53,8 @@ def is_no_decay(name, no_decay_keywords=("layernorm", "bias")):
     return False
 
 
-def bert_param_groups(params, weight_decay, no_decay_keywords=("layernorm", "bias"), lr=None):
+def bert_param_groups(params: Union[Cell, List[Parameter]], weight_decay: Union[float, int, Cell],
+                      no_decay_keywords: Sequence[str] = ("layernorm", "bias"), lr: Optional[object] = None) -> List[dict]:
     """Parameter groups for BERT pretraining: weight decay for all but LayerNorm and bias parameters.
 
     A parameter is *not* decayed when its name, lower-cased, contains one of `no_decay_keywords`
@@ -87,7 +89,7 @@ def bert_param_groups(params, weight_decay, no_decay_keywords=("layernorm", "bia
         TypeError: If `no_decay_keywords` is a str or holds anything but non-empty str.
 
     Supported Platforms:
-        ``Ascend`` ``GPU`` ``CPU``
+        ``CPU`` ``GPU`` ``Ascend`` (a plain Python function: no device code).
 
     Examples:
         >>> from mindspore import nn

@@ -1,10 +1,14 @@
 """The LAMB optimizer Cell."""
+import functools
 import math
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
 import mindspore.common.dtype as mstype
 from mindspore import Parameter, Tensor, jit
+from mindspore.nn import Cell
+from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 from mindspore.nn.optim.optimizer import Optimizer, opt_init_args_register
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
@@ -130,6 +134,25 @@ def _refuse_state_names(names, own=("global_step", "learning_rate")):
                          f"state (its step counter, moments, learning rates, diagnostics: global_step, "
                          f"learning_rate, lamb_m.*, lamb_v.*, lamb_*): a checkpoint could not tell them apart. "
                          f"Rename the parameter.")
+
+
+def _registered(init):
+    """MindSpore's ``opt_init_args_register`` (it records the constructor's arguments as ``init_params`` and
+    ``init_args``) keeping `init`'s name, docstring and signature (``__wrapped__``: ``inspect.signature``,
+    ``help()`` and IDEs show every argument), with an unknown keyword named, and the closest valid one."""
+    register = opt_init_args_register(init)
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        V.check_keywords(type(self).__name__, init, (self, *args), kwargs)
+        register(self, *args, **kwargs)
+    return wrapper
+
+
+# the types the arguments accept (docstring "Args")
+Params = Union[List[Parameter], List[dict]]
+LearningRate = Union[float, int, Tensor, Iterable, LearningRateSchedule]
+NameFilter = Union[str, List[str], Callable[[str], bool], None]
 
 
 def _runtime_state(value, name):
@@ -267,18 +290,20 @@ class Lamb(Optimizer):
         ValueError: If a learning-rate or weight-decay Cell returns a Tensor of more than one element.
         ValueError: If `weight_decay_mode` is ``"decoupled_outside"`` and a fixed learning rate times the weight
             decay is above 1.
-        ValueError / TypeError: If an exclusion predicate raises, or returns something other than a bool.
+        ValueError: If an exclusion predicate raises.
+        TypeError: If an exclusion predicate returns something other than a bool.
         ValueError: If a parameter is named like the optimizer's own state (``global_step``, ``learning_rate``,
             ``lamb_m.*``, ...).
-        TypeError / ValueError: If `mu_dtype` is not None, a str or a mindspore dtype / not one of float32,
-            float16, bfloat16.
+        TypeError: If `mu_dtype` is not None, a str or a mindspore dtype.
+        ValueError: If `mu_dtype` is not one of float32, float16, bfloat16.
         ValueError: If `backend` is not None, ``"fused_cpu"`` or ``"composite"``.
         RuntimeError: If the backend asked for cannot run the parameters here (the message says why).
         TypeError: If no backend can run the parameters with the state asked for (a bfloat16 `mu_dtype` on
             CPU without the fused CPU backend).
 
     Supported Platforms:
-        ``Ascend`` ``GPU`` ``CPU``
+        ``CPU`` (tested). ``GPU`` ``Ascend``: the composite backend, made of primitive operators for them, has not
+        yet run on either device.
 
     Examples:
         >>> import mindspore as ms
@@ -293,12 +318,16 @@ class Lamb(Optimizer):
     # input and skips a step told finite=False exactly, so the cell needs no graph branch around it.
     accepts_finite_flag = True
 
-    @opt_init_args_register
-    def __init__(self, params, learning_rate, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.0, *,
-                 loss_scale=1.0, max_grad_norm=None, trust_ratio_clip=None, exact_skip=False,
-                 bias_correction=True, weight_decay_mode="decoupled", grad_averaging=True, eps_inside_sqrt=False,
-                 weight_norm_clip=None, layer_adaptation=True, exclude_from_weight_decay=None,
-                 exclude_from_layer_adaptation=None, shard_state=False, mu_dtype=None, backend=None):
+    @_registered
+    def __init__(self, params: Params, learning_rate: LearningRate, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-6, weight_decay: Union[float, int, Cell] = 0.0, *, loss_scale: float = 1.0,
+                 max_grad_norm: Optional[float] = None, trust_ratio_clip: Optional[Tuple[float, float]] = None,
+                 exact_skip: bool = False, bias_correction: Union[bool, str] = True,
+                 weight_decay_mode: str = "decoupled", grad_averaging: bool = True, eps_inside_sqrt: bool = False,
+                 weight_norm_clip: Optional[float] = None, layer_adaptation: Union[bool, str] = True,
+                 exclude_from_weight_decay: NameFilter = None, exclude_from_layer_adaptation: NameFilter = None,
+                 shard_state: bool = False, mu_dtype: Union[str, mstype.Type, None] = None,
+                 backend: Optional[str] = None) -> None:
         options = Options(params, learning_rate, beta1, beta2, eps, weight_decay, loss_scale=loss_scale,
                           max_grad_norm=max_grad_norm, trust_ratio_clip=trust_ratio_clip, exact_skip=exact_skip,
                           bias_correction=bias_correction, weight_decay_mode=weight_decay_mode,
@@ -373,13 +402,13 @@ class Lamb(Optimizer):
         self.isfinite = P.IsFinite()
 
     @property
-    def moments1(self):
+    def moments1(self) -> Tuple[Parameter, ...]:
         """tuple[Parameter]: the first moments (``lamb_m.<name>``, one per parameter; ``lamb_m.shard`` with
         ``shard_state=True``), stored in `mu_dtype`."""
         return contract.slot_state(self.backend, "m")
 
     @property
-    def moments2(self):
+    def moments2(self) -> Tuple[Parameter, ...]:
         """tuple[Parameter]: the second moments (``lamb_v.<name>``; ``lamb_v.shard``), float32."""
         return contract.slot_state(self.backend, "v")
 
@@ -389,7 +418,7 @@ class Lamb(Optimizer):
         _refuse_state_names(self.param_names, {p.name for p in self.get_parameters() if id(p) not in trained})
 
     @classmethod
-    def preset(cls, name, params, learning_rate, **overrides):
+    def preset(cls, name: str, params: Params, learning_rate: LearningRate, **overrides) -> "Lamb":
         """A Lamb that reproduces another library's LAMB (docs/variants.md): ``name`` is one of
         ``paper``, ``mindspore_gpu``, ``apex``, ``timm``, ``optax``, ``keras``, ``tfa``, ``paddle``,
         ``torch_optimizer``, ``deepspeed``. The preset's default hyper-parameters (betas, eps, weight
@@ -402,6 +431,7 @@ class Lamb(Optimizer):
             >>> opt.max_grad_norm, opt.layer_adapted_names()
             (1.0, ('weight', 'bias'))
         """
+        V.check_keywords(f"{cls.__name__}.preset", cls.__init__, (None, params, learning_rate), overrides)
         return cls(params, learning_rate, **presets.resolve(name, overrides))
 
     def gradients_centralization(self, gradients):
@@ -511,20 +541,20 @@ class Lamb(Optimizer):
     # ---- host-side readers (each reads device memory once; call them outside the step) ----
 
     @property
-    def skipped_steps(self):
-        """Number of calls skipped: a gradient was NaN or Inf, the caller passed ``finite=False``, or the step
-        was invalid (:attr:`invalid_steps`)."""
+    def skipped_steps(self) -> int:
+        """int: how many calls were skipped (a gradient was NaN or Inf, the caller passed ``finite=False``, or the
+        step was invalid, :attr:`invalid_steps`)."""
         return int(self.skipped.asnumpy())
 
     @property
-    def invalid_steps(self):
-        """Number of calls skipped because the step itself was invalid: a learning-rate or weight-decay Cell
-        returned NaN, Inf or a negative value (or lr * weight decay > 1 with
-        ``weight_decay_mode="decoupled_outside"``), or ``global_step`` was negative (a damaged
-        checkpoint: :meth:`check_state` names it). Counted in :attr:`skipped_steps` too."""
+    def invalid_steps(self) -> int:
+        """int: how many calls were skipped because the step itself was invalid (a learning-rate or weight-decay Cell
+        returned NaN, Inf or a negative value, or lr * weight decay > 1 with ``weight_decay_mode="decoupled_outside"``,
+        or ``global_step`` was negative, a damaged checkpoint that :meth:`check_state` names). Counted in
+        :attr:`skipped_steps` too."""
         return int(self.invalid.asnumpy())
 
-    def nonfinite_parameters(self):
+    def nonfinite_parameters(self) -> List[str]:
         """list[str]: parameters whose ||w|| or ||u|| was NaN or Inf at the last applied step (a NaN/Inf inside
         the weights, or inside their moments, e.g. from a bad checkpoint: :meth:`check_state` says which): Lamb
         leaves them as they are and reports their trust ratio as NaN; :class:`mindspore_lamb.TrustRatioMonitor`
@@ -532,14 +562,14 @@ class Lamb(Optimizer):
         stats = self.layer_stats.asnumpy()
         return [name for name, row in zip(self.param_names, stats[:, 1:].tolist()) if not all(map(math.isfinite, row))]
 
-    def check_state(self):
+    def check_state(self) -> None:
         """Raise ValueError naming every damaged entry of this optimizer's state: ``global_step`` < 0, a NaN or
         Inf in a moment, a negative second moment (:func:`mindspore_lamb.check_state`, which also checks a
         checkpoint before it is loaded). Call it after loading a checkpoint; one host read of the state."""
         state = {p.name: p for p in (self.global_step, *self.backend.state)}
         check_state(state, "the state of this Lamb")
 
-    def parameter_table(self):
+    def parameter_table(self) -> str:
         """str: one row per parameter, in update order: name, shape, dtype, whether it is decayed (and how),
         whether it gets a trust ratio. Resolved once, in the constructor."""
         rows = [("parameter", "shape", "dtype", "weight decay", "trust ratio")]
@@ -549,21 +579,21 @@ class Lamb(Optimizer):
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
-    def layer_adapted_names(self):
+    def layer_adapted_names(self) -> Tuple[str, ...]:
         """tuple[str]: the parameters that get a trust ratio (the others have layer_adaptation=False)."""
         return tuple(name for name, adapt in zip(self.param_names, self.adapt_flags) if adapt)
 
-    def trust_ratios(self):
+    def trust_ratios(self) -> Dict[str, float]:
         """dict: parameter name -> trust ratio q applied at the last step."""
         return dict(zip(self.param_names, self.layer_stats.asnumpy()[:, 0].tolist()))
 
-    def layer_norms(self):
+    def layer_norms(self) -> Dict[str, Tuple[float, float, float]]:
         """dict: parameter name -> (q, ||w||, ||u||) of the last step; ||w|| is before the update."""
         stats = self.layer_stats.asnumpy().copy()
         return {name: tuple(row.tolist()) for name, row in zip(self.param_names, stats)}
 
     @property
-    def global_grad_norm(self):
-        """G of the last applied (not skipped) call: the global L2 norm of the unscaled gradients (before
+    def global_grad_norm(self) -> float:
+        """float: :math:`G` of the last applied (not skipped) call, the global L2 norm of the unscaled gradients (before
         max_grad_norm)."""
         return float(self.last_grad_norm.asnumpy())

@@ -13,6 +13,7 @@ The recipe (seeds, masks, dropout, msrun) and what it guarantees: docs/resume.md
 """
 import os
 import re
+from typing import Dict, Optional, Sequence, Tuple
 
 import mindspore as ms
 from mindspore.train import Callback
@@ -22,7 +23,7 @@ from .state import check_state
 STEP = "resume_step"          # checkpoint entry: the Model.train steps (data batches) done
 
 
-def checkpoints(directory, prefix):
+def checkpoints(directory: str, prefix: str) -> Dict[int, str]:
     """{step: path} of the `<prefix>-<step>.ckpt` files of `directory` (none if it does not exist)."""
     pattern = re.compile(re.escape(prefix) + r"-(\d+)\.ckpt$")
     names = os.listdir(directory) if os.path.isdir(directory) else []
@@ -38,7 +39,7 @@ def _fsync(path):
         os.close(fd)
 
 
-def save(cell, directory, prefix, step, keep=2):
+def save(cell: ms.nn.Cell, directory: str, prefix: str, step: int, keep: int = 2) -> str:
     """Write `cell`'s parameters and `step` to `directory/<prefix>-<step>.ckpt` atomically; keep the newest
     `keep` checkpoints. Returns the path."""
     os.makedirs(directory, exist_ok=True)
@@ -82,7 +83,8 @@ def _verified(path, step, cell):
     return params
 
 
-def newest(cell, directory, prefix, peers=()):
+def newest(cell: ms.nn.Cell, directory: str, prefix: str,
+           peers: Sequence[str] = ()) -> Tuple[int, Optional[dict]]:
     """(step, parameter dict) of the newest checkpoint of `directory` that verifies for `cell` and whose step
     also verifies in every directory of `peers` (the other workers' own checkpoints); (0, None) when the
     directory holds no checkpoint. Raises RuntimeError, with each file's reason, when checkpoints exist but
@@ -108,7 +110,8 @@ def newest(cell, directory, prefix, peers=()):
     return 0, None
 
 
-def resume(cell, directory, prefix, dataset=None, peers=()):
+def resume(cell: ms.nn.Cell, directory: str, prefix: str, dataset: Optional[ms.dataset.Dataset] = None,
+           peers: Sequence[str] = ()) -> int:
     """Load the newest verified checkpoint (see :func:`newest`) into `cell` and start `dataset` at the step
     after it; returns that step (0: no checkpoint, nothing loaded). Pass ``initial_epoch=step //
     dataset.get_dataset_size()`` to ``Model.train``, and ``initial_step=step`` to :class:`StepCheckpoint` or
@@ -138,7 +141,7 @@ class GlobalStep(Callback):
         initial_step (int): the step training resumes after (0: a fresh run).
     """
 
-    def __init__(self, initial_step=0):
+    def __init__(self, initial_step: int = 0) -> None:
         super().__init__()
         _check_int(type(self).__name__, "initial_step", initial_step, 0)
         self.initial_step = initial_step
@@ -159,7 +162,7 @@ class StepCheckpoint(GlobalStep):
         initial_step (int): the step training resumes after (0: a fresh run).
     """
 
-    def __init__(self, directory, prefix, every, keep=2, initial_step=0):
+    def __init__(self, directory: str, prefix: str, every: int, keep: int = 2, initial_step: int = 0) -> None:
         super().__init__(initial_step)
         _check_int("StepCheckpoint", "every", every, 1)
         _check_int("StepCheckpoint", "keep", keep, 2)

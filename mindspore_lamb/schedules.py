@@ -1,4 +1,6 @@
 """The BERT learning-rate schedule: linear warm-up, then polynomial decay."""
+from typing import Union
+
 import numpy as np
 
 import mindspore.common.dtype as mstype
@@ -83,7 +85,8 @@ class WarmupPolynomialDecayLR(LearningRateSchedule):
         ValueError: If `decay_steps` is not > 0, `warmup_steps` is < 0, or `warmup_steps` > `decay_steps`.
 
     Supported Platforms:
-        ``Ascend`` ``GPU`` ``CPU``
+        ``CPU`` (tested). ``GPU`` ``Ascend``: the composite backend, made of primitive operators for them, has not
+        yet run on either device.
 
     Examples:
         >>> import mindspore as ms
@@ -95,7 +98,8 @@ class WarmupPolynomialDecayLR(LearningRateSchedule):
         >>> opt = Lamb(nn.Dense(4, 2).trainable_params(), learning_rate=lr, weight_decay=0.01)
     """
 
-    def __init__(self, learning_rate, end_learning_rate, warmup_steps, decay_steps, power=1.0):
+    def __init__(self, learning_rate: Union[float, int], end_learning_rate: Union[float, int], warmup_steps: int,
+                 decay_steps: int, power: Union[float, int] = 1.0) -> None:
         super().__init__()
         learning_rate = V.check_number("learning_rate", learning_rate, _NAME)
         end_learning_rate = V.check_number("end_learning_rate", end_learning_rate, _NAME, inclusive=True)

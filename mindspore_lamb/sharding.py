@@ -18,10 +18,12 @@ resume"; tests/test_reshard.py).
 import argparse
 import os
 import sys
+from typing import Dict, Mapping, Sequence, Union
 
 import numpy as np
 
 from mindspore import Parameter, Tensor
+from mindspore.nn import Cell
 
 from .backends.sharded import NAMES_PARAMETER, RANK_PARAMETER, names_record, piece, piece_length, shard_record
 from .state import PREFIXES, SLOTS
@@ -112,7 +114,8 @@ def _check_same_run_and_step(shards, names):
                                  f"difference {gap}): checkpoints of different runs or steps?")
 
 
-def merge(shards, *, trust_order=False):
+def merge(shards: Sequence[Union[str, os.PathLike, Mapping[str, object]]], *,
+          trust_order: bool = False) -> Dict[str, Parameter]:
     """One full state dict from the workers' checkpoints: paths, ``ms.load_checkpoint`` results or
     {name: array} dicts, in any order. Each worker's ``lamb_shard_rank`` gives its place; the checkpoints
     must hold ranks 0..N-1 of N workers once each, at the same ``global_step``, with the same parameter
@@ -153,7 +156,7 @@ def merge(shards, *, trust_order=False):
     return merged
 
 
-def cut(state, optimizer):
+def cut(state: Mapping[str, object], optimizer: Cell) -> Dict[str, object]:
     """`state` (a full state dict: ``ms.load_checkpoint`` of a merged or non-sharded checkpoint) with the
     moments cut to the piece that `optimizer` (this worker's ``Lamb(shard_state=True)``) keeps. Returns a
     new dict; load it with ``ms.load_param_into_net``."""

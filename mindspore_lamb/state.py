@@ -13,7 +13,7 @@ Every backend allocates the state from :data:`SLOTS` (docs/architecture.md, "Add
 elementwise, one value per element of each parameter, so it is laid out like the parameter and sharded with
 it, by elements (backends/sharded.py).
 """
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import numpy as np
 
@@ -109,7 +109,7 @@ def _slot_of(name):
     return next((slot for slot in SLOTS if name.startswith(slot.prefix + ".")), None)
 
 
-def check_state(state, source="the optimizer state"):
+def check_state(state: Mapping[str, object], source: str = "the optimizer state") -> None:
     """Raise ValueError naming every damaged entry of LAMB's state in `state`.
 
     Checked: ``global_step`` is one integer >= 0; every ``lamb_m.*`` / ``lamb_v.*`` entry is finite and stored

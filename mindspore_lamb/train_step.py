@@ -1,4 +1,4 @@
-"""A loss-scaled training step that runs on CPU as well as GPU and Ascend.
+"""A loss-scaled training step that runs on CPU (tested) and is made of operators GPU and Ascend have too.
 
 MindSpore's ``nn.TrainOneStepWithLossScaleCell`` reads the NPU float-status
 registers (``NPUGetFloatStatusV2``), which have no CPU kernel, and
@@ -6,6 +6,8 @@ registers (``NPUGetFloatStatusV2``), which have no CPU kernel, and
 ``IsFinite`` on the sum of squares of the gradients instead (one fused kernel on
 CPU), so the same graph runs everywhere.
 """
+from typing import Optional, Union
+
 import mindspore.common.dtype as mstype
 from mindspore import Parameter, ParameterTuple, Tensor, nn
 from mindspore.common.initializer import initializer
@@ -55,7 +57,7 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
     Each call:
 
     1. computes ``loss = network(*inputs)`` and the gradients of ``loss * scale`` (``scale`` is the
-       current loss scale, the Parameter :attr:`loss_scale`);
+       current loss scale, the Parameter ``loss_scale``);
     2. divides the gradients by ``scale``, in float32, then reduces them across devices in data/hybrid
        parallel mode (``nn.DistributedGradReducer``, as ``nn.TrainOneStepCell``);
     3. sets ``overflow`` when the sum of squares of all the unscaled gradients is not finite (``IsFinite``
@@ -127,7 +129,8 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
             while `max_grad_norm` is set here too.
 
     Supported Platforms:
-        ``Ascend`` ``GPU`` ``CPU``
+        ``CPU`` (tested). ``GPU`` ``Ascend``: the composite backend, made of primitive operators for them, has not
+        yet run on either device.
 
     Examples:
         >>> from mindspore import float32, nn, ops, train
@@ -141,8 +144,10 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         >>> loss, overflow, scale = step(x, y)
     """
 
-    def __init__(self, network, optimizer, *, init_scale=2.0 ** 16, scale_factor=2.0, scale_window=1000,
-                 min_scale=1.0, dynamic=True, max_grad_norm=None, accumulation_steps=1):
+    def __init__(self, network: nn.Cell, optimizer: nn.Cell, *, init_scale: Union[float, int] = 2.0 ** 16,
+                 scale_factor: Union[float, int] = 2.0, scale_window: int = 1000, min_scale: Union[float, int] = 1.0,
+                 dynamic: bool = True, max_grad_norm: Union[float, int, None] = None,
+                 accumulation_steps: int = 1) -> None:
         if not isinstance(network, nn.Cell):
             raise TypeError(f"For '{_NAME}', the argument 'network' must be a Cell, but got {V.describe(network)}.")
         if not isinstance(optimizer, nn.Cell):
@@ -287,6 +292,6 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
 
     # ---- host-side readers ----
 
-    def get_loss_scale(self):
+    def get_loss_scale(self) -> float:
         """float: the current loss scale (one host read)."""
         return float(self.loss_scale.asnumpy())

@@ -1,11 +1,11 @@
 """Backends of the LAMB update of all parameters, behind one contract (contract.py, docs/architecture.md).
 
-:func:`create` is the one dispatch: when the optimizer is built, it picks the backend that runs the update
-(:func:`select`: the first of :data:`BACKENDS` that can run the parameters and store the state, or the one
+``create()`` is the one dispatch: when the optimizer is built, it picks the backend that runs the update
+(``select()``: the first of ``BACKENDS`` that can run the parameters and store the state, or the one
 asked for by name) and builds it; with ``shard_state`` the state is sharded across data-parallel workers and
 the sharded backend runs the chosen one's operators on each worker's piece. Every backend allocates its
 own state from the declared slots (``state.SLOTS``). Adding a backend (a GPU or Ascend kernel) is one
-module with a class like ``CompositeBackend`` and one entry in :data:`BACKENDS`.
+module with a class like ``CompositeBackend`` and one entry in ``BACKENDS``.
 
 ``MINDSPORE_LAMB_FUSED`` (case and surrounding spaces ignored) steers the automatic choice: ``0``,
 ``false``, ``off`` or ``no`` never uses the fused CPU backend; ``1``, ``true``, ``on``, ``yes``, empty or
@@ -44,7 +44,7 @@ def _wanted(backend):
 def select(params, slots=None, device_target=None, name=None):
     """The backend class for `params` (None: float32 gradients only) and the state `slots` on `device_target`
     (default: the context's): the backend called `name` (one of :data:`NAMES`), or, with `name` None, the
-    first of :data:`BACKENDS` that can run them and that MINDSPORE_LAMB_FUSED allows. A backend that is not
+    first of ``BACKENDS`` that can run them and that MINDSPORE_LAMB_FUSED allows. A backend that is not
     there for a reason the user can fix (no compiler) is named in a warning, once."""
     device_target = device_target or ms.get_context("device_target")
     if name is not None:
@@ -69,8 +69,9 @@ def select(params, slots=None, device_target=None, name=None):
         if loud and backend.name not in _warned and backend is not BACKENDS[-1]:
             _warned.add(backend.name)
             warnings.warn(f"mindspore_lamb: the {backend.name} backend is not used ({reason}); Lamb takes the "
-                          f"composite graph, about 8-14x slower per optimizer step on CPU. Install g++ with "
-                          f"OpenMP to get it, or set MINDSPORE_LAMB_FUSED=0 to silence this.",
+                          f"composite graph, about 8x slower per optimizer step on CPU (BERT-base shapes, "
+                          f"benchmarks/README.md). Install g++ with OpenMP to get it, or set "
+                          f"MINDSPORE_LAMB_FUSED=0 to silence this.",
                           RuntimeWarning, stacklevel=3)
     raise TypeError(f"For 'Lamb', no backend can run these parameters with this state on {device_target} ("
                     + "; ".join(reasons) + ").")
@@ -80,7 +81,7 @@ def create(params, slots, *, decay_flags, adapt_flags, owned_flags, shard_state=
            name=None):
     """The backend Cell of the update of `params`, holding the state declared by `slots` (the one dispatch).
 
-    `name`: the backend asked for (:func:`select`); `shard_state`: each data-parallel worker keeps 1/N of the
+    `name`: the backend asked for (``select()``); `shard_state`: each data-parallel worker keeps 1/N of the
     state (backends/sharded.py), the chosen backend's operators running that piece."""
     kernels = select(params, slots, name=name)
     flags = dict(decay_flags=decay_flags, adapt_flags=adapt_flags, owned_flags=owned_flags)
@@ -91,6 +92,6 @@ def create(params, slots, *, decay_flags, adapt_flags, owned_flags, shard_state=
 
 
 def sum_of_squares(device_target=None):
-    """A Cell computing sum(g^2) over a tuple of float32 gradients, from the backend :func:`select` picks
+    """A Cell computing sum(g^2) over a tuple of float32 gradients, from the backend ``select()`` picks
     (the loss-scale cell's overflow test and clipping use it)."""
     return select(None, device_target=device_target).SumOfSquares()
