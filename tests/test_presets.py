@@ -19,6 +19,7 @@ from mindspore_lamb import Lamb
 from mindspore_lamb.presets import PRESETS
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "peers")
+VARIANTS_DOC = os.path.join(os.path.dirname(FIXTURES), "..", "..", "docs", "variants.md")
 NAMES = ("dense.weight", "dense.bias", "norm.gamma", "norm.beta", "zero.weight")
 
 # relative deviation allowed: ||ours - theirs|| / ||theirs|| per parameter and step
@@ -61,7 +62,7 @@ def test_preset_reproduces_the_library(mode, path, library, trajectory):
 def test_every_fixture_has_a_preset_and_every_preset_is_documented():
     fixtures = {f[:-4] for f in os.listdir(FIXTURES) if f.endswith(".npz")}
     assert fixtures <= set(PRESETS), fixtures - set(PRESETS)
-    with open(os.path.join(os.path.dirname(FIXTURES), "..", "..", "docs", "variants.md"), encoding="utf-8") as f:
+    with open(VARIANTS_DOC, encoding="utf-8") as f:
         doc = f.read()
     for name in PRESETS:
         assert f"`{name}`" in doc, name
@@ -164,6 +165,13 @@ def _peer_defaults():
 def test_every_library_preset_has_its_source_defaults():
     # `paper` is a paper, not a library: nothing to read defaults from
     assert set(_peer_defaults()) == set(PRESETS) - {"paper"}
+
+
+def test_docs_name_where_each_default_was_read():
+    with open(VARIANTS_DOC, encoding="utf-8") as f:
+        doc = f.read()
+    for name, entry in _peer_defaults().items():
+        assert f"`{entry['file']}:{entry['line']}`" in doc, name
 
 
 @pytest.mark.parametrize("name", sorted(set(PRESETS) - {"paper"}))
