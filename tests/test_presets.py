@@ -3,8 +3,11 @@ tools/record_peers.py): 20 steps of a 2-D weight, a bias, a LayerNorm pair and a
 with a decaying learning rate, weight decay 0 and 0.01 on every parameter; both backends, both modes.
 
 The tolerance is stated per library (TOLERANCE, relative to each parameter's norm, after every step) and
-explained where it is above float32 rounding; docs/variants.md has the measured deviations.
+explained where it is above float32 rounding; docs/variants.md has the measured deviations. Each preset's
+default betas, eps and weight decay are compared with its library's constructor (tests/fixtures/
+peer_defaults.json, written by tools/peer_defaults.py).
 """
+import json
 import os
 
 import numpy as np
@@ -16,6 +19,7 @@ from mindspore_lamb import Lamb
 from mindspore_lamb.presets import PRESETS
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "peers")
+VARIANTS_DOC = os.path.join(os.path.dirname(FIXTURES), "..", "..", "docs", "variants.md")
 NAMES = ("dense.weight", "dense.bias", "norm.gamma", "norm.beta", "zero.weight")
 
 # relative deviation allowed: ||ours - theirs|| / ||theirs|| per parameter and step
@@ -58,7 +62,7 @@ def test_preset_reproduces_the_library(mode, path, library, trajectory):
 def test_every_fixture_has_a_preset_and_every_preset_is_documented():
     fixtures = {f[:-4] for f in os.listdir(FIXTURES) if f.endswith(".npz")}
     assert fixtures <= set(PRESETS), fixtures - set(PRESETS)
-    with open(os.path.join(os.path.dirname(FIXTURES), "..", "..", "docs", "variants.md"), encoding="utf-8") as f:
+    with open(VARIANTS_DOC, encoding="utf-8") as f:
         doc = f.read()
     for name in PRESETS:
         assert f"`{name}`" in doc, name
@@ -145,3 +149,37 @@ def test_cuda_only_presets_match_their_kernels_formula(mode, path, library, wd):
             # 3e-6: as timm's row, float32 rounding of plain Adam steps (no trust ratio at wd = 0) on the
             # zero-initialised tensors, measured relative to their still small norms
             assert deviation <= 3e-6, f"{library} wd={wd} step {step + 1}: {deviation:.3g}"
+
+
+# ---- the presets' own defaults (betas, eps, weight decay) against each library's constructor ----
+
+# written by tools/peer_defaults.py from each library's source at a pinned version (apex: transcribed)
+PEER_DEFAULTS = os.path.join(os.path.dirname(FIXTURES), "peer_defaults.json")
+
+
+def _peer_defaults():
+    with open(PEER_DEFAULTS, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_every_library_preset_has_its_source_defaults():
+    # `paper` is a paper, not a library: nothing to read defaults from
+    assert set(_peer_defaults()) == set(PRESETS) - {"paper"}
+
+
+def test_docs_name_where_each_default_was_read():
+    with open(VARIANTS_DOC, encoding="utf-8") as f:
+        doc = f.read()
+    for name, entry in _peer_defaults().items():
+        assert f"`{entry['file']}:{entry['line']}`" in doc, name
+
+
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"paper"}))
+def test_preset_defaults_are_the_library_defaults(name):
+    entry = _peer_defaults()[name]
+    ours = PRESETS[name].defaults
+    assert set(ours) == set(entry["defaults"]), name
+    for key, theirs in entry["defaults"].items():
+        where = f"{entry['package']} {entry['version']} {entry['file']}:{entry['line']}"
+        assert np.float32(ours[key]) == np.float32(theirs), \
+            f"preset {name!r}: {key}={ours[key]!r}, but {where} has {entry['arguments'][key]}={theirs!r}"
