@@ -104,6 +104,10 @@ def make_optimizer(kind, params):
         return nn.Adam(params, learning_rate=1e-7)
     if kind == "AdamWeightDecay":
         return nn.AdamWeightDecay(params, learning_rate=1e-7, weight_decay=0.01)
+    if kind == "AdamWeightDecay-composite":   # MindSpore's own composite graph (_adam_opt), not P.AdamWeightDecay
+        opt = nn.AdamWeightDecay(params, learning_rate=1e-7, weight_decay=0.01)
+        opt.use_fused_opt = False              # MindSpore 2.10: read by construct when it compiles
+        return opt
     if kind.startswith("bench:"):       # a prototype in benchmarks/, e.g. bench:proto_lamb.FusedLamb
         import importlib
         mod, cls = kind[len("bench:"):].rsplit(".", 1)
@@ -246,6 +250,18 @@ def child_train_compile(kind, repeats=1):
     return {"opt": kind, "train_compile_s": min(res), "all": res}
 
 
+PEER = "AdamWeightDecay-composite"   # the fair peer of the composite backend: MindSpore's own composite graph
+
+
+def composite_bars(lamb, peer):
+    """The composite backend against MindSpore's composite AdamWeightDecay: call time (median of the paired
+    ratios, bar 1.3) and first call, compile + run (bar 2.0)."""
+    paired = statistics.median(x / y for x, y in zip(lamb["times"], peer["times"]))
+    print(f"composite Lamb / composite AdamWeightDecay: call {paired:.2f} (median of paired ratios; medians "
+          f"{lamb['median_s'] * 1e3:.0f} / {peer['median_s'] * 1e3:.0f} ms; bar 1.3), first call "
+          f"{lamb['first_s'] / peer['first_s']:.2f} ({lamb['first_s']:.1f} / {peer['first_s']:.1f} s; bar 2.0)")
+
+
 def _run_child(args):
     cmd = [sys.executable, os.path.abspath(__file__), "--child"] + args
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -263,7 +279,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=15, help="timed calls per optimizer (after 2 warm-up calls)")
     ap.add_argument("--opts", default=",".join(OPTIMIZERS),
                     help="optimizers, comma list of Lamb (fused on CPU), Lamb-exact (exact_skip=True), "
-                         "Lamb-composite, Adam, AdamWeightDecay; "
+                         "Lamb-composite, Adam, AdamWeightDecay, AdamWeightDecay-composite; "
                          "'bench:module.Class' loads a prototype from benchmarks/")
     ap.add_argument("--no-mem", action="store_true", help="skip the per-optimizer peak-memory children")
     ap.add_argument("--mode", choices=("graph", "pynative"), default="graph",
@@ -314,6 +330,8 @@ def main():
             paired = statistics.median(x / y for x, y in zip(r["times"], rr[ref]["times"]))
             print(f"{k:<34}{r['median_s'] * 1e3:>10.1f}{r['min_s'] * 1e3:>9.1f}"
                   f"{r['median_s'] / rr[ref]['median_s']:>8.2f}{paired:>8.2f}{r['compile_s']:>10.2f}{cr:>9.2f}")
+        if "Lamb-composite" in rr and PEER in rr:
+            composite_bars(rr["Lamb-composite"], rr[PEER])
         print("CPU time per call, by thread (in PYNATIVE_MODE a compiled step runs on frontend_queue or ActorThread:"
               " CPU time of the main thread beside it there is a busy wait):")
         for k in kinds:
@@ -337,6 +355,11 @@ def main():
                 print(f"  {k:<32} params {m['param_mib']:>7.0f} MiB  after-construct {m['rss_before_mib']:>7.0f} MiB"
                       f"  peak {m['peak_mib']:>7.0f} MiB  extra {m['extra_mib']:>7.0f} MiB"
                       f" = {m['extra_over_params']:.2f} x params{vs}")
+            if "Lamb-composite" in mems and PEER in mems and "Adam" in mems:
+                over = {k: (mems[k]["extra_mib"] - mems["Adam"]["extra_mib"]) / mems[k]["param_mib"]
+                        for k in ("Lamb-composite", PEER)}
+                print(f"  composite Lamb's extra memory beyond nn.Adam's: {over['Lamb-composite']:+.2f} x params, "
+                      f"composite AdamWeightDecay's {over[PEER]:+.2f} x params (bar: no more)")
         sys.stdout.flush()
     if a.json:
         with open(a.json, "w") as f:
