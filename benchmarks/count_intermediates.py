@@ -3,11 +3,12 @@
 On CPU, MindSpore keeps a buffer for nearly every parameter-sized op output of a composite optimizer
 graph, so the step's extra memory (and much of its time) follows the number of such outputs. This script
 builds ONE optimizer over ONE float32 parameter of an odd shape (so that no other tensor of the graph has
-it), runs one call in GRAPH_MODE with ``save_graphs`` on, reads the final kernel graph MindSpore dumps
-(``graph_build_0_*.ir``) and counts the kernels whose output is a tensor of the parameter's shape:
-float32 ones (4 bytes an element) and others (bool masks: 1 byte). Loads, Assigns, Depends and tuple
-plumbing are not kernels with buffers of their own and are left out. Each optimizer runs in its own
-child process (the dump folder is per process).
+it), runs one call in GRAPH_MODE with ``save_graphs`` on, reads the kernel graphs MindSpore dumps
+(``graph_build_*.ir``; a graph ``if`` puts each branch in a kernel graph of its own) and counts, per kernel
+graph, the kernels whose output is a tensor of the parameter's shape: float32 ones (4 bytes an element)
+and others (bool masks: 1 byte). Loads, Assigns, Depends and tuple plumbing are not kernels with buffers
+of their own and are left out. Each optimizer runs in its own child process (the dump folder is per
+process).
 
 Run:  python benchmarks/count_intermediates.py [--opts Lamb-composite,AdamWeightDecay-composite]
              [--lamb '{"weight_decay_mode": "l2"}'] [--no-decay] [--list]
@@ -60,8 +61,9 @@ def child(kind, lamb_kwargs, decayed, folder):
     else:
         raise ValueError(f"--opts: unknown optimizer {kind!r} (Lamb-composite, AdamWeightDecay-composite)")
     opt(grads)
-    builds = sorted(f for f in os.listdir(folder) if f.startswith("graph_build_0_") and f.endswith(".ir"))
-    return count(os.path.join(folder, builds[-1]))
+    # one file per kernel graph (a graph `if` splits the step into several): graph_build_<graph>_<pass>.ir
+    builds = sorted(f for f in os.listdir(folder) if f.startswith("graph_build_") and f.endswith(".ir"))
+    return [[name.split("_")[2]] + list(op) for name in builds for op in count(os.path.join(folder, name))]
 
 
 def main():
@@ -87,11 +89,14 @@ def main():
                 sys.stderr.write(proc.stderr[-3000:])
                 raise SystemExit(f"{kind}: the child process failed")
             ops = json.loads(proc.stdout.strip().splitlines()[-1])
-        f32 = sum(dtype == "Float32" for _, dtype in ops)
-        other = [f"{op} ({dtype})" for op, dtype in ops if dtype != "Float32"]
-        print(f"{kind:<28} {f32:>3} float32 outputs" + (f" + {len(other)} more: {', '.join(other)}" if other else ""))
-        if a.list:
-            print("    " + " ".join(op for op, _ in ops))
+        for graph in sorted({g for g, _, _ in ops}, key=int):
+            found = [(op, dtype) for g, op, dtype in ops if g == graph]
+            f32 = sum(dtype == "Float32" for _, dtype in found)
+            other = [f"{op} ({dtype})" for op, dtype in found if dtype != "Float32"]
+            print(f"{kind:<28} kernel graph {graph}: {f32:>3} float32 outputs"
+                  + (f" + {len(other)} more: {', '.join(other)}" if other else ""))
+            if a.list:
+                print("    " + " ".join(op for op, _ in found))
 
 
 if __name__ == "__main__":

@@ -3,10 +3,12 @@
 # session that wrote it, so it has not run yet). MindSpore 2.10's wheel carries GPU plugins built for
 # CUDA 11: this installs the CUDA 11 runtime and cuDNN 8 libraries from the package index (nvidia-*-cu11
 # wheels) into a virtual environment of its own, then
-#   1. runs the reference tests of the composite path (the path GPUs take) with device_target="GPU";
-#   2. times the Lamb step against nn.Adam on BERT-base shapes on the GPU;
-#   3. reports the peak device memory of the composite path against nn.Adam's.
-# Usage: bash benchmarks/gpu_check.sh [output dir]     (about 10 minutes; writes gpu_check.txt)
+#   1. runs the reference tests of the composite path (the path GPUs take), GRAPH and PYNATIVE mode, with
+#      device_target="GPU": every configuration in float32, float16 and bfloat16 parameters, non-finite steps;
+#   2. times the composite Lamb step against MindSpore's composite AdamWeightDecay (its bars: call 1.3x, first
+#      call 2x) and nn.Adam on BERT-base shapes, in both modes, with the peak device memory of each;
+#   3. prints one short report (gpu_check_report.txt): the test summary line and the bars.
+# Usage: bash benchmarks/gpu_check.sh [output dir]     (about 10 minutes; writes gpu_check.txt and the report)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-.}"
@@ -22,6 +24,12 @@ export LD_LIBRARY_PATH
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   python -c "import mindspore as ms; ms.set_context(device_target='GPU'); ms.run_check()"
   LAMB_TEST_DEVICE=GPU python -m pytest -q -p no:cacheprovider tests/test_update_rule.py tests/test_nonfinite.py \
-      tests/test_float32_accuracy.py -k "composite or float16"
-  python benchmarks/bench_step.py --device GPU --sets base --opts Lamb,Adam,AdamWeightDecay --repeats 20
+      tests/test_float32_accuracy.py -k "composite or 16bit" || echo "gpu_check: the tests FAILED"
+  for mode in graph pynative; do
+    python benchmarks/bench_step.py --device GPU --mode "$mode" --sets base \
+        --opts Lamb-composite,AdamWeightDecay-composite,Adam --repeats 20 || echo "gpu_check: bench_step FAILED"
+  done
 } 2>&1 | tee "$out/gpu_check.txt"
+grep -E "^# CPU|mode on|passed|failed|composite Lamb /|Lamb-composite|AdamWeightDecay-composite" \
+    "$out/gpu_check.txt" > "$out/gpu_check_report.txt" || true
+cat "$out/gpu_check_report.txt"

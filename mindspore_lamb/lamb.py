@@ -208,8 +208,9 @@ class Lamb(Optimizer):
             ``True``: nothing at all changes; on CPU this costs one extra read of the gradients per call
             (about 10 % of the step). ``False``: the moments of the elements whose gradient is finite take
             this call's gradient, the others keep theirs. The skip is exact anyway where the finiteness
-            is known before the update: with `max_grad_norm`, under the parallel optimizer, and when the
-            caller passes ``finite=False`` (:class:`mindspore_lamb.LossScaleTrainStep` does on overflow).
+            is known before the update: with `max_grad_norm`, under the parallel optimizer, on the
+            composite graph (GPU, Ascend, float16 parameters), and when the caller passes ``finite=False``
+            (:class:`mindspore_lamb.LossScaleTrainStep` does on overflow).
             Default: ``False``.
         bias_correction (Union[bool, str]): keyword-only; False drops the bias corrections
             :math:`1 - \beta^t` (as apex, timm and DeepSpeed offer); ``"step_size"`` leaves the moments
@@ -350,8 +351,8 @@ class Lamb(Optimizer):
         # the backend of the update, chosen once; it allocates the declared state (backends/__init__.py)
         self.backend = backends.create(self.params, declare({"m": self.mu_dtype}), decay_flags=self.decay_flags,
                                        adapt_flags=self.adapt_flags, owned_flags=self.optim_filter,
-                                       shard_state=self.shard_state, parallel_optimizer=self.use_parallel,
-                                       name=options.backend)
+                                       constants=self.constants, shard_state=self.shard_state,
+                                       parallel_optimizer=self.use_parallel, name=options.backend)
         self.fused = self.backend.name == "fused_cpu"
         self._check_state_names()
 
@@ -368,7 +369,13 @@ class Lamb(Optimizer):
         # parallel optimizer (a rank's backend sees only its own parameters' gradients).
         self.norm_first = self.exact_skip or self.max_grad_norm is not None or self.use_parallel
         f32 = lambda x: Tensor(x, mstype.float32)  # noqa: E731
-        for name, value in options.constants().items():      # the fields of contract.pack that never change
+        # the fields of contract.pack that never change (the backend may specialise its graph on them)
+        self.constants = options.constants()
+        if self.max_grad_norm is None:
+            self.constants["grad_scale"] = 1.0 / self.loss_scale
+        if self.bias_correction is not True:
+            self.constants.update(inv_bias_c1=1.0, inv_bias_c2=1.0)
+        for name, value in options.constants().items():
             setattr(self, name, f32(value))
         self.inv_loss_scale = f32(1.0 / self.loss_scale)
         self.max_grad_norm_t = f32(self.max_grad_norm if self.max_grad_norm is not None else 1.0)

@@ -12,7 +12,8 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from reference import LambReference
-from update_cases import LRS, WEIGHTS, run_against_reference
+from conftest import DEVICE
+from update_cases import DTYPES, LRS, WEIGHTS, run_against_reference
 
 class StepWeightDecay(nn.Cell):
     """A dynamic weight decay: lambda_s = 0.01 * (1 + s) / 4."""
@@ -201,12 +202,19 @@ def test_matches_reference_float32(mode, path, config):
     assert opt.backend.name == path
 
 
-@pytest.mark.parametrize("config", ["default", "weight_decay", "groups", "loss_scale"])
-def test_matches_reference_float16(mode, config):
-    opt, _ = run_against_reference(CONFIGS[config], "float16")
-    assert not opt.fused                                                      # composite path
+@pytest.mark.parametrize("config", ["default", "weight_decay", "groups", "loss_scale", "max_grad_norm",
+                                    "decoupled_outside", "l2"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_matches_reference_16bit(mode, config, dtype):
+    """16-bit parameters (a network after amp O3 / to_float): the composite path, float32 moments, the update in
+    float32 and one rounding to the parameter's dtype, against the float64 reference rounding w the same way."""
+    if dtype == "bfloat16" and DEVICE == "CPU":
+        pytest.skip("MindSpore 2.10 cannot write a bfloat16 Parameter on CPU (no bfloat16 Assign kernel): Lamb "
+                    "refuses it (tests/test_errors.py); this runs on a GPU (benchmarks/gpu_check.sh)")
+    opt, _ = run_against_reference(CONFIGS[config], dtype)
+    assert opt.backend.name == "composite"
     assert all(m.dtype == ms.float32 for m in opt.moments1 + opt.moments2)    # float32 moments
-    assert all(p.dtype == ms.float16 for p in opt.params)                     # written back as float16
+    assert all(p.dtype == DTYPES[dtype][0] for p in opt.params)               # written back in their dtype
 
 
 def test_reference_sanity():

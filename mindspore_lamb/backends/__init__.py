@@ -69,7 +69,7 @@ def select(params, slots=None, device_target=None, name=None):
         if loud and backend.name not in _warned and backend is not BACKENDS[-1]:
             _warned.add(backend.name)
             warnings.warn(f"mindspore_lamb: the {backend.name} backend is not used ({reason}); Lamb takes the "
-                          f"composite graph, about 8x slower per optimizer step on CPU (BERT-base shapes, "
+                          f"composite graph, about 7x slower per optimizer step on CPU (BERT-base shapes, "
                           f"benchmarks/README.md). Install g++ with OpenMP to get it, or set "
                           f"MINDSPORE_LAMB_FUSED=0 to silence this.",
                           RuntimeWarning, stacklevel=3)
@@ -77,14 +77,15 @@ def select(params, slots=None, device_target=None, name=None):
                     + "; ".join(reasons) + ").")
 
 
-def create(params, slots, *, decay_flags, adapt_flags, owned_flags, shard_state=False, parallel_optimizer=False,
-           name=None):
+def create(params, slots, *, decay_flags, adapt_flags, owned_flags, constants, shard_state=False,
+           parallel_optimizer=False, name=None):
     """The backend Cell of the update of `params`, holding the state declared by `slots` (the one dispatch).
 
+    `constants`: the scalars of ``contract.pack`` that are the same at every step, {name: value};
     `name`: the backend asked for (``select()``); `shard_state`: each data-parallel worker keeps 1/N of the
     state (backends/sharded.py), the chosen backend's operators running that piece."""
     kernels = select(params, slots, name=name)
-    flags = dict(decay_flags=decay_flags, adapt_flags=adapt_flags, owned_flags=owned_flags)
+    flags = dict(decay_flags=decay_flags, adapt_flags=adapt_flags, owned_flags=owned_flags, constants=constants)
     if shard_state:
         rank, world = sharded.data_parallel_group(parallel_optimizer)
         return sharded.ShardedBackend(params, slots, kernels=kernels, rank=rank, world=world, **flags)

@@ -8,20 +8,29 @@ ratio, u = r + lambda*w the update, and q = ||w|| / ||u|| the layer-wise trust r
 Primitive operators only, so the same graph runs on CPU, GPU and Ascend, for float16 (and, off CPU,
 bfloat16) parameters and moments too. It is the reference the other backends are tested against; the
 sharded backend applies its `moments_and_update`, `trust_ratio` and `step` to a worker's piece.
+
+Few parameter-sized temporaries (docs/architecture.md, "The composite graph"): the terms of options held at
+a neutral value are left out of the graph (`contract.terms`), the bias corrections are one factor per step
+(`rescale`), a skipped step multiplies the moments' change by 0 instead of selecting element by element,
+and the trust ratios of all parameters are computed at once, between a pass that writes the moments and
+returns each u' and a pass that writes the weights.
 """
+
+import numpy as np
+
 import mindspore.common.dtype as mstype
 from mindspore import Tensor, nn
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
-from .contract import INDEX, dtype_name, parameter_state
+from .contract import INDEX, dtype_name, parameter_state, per_parameter, terms
 
 _reduce_sum = P.ReduceSum(keep_dims=False)
 _stack = P.Stack()
 _isfinite = P.IsFinite()
 _mul_no_nan = P.MulNoNan()
-_NO_UPDATE = Tensor([1.0, 0.0, 0.0], mstype.float32)
+_ZERO = Tensor(0.0, mstype.float32)
 (_OMB1, _OMB2, _M_GRAD_SCALE, _EPS, _EPS_ROOT, _INV_BC1, _INV_BC2, _GRAD_SCALE, _IN_GRAD, _IN_UPDATE, _OUTSIDE,
  _W_NORM_MAX, _LO, _HI, _PROCEED) = (INDEX[name] for name in (
     "one_minus_beta1", "one_minus_beta2", "m_grad_scale", "eps", "eps_root", "inv_bias_c1", "inv_bias_c2",
@@ -29,7 +38,9 @@ _NO_UPDATE = Tensor([1.0, 0.0, 0.0], mstype.float32)
     "proceed"))
 
 sum_of_squares = C.MultitypeFuncGraph("lamb_sum_of_squares")
-lamb_update = C.MultitypeFuncGraph("lamb_update")
+lamb_moments = C.MultitypeFuncGraph("lamb_moments")
+lamb_apply = C.MultitypeFuncGraph("lamb_apply")
+_owned_sum_of_squares = C.MultitypeFuncGraph("lamb_owned_sum_of_squares")
 
 
 @sum_of_squares.register("Tensor")
@@ -60,42 +71,90 @@ def as_float32(x, dtype):
     return x if dtype == "float32" else F.cast(x, mstype.float32)
 
 
-def moments_and_update(scalars, wd, w, m, v, gradient, m_dtype):
-    """(m, v, u) after this step, for float32 `w` and `v` of any shape (a parameter, or a shard of one) and `m`
-    stored in `m_dtype` (a name); the new m is returned as stored, and u is computed from that stored m.
+def rescale(scalars, terms):
+    """(c, e) of the update as the composite rule computes it: u = c u' and u' = m / (den + e) + (lambda / c) w,
+    with den = sqrt(v) (eps outside the square root) or sqrt(v^ + eps_root); None where c is 1 or e is 0.
 
-    `proceed` False keeps every moment; otherwise an element whose new v is not finite (its gradient is
-    NaN/Inf, or its square overflows) keeps its own. u = r + lambda w with r = m^ / (sqrt(v^) + eps).
+    The trust ratio needs u only up to a positive factor (lr q u = (lr c) (||w|| / ||u'||) u'), so the bias
+    corrections leave the per-element math: with eps outside the square root sqrt(v^) = sqrt(v) sqrt(1 / bc2),
+    hence r = c m / (sqrt(v) + e) with c = (1 / bc1) / sqrt(1 / bc2) and e = eps / sqrt(1 / bc2) (a few float32
+    roundings apart from the literal form). One pair per step, shared by every parameter.
     """
-    m = as_float32(m, m_dtype)
-    g = F.cast(gradient, mstype.float32) * scalars[_GRAD_SCALE]           # unscale (+ NVLAMB pre-normalisation)
-    g = g + (wd * scalars[_IN_GRAD]) * w                                  # L2 mode: g + lambda w
-    # m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, written with the exact 1 - b only
-    # (m_grad_scale = 1 / (1 - b1) without gradient averaging: m = b1 m + g)
-    m_t = m + scalars[_OMB1] * (g * scalars[_M_GRAD_SCALE] - m)
-    v_t = v + scalars[_OMB2] * (F.square(g) - v)
-    keep_new = F.logical_and(scalars[_PROCEED], _isfinite(v_t))
-    m_t = stored(F.select(keep_new, m_t, m), m_dtype)                     # m as stored (rounded to m_dtype)
-    v_t = F.select(keep_new, v_t, v)
-    # r = m^ / (sqrt(v^ + eps_root) + eps): eps outside the square root unless eps_inside_sqrt
-    r = (as_float32(m_t, m_dtype) * scalars[_INV_BC1]) / (F.sqrt(v_t * scalars[_INV_BC2] + scalars[_EPS_ROOT])
-                                                          + scalars[_EPS])
-    return m_t, v_t, r + (wd * scalars[_IN_UPDATE]) * w                   # u = r + lambda w
+    if terms[_EPS_ROOT]:                                                  # eps inside the square root
+        return (scalars[_INV_BC1] if terms[_INV_BC1] else None), (scalars[_EPS] if terms[_EPS] else None)
+    c, e = None, (scalars[_EPS] if terms[_EPS] else None)
+    if terms[_INV_BC2]:
+        root = F.sqrt(scalars[_INV_BC2])
+        c = 1.0 / root
+        e = None if e is None else e / root
+    if terms[_INV_BC1]:
+        c = scalars[_INV_BC1] if c is None else scalars[_INV_BC1] * c
+    return c, e
 
 
-def trust_ratio(scalars, applied, lr, w_norm, u_norm, keep, adapt):
+def rates(scalars, applied):
+    """(gate (1 - b1), gate (1 - b2)): the moments' rates of this step, with gate 1 when the step is `applied`,
+    0 when it is not (the caller's verdict, or a NaN/Inf in the gradients: G not finite). Once per step."""
+    gate = F.cast(applied, mstype.float32)
+    return scalars[_OMB1] * gate, scalars[_OMB2] * gate
+
+
+def moments_and_update(scalars, terms, rescaled, rates, wd, w, m, v, gradient, m_dtype):
+    """u' of this step (`rescale`: u = c u'), for float32 `w` and `v` of any shape (a parameter, or a shard of
+    one) and `m` stored in `m_dtype` (a name), after assigning the new moments to `m` and `v` (the new m rounded
+    to `m_dtype`; u' is computed from that stored m). `terms` (contract.terms): the scalars whose terms the
+    graph computes; `rescaled`: (c, e) of `rescale`; `wd`: lambda, None when w is not decayed.
+
+    `rates` (`rates`): the moments move by gate (1 - b) (x - moment), and MulNoNan makes 0 (x - moment) exactly
+    0 even where x is NaN or Inf: a skipped step leaves both moments exactly as they were.
+    """
+    c, e = rescaled
+    g = F.cast(gradient, mstype.float32)
+    if terms[_GRAD_SCALE]:
+        g = g * scalars[_GRAD_SCALE]                                      # unscale (+ NVLAMB pre-normalisation)
+    if wd is not None and terms[_IN_GRAD]:
+        g = g + (wd * scalars[_IN_GRAD]) * w                              # L2 mode: g + lambda w
+    # v = v + (1 - b2) (g^2 - v): the exact 1 - b only
+    v_t = v + _mul_no_nan(F.square(g) - v, rates[1])
+    v_t = F.depend(v_t, F.assign(v, v_t))
+    # den = sqrt(v) + e, or sqrt(v^ + eps_root) (see `rescale`)
+    if terms[_EPS_ROOT]:
+        den = F.sqrt((v_t * scalars[_INV_BC2] if terms[_INV_BC2] else v_t) + scalars[_EPS_ROOT])
+    else:
+        den = F.sqrt(v_t)
+    if e is not None:
+        den = den + e
+    # m = m + (1 - b1) (g - m) (without gradient averaging m = b1 m + g, as m + (1 - b1) (g / (1 - b1) - m))
+    if terms[_M_GRAD_SCALE]:
+        g = g * scalars[_M_GRAD_SCALE]
+    m32 = as_float32(m, m_dtype)
+    m_t = stored(m32 + _mul_no_nan(g - m32, rates[0]), m_dtype)    # m as stored (rounded)
+    m_t = F.depend(m_t, F.assign(m, m_t))
+    # u' = m / den + (lambda / c) w
+    u = as_float32(m_t, m_dtype) / den
+    if wd is not None and terms[_IN_UPDATE]:
+        decay = wd * scalars[_IN_UPDATE]
+        u = u + (decay if c is None else decay / c) * w
+    return u
+
+
+def trust_ratio(scalars, terms, applied, lr, w_norm, u_norm, keep, adapt):
     """(lr q to apply, q to report, keep to apply) from the norms; elementwise, so `lr`, `w_norm`, `u_norm`,
-    `keep` and `adapt` (bool, or a bool Tensor) may be vectors with one entry per parameter.
+    `keep` and `adapt` (bool, or a bool Tensor) may be vectors with one entry per parameter; `keep` None
+    (decay not outside the trust ratio) stays None.
 
     q = ||w|| / ||u|| (||w|| clamped to weight_norm_clip), 1 when either norm is 0, clipped to
     trust_ratio_clip, 1 without layer adaptation. Not applied (lr q = 0, keep = 1: w is written back as
     it is, see `step`) when the step is not `applied`, or when ||w|| or ||u|| is not finite (a NaN/Inf inside
     w, or inside its moments: a damaged checkpoint), which reports q = NaN.
     """
-    w_used = F.minimum(w_norm, scalars[_W_NORM_MAX])                      # ||w|| clamped (inf when off)
+    w_used = F.minimum(w_norm, scalars[_W_NORM_MAX]) if terms[_W_NORM_MAX] else w_norm   # ||w|| clamped
     # q = 1 when either norm is 0 (zero-initialised layer, or zero update: no NaN)
     q = F.select(F.logical_and(w_used > 0.0, u_norm > 0.0), w_used / u_norm, F.ones_like(w_used))
-    q = F.minimum(F.maximum(q, scalars[_LO]), scalars[_HI])               # q = clip(q, lo, hi); (0, inf) when off
+    if terms[_LO]:
+        q = F.maximum(q, scalars[_LO])                                    # q = clip(q, lo, hi)
+    if terms[_HI]:
+        q = F.minimum(q, scalars[_HI])
     if isinstance(adapt, bool):
         if not adapt:
             q = F.ones_like(q)                                            # excluded from layer adaptation
@@ -104,46 +163,55 @@ def trust_ratio(scalars, applied, lr, w_norm, u_norm, keep, adapt):
     finite = F.logical_and(_isfinite(w_norm), _isfinite(u_norm))
     reported_q = F.select(finite, q, F.fill(mstype.float32, F.shape(q), float("nan")))
     layer_applied = F.logical_and(applied, finite)
-    return (F.select(layer_applied, lr * q, F.zeros_like(q)), reported_q,
-            F.select(layer_applied, keep, F.ones_like(keep)))
+    if keep is not None:
+        keep = F.select(layer_applied, keep, F.ones_like(keep))
+    return F.select(layer_applied, lr * q, F.zeros_like(q)), reported_q, keep
 
 
 def step(keep, w, lr_q, u):
-    """w = keep w - lr q u, where lr q = 0 leaves w exactly as it is even where u is NaN or Inf (MulNoNan:
-    0 * NaN is 0): a skipped step (its hyper-parameters may be NaN) or a layer with damaged moments."""
-    return keep * w - _mul_no_nan(u, lr_q)
+    """w = keep w - lr q u (`keep` None: 1), where lr q = 0 leaves w exactly as it is even where u is NaN or Inf
+    (MulNoNan: 0 * NaN is 0): a skipped step (its hyper-parameters may be NaN) or a layer with damaged moments."""
+    return (w if keep is None else keep * w) - _mul_no_nan(u, lr_q)
 
 
-@lamb_update.register("Tuple", "Tensor", "String", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                      "Bool", "Bool", "Bool")
-def _lamb_update(scalars, applied, m_dtype, lr, weight_decay, param, m, v, gradient, decay_flag, adapt_flag, owned):
-    """One LAMB step for one parameter; returns [q, ||w||, ||u||] after assigning w, m, v.
+@lamb_moments.register("Tuple", "Tuple", "Tuple", "Tuple", "String", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
+                       "Bool", "Bool")
+def _lamb_moments(scalars, terms, rescaled, step_rates, m_dtype, weight_decay, param, m, v, gradient, decay_flag, owned):
+    """Pass 1 for one parameter: assign its moments and return u' (see `rescale`), after the assignments.
 
-    Shared (bound with F.partial): `scalars`, the tuple of backends/contract.py (beta terms, eps, bias
-    corrections, grad_scale = (1 / loss_scale) * min(1, max_grad_norm / G), clip bounds, proceed);
-    `applied`, False when the weights must not move this step (skipped: q = 0, so w - lr * 0 * u = w);
-    `m_dtype`, the name of the first moment's stored dtype.
-    `proceed` False keeps the moments too; otherwise an element whose gradient is not finite keeps them
-    (no graph `if`: a branch would keep stale parameter memory after `Parameter.set_data`).
-    Per parameter: lr_s, lambda_s, w, m, v, g, and the flags (decayed, layer-adapted, owned by this rank
-    under the parallel optimizer).
+    Shared (bound with F.partial): `scalars`, the tuple of backends/contract.py; `terms`, which of them the
+    graph computes (contract.terms: the others are constants at a neutral value); `rescaled`, (c, e) of
+    `rescale`; the moments' `rates` of this step; `m_dtype`, the name of the first moment's stored dtype.
+    Per parameter: lambda_s, w, m, v, g and the flags (decayed, owned by this rank under the parallel
+    optimizer).
     """
     if not owned:
-        return _NO_UPDATE  # another rank updates it; broadcast afterwards
+        return _ZERO                                                      # another rank updates it
+    wd = weight_decay if decay_flag else None                             # lambda_s, None if w is not decayed
+    return moments_and_update(scalars, terms, rescaled, step_rates, wd, F.cast(param, mstype.float32), m, v,
+                              gradient, m_dtype)
 
-    w = F.cast(param, mstype.float32)
-    wd = weight_decay if decay_flag else 0.0                              # lambda_s, 0 if w is not decayed
-    m_t, v_t, u = moments_and_update(scalars, wd, w, m, v, gradient, m_dtype)
-    keep = F.reshape(1.0 - lr * wd * scalars[_OUTSIDE], ())               # decay outside q: w = keep w - lr q u
-    w_norm = F.sqrt(_sum_of_squares(w)) * keep                            # ||w|| (of keep w)
-    u_norm = F.sqrt(_sum_of_squares(u))                                   # ||u||, of exactly the applied update
-    lr_q, reported_q, keep = trust_ratio(scalars, applied, lr, w_norm, u_norm, keep, adapt_flag)
 
-    w_t = step(keep, w, lr_q, u)                                          # w = w - lr q u
-    stats = _stack((reported_q, w_norm, u_norm))
-    stats = F.depend(stats, F.assign(param, F.cast(w_t, F.dtype(param))))
-    stats = F.depend(stats, F.assign(m, m_t))
-    return F.depend(stats, F.assign(v, v_t))
+@_owned_sum_of_squares.register("Tensor", "Bool")
+def _param_sum_of_squares(param, owned):
+    """sum(w^2) of a parameter this rank updates, else 0."""
+    return _sum_of_squares(param) if owned else _ZERO
+
+
+@lamb_apply.register("Tensor", "Tensor", "Tensor", "Tensor", "Bool")
+def _lamb_apply(keep, lr_q, param, u, owned):
+    """Pass 2 for one parameter: w = keep w - (lr q) u', written back in the parameter's dtype."""
+    if not owned:
+        return u                                                          # broadcast afterwards
+    return F.assign(param, F.cast(step(keep, F.cast(param, mstype.float32), lr_q, u), F.dtype(param)))
+
+
+@lamb_apply.register("Tensor", "Tensor", "Tensor", "Bool")
+def _lamb_apply_no_keep(lr_q, param, u, owned):
+    """Pass 2 without weight decay outside the trust ratio: w = w - (lr q) u'."""
+    if not owned:
+        return u
+    return F.assign(param, F.cast(step(None, F.cast(param, mstype.float32), lr_q, u), F.dtype(param)))
 
 
 def unavailable(params, slots, device_target):
@@ -168,36 +236,61 @@ class SumOfSquares(nn.Cell):
 
 
 class CompositeBackend(nn.Cell):
-    """The update contract (contract.py) as one HyperMap of `lamb_update`."""
+    """The update contract (contract.py) in two HyperMaps over the parameters: pass 1 (`lamb_moments`: the
+    moments and u'), the trust ratios of all parameters at once (`trust_ratio` on vectors), pass 2
+    (`lamb_apply`: the weights)."""
 
     name = "composite"
     SumOfSquares = SumOfSquares
     unavailable = staticmethod(unavailable)
 
-    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags):
+    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, constants):
         super().__init__()
         self.n = len(params)
+        self.terms = terms(constants)          # the graph leaves out the terms of constants at a neutral value
         self.slots = slots
         self.state = parameter_state(params, slots)
         self.m_dtype = dtype_name(slots[0].dtype)
         self.decay_flags = tuple(decay_flags)
-        self.adapt_flags = tuple(adapt_flags)
         self.owned_flags = tuple(owned_flags)
+        self.decay_mask = Tensor(np.array(decay_flags, np.float32))
+        self.adapt = Tensor(np.array(adapt_flags, np.bool_))
+        self.ones = Tensor(np.ones(self.n, np.float32))
         self.sum_of_squares = SumOfSquares()
         self.hyper_map = C.HyperMap()
         self.stack = P.Stack()
+        self.stack1 = P.Stack(axis=1)
+        self.unstack = P.Unstack()
         self.isfinite = P.IsFinite()
 
     def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):
         if grad_sq is None:
             grad_sq = self.sum_of_squares(gradients)
+        # G is known before the update here: a skipped step (the caller's verdict, or a NaN/Inf gradient) changes
+        # nothing, the moments included
         applied = F.logical_and(scalars[_PROCEED], self.isfinite(grad_sq))
-        if not isinstance(lr, tuple):
-            lr = (lr,) * self.n
-        if not isinstance(weight_decay, tuple):
-            weight_decay = (weight_decay,) * self.n
-        # the state slot by slot, (m, v) in the order of state.SLOTS: lamb_update's
+        per_param_wd = weight_decay if isinstance(weight_decay, tuple) else (weight_decay,) * self.n
+        # pass 1: the moments, and u' = u / c; the state slot by slot, (m, v) in the order of state.SLOTS
         m, v = self.state[:self.n], self.state[self.n:]
-        stats = self.hyper_map(F.partial(lamb_update, scalars, applied, self.m_dtype), lr, weight_decay, params,
-                               m, v, gradients, self.decay_flags, self.adapt_flags, self.owned_flags)
-        return self.stack(stats), grad_sq, applied
+        rescaled = rescale(scalars, self.terms)
+        u = self.hyper_map(F.partial(lamb_moments, scalars, self.terms, rescaled, rates(scalars, applied),
+                                     self.m_dtype), per_param_wd, params, m, v, gradients, self.decay_flags,
+                           self.owned_flags)
+        # the trust ratios of all parameters at once
+        w_norm = F.sqrt(self.stack(self.hyper_map(_owned_sum_of_squares, params, self.owned_flags)))
+        u_norm = F.sqrt(self.stack(self.hyper_map(sum_of_squares, u)))
+        lr = per_parameter(lr, self.ones)
+        keep = None
+        if self.terms[_OUTSIDE]:
+            keep = 1.0 - lr * per_parameter(weight_decay, self.ones) * self.decay_mask * scalars[_OUTSIDE]
+            w_norm = w_norm * keep                                        # ||w|| (of keep w)
+        c = rescaled[0]
+        if c is not None:
+            u_norm, lr = u_norm * c, lr * c                               # ||u|| = c ||u'||, lr q u = (lr c) q u'
+        lr_q, reported_q, keep = trust_ratio(scalars, self.terms, applied, lr, w_norm, u_norm, keep, self.adapt)
+        # pass 2: the weights
+        if keep is None:
+            done = self.hyper_map(lamb_apply, self.unstack(lr_q), params, u, self.owned_flags)
+        else:
+            done = self.hyper_map(lamb_apply, self.unstack(keep), self.unstack(lr_q), params, u, self.owned_flags)
+        return F.depend(self.stack1((reported_q, w_norm, u_norm)), done), grad_sq, applied

@@ -38,6 +38,9 @@ Outputs:
 * ``applied``: bool 0-D Tensor.
 """
 import inspect
+import math
+
+import numpy as np
 
 import mindspore.common.dtype as mstype
 from mindspore import Parameter, ParameterTuple
@@ -72,19 +75,30 @@ def pack(*, one_minus_beta1, one_minus_beta2, m_grad_scale, eps, eps_root, inv_b
 SCALARS = tuple(inspect.signature(pack).parameters)
 INDEX = {name: i for i, name in enumerate(SCALARS)}
 
-# Every scalar, and whether the fused kernel's fast loop (the paper's rule: fused_cpu.cc with kGeneral false)
-# reads it. None: every loop reads it. A number: only the general loop reads it, and the fast loop gives the
-# same bits when the scalar has this neutral value; the kernel takes the general loop whenever one of them
-# has another value (is_general() in fused_cpu.cc is generated from this table). A scalar added to `pack`
-# must be entered here, so that no loop ignores it silently.
-FAST_LOOP = {"one_minus_beta1": None, "one_minus_beta2": None, "m_grad_scale": 1.0, "eps": None, "eps_root": 0.0,
-             "inv_bias_c1": None, "inv_bias_c2": None, "grad_scale": None, "decay_in_grad": 0.0,
-             "decay_in_update": None, "decay_outside": 0.0, "w_norm_max": None, "trust_lo": None, "trust_hi": None,
-             "proceed": None}
-if tuple(FAST_LOOP) != SCALARS:
-    raise ImportError(f"mindspore_lamb.backends.contract: FAST_LOOP must list the scalars of pack() in its order "
-                      f"{SCALARS}, but lists {tuple(FAST_LOOP)}")
-GENERAL_ONLY = {name: neutral for name, neutral in FAST_LOOP.items() if neutral is not None}
+# Every scalar's neutral value: the value that makes its term an exact no-op (x * 1, x + 0, min(x, inf),
+# max(q, 0) for q >= 0, a weight decay term times 0), or None where there is none. A scalar added to `pack`
+# must be entered here (the import fails otherwise), so that no backend leaves its term out silently:
+# * the fused kernel's fast loop (the paper's rule: fused_cpu.cc with kGeneral false) leaves out the terms of
+#   FAST_LOOP_SKIPS, and the kernel takes the general loop whenever one of them is away from its neutral value
+#   (is_general() in fused_cpu.cc is generated from GENERAL_ONLY);
+# * a backend built with a scalar in its `constants` at its neutral value may leave the term out of its graph
+#   (`terms`; backends/composite.py does).
+NEUTRAL = {"one_minus_beta1": None, "one_minus_beta2": None, "m_grad_scale": 1.0, "eps": 0.0, "eps_root": 0.0,
+           "inv_bias_c1": 1.0, "inv_bias_c2": 1.0, "grad_scale": 1.0, "decay_in_grad": 0.0, "decay_in_update": 0.0,
+           "decay_outside": 0.0, "w_norm_max": math.inf, "trust_lo": 0.0, "trust_hi": math.inf, "proceed": None}
+FAST_LOOP_SKIPS = ("m_grad_scale", "eps_root", "decay_in_grad", "decay_outside")
+if tuple(NEUTRAL) != SCALARS:
+    raise ImportError(f"mindspore_lamb.backends.contract: NEUTRAL must list the scalars of pack() in its order "
+                      f"{SCALARS}, but lists {tuple(NEUTRAL)}")
+GENERAL_ONLY = {name: NEUTRAL[name] for name in FAST_LOOP_SKIPS}
+
+
+def terms(constants):
+    """One bool per scalar of :func:`pack`: False where `constants` (the scalars known when the optimizer is
+    built, {name: value}) holds it at its :data:`NEUTRAL` value, as float32 sees it, so that its term is a
+    no-op at every step; True where the step reads it."""
+    return tuple(not (name in constants and NEUTRAL[name] is not None
+                      and float(np.float32(constants[name])) == NEUTRAL[name]) for name in SCALARS)
 
 to_float32 = C.MultitypeFuncGraph("lamb_to_float32")
 _stack = P.Stack()

@@ -83,7 +83,7 @@ struct Decay {
 // kGeneral false: the paper's rule only (no L2 term, grad averaging, eps outside the square root, decay
 // inside the update), the fastest loops; true: every option of Lamb. Both give the same bits for the
 // paper's rule (every extra term is then an exact no-op). The fast loops never read the scalars of
-// LAMB_GENERAL_ONLY (contract.FAST_LOOP); is_general() takes the general loops whenever one of them is not
+// LAMB_GENERAL_ONLY (contract.GENERAL_ONLY); is_general() takes the general loops whenever one of them is not
 // at its neutral value, so a scalar the fast loops ignore is never ignored when it matters.
 template <bool kGeneral>
 inline float update_u(const Hyper &h, float m, float v, float w, const Decay &d) {

@@ -9,7 +9,7 @@ its speed.
 
 Everything the kernel and Python must agree on is generated from one Python definition and compiled in
 (``-D`` macros; the library's cache key includes them): the scalars' layout (``contract.pack``), the
-scalars only the general loop reads with their neutral values (``contract.FAST_LOOP``), and the state
+scalars only the general loop reads with their neutral values (``contract.GENERAL_ONLY``), and the state
 slots, in order (``state.SLOTS``).
 """
 import os
@@ -103,8 +103,9 @@ class FusedCpuBackend(nn.Cell):
     unavailable = staticmethod(unavailable)
     SumOfSquares = SumOfSquares
 
-    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags):
+    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, constants):
         super().__init__()
+        del constants       # the kernel takes its fast loop at run time, from the scalars (is_general)
         n = len(params)
         self.n = n
         self.slots = slots

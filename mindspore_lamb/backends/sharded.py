@@ -27,8 +27,8 @@ from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
 from . import composite, fused_cpu
-from .composite import moments_and_update, step, trust_ratio
-from .contract import INDEX, dtype_name, per_parameter, to_float32
+from .composite import moments_and_update, rates, rescale, step, trust_ratio
+from .contract import INDEX, dtype_name, per_parameter, terms, to_float32
 
 _PROCEED, _OUTSIDE = INDEX["proceed"], INDEX["decay_outside"]
 NAMES_PARAMETER = "lamb_shard_names"
@@ -95,7 +95,7 @@ class ShardedBackend(nn.Cell):
 
     name = "sharded"
 
-    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, kernels, rank, world):
+    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, constants, kernels, rank, world):
         super().__init__()
         if not all(owned_flags):
             raise ValueError("The sharded backend does its own sharding: it does not run under MindSpore's "
@@ -128,6 +128,7 @@ class ShardedBackend(nn.Cell):
                                           out_shape=lambda *shapes: (width,), out_dtype=lambda *types: mstype.float32,
                                           func_type="aot")
             self.hyper_map = C.HyperMap()
+        self.terms = terms(constants)      # the composite rule leaves out the terms of neutral constants
         self.decay_mask = Tensor(np.array(decay_flags, np.float32))
         self.adapt = Tensor(np.array(adapt_flags, np.bool_))
         self.ones = Tensor(np.ones(self.n, np.float32))
@@ -158,7 +159,9 @@ class ShardedBackend(nn.Cell):
         lr_vec = per_parameter(lr, self.ones)
         wd_vec = per_parameter(weight_decay, self.ones) * self.decay_mask
 
-        # 1. this worker's piece: moments, update u, per-parameter partial sums of ||w||^2 and ||u||^2
+        # 1. this worker's piece: moments, update u (= c u' on the composite rule), per-parameter partial sums of
+        # ||w||^2 and ||u||^2
+        c = None
         if self.fused:
             packed = self.stack0(self.hyper_map(to_float32, scalars))
             sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, *self.state, *gradients)
@@ -166,9 +169,11 @@ class ShardedBackend(nn.Cell):
             m, v = self.state                               # this worker's piece of each slot (state.SLOTS)
             w = F.gather(self._flat(params), self.positions, 0) * self.valid
             g = F.gather(self._flat(gradients), self.positions, 0) * self.valid
-            m_t, v_t, u = moments_and_update(scalars, self._per_element(wd_vec, 0.0), w, m, v, g, self.m_dtype)
-            u = F.depend(u, F.assign(m, m_t))
-            u = F.depend(u, F.assign(v, v_t))
+            rescaled = rescale(scalars, self.terms)         # u = c u'
+            c = rescaled[0]
+            # the moments assigned; G is known first here, so a skipped step changes nothing (the composite rule)
+            u = moments_and_update(scalars, self.terms, rescaled, rates(scalars, applied),
+                                   self._per_element(wd_vec, 0.0), w, m, v, g, self.m_dtype)
             squares = self.stack((F.square(F.cast(w, mstype.float64)), F.square(F.cast(u, mstype.float64))))
             sums = F.cast(self.segment_sum(squares, self.segments, self.n + 1)[:self.n], mstype.float32)
         # 2. one all-reduce (float32: AllReduce has no float64): the norms of whole layers on every worker
@@ -176,12 +181,15 @@ class ShardedBackend(nn.Cell):
         keep = 1.0 - lr_vec * wd_vec * scalars[_OUTSIDE]
         w_norm = F.sqrt(sums[:, 0]) * keep
         u_norm = F.sqrt(sums[:, 1])
-        lr_q, reported_q, keep = trust_ratio(scalars, applied, lr_vec, w_norm, u_norm, keep, self.adapt)
+        if c is not None:
+            u_norm, lr_vec = u_norm * c, lr_vec * c         # ||u|| = c ||u'||, lr q u = (lr c) q u'
+        lr_q, reported_q, keep = trust_ratio(scalars, self.terms, applied, lr_vec, w_norm, u_norm, keep, self.adapt)
         # 3. this worker's new piece, one all-gather, every parameter written back
         if self.fused:
             piece = self.shard_apply(packed, lr_q, keep, wd_vec, self.bounds, *params, *self.state)
         else:
-            piece = step(self._per_element(keep, 1.0), w, self._per_element(lr_q, 0.0), u)
+            keep = self._per_element(keep, 1.0) if self.terms[_OUTSIDE] else None
+            piece = step(keep, w, self._per_element(lr_q, 0.0), u)
         flat = self.all_gather(piece)
         done = ()
         for i in range(self.n):

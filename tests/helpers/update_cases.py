@@ -33,8 +33,13 @@ def _initial(kind, shape, rng):
             "zeros": lambda: np.zeros(shape)}[kind]()
 
 
+# (MindSpore dtype, the host's name for the storage dtype (tests/helpers/reference.py), tolerance): 16-bit
+# weights are rounded once per step, so a float32 result next to a rounding midpoint may land one unit in the
+# last place (ulp) away from the float64 reference's: about two ulps of the stored significand (float16:
+# 10 bits, 2e-3 ~ 2 * 2^-10; bfloat16: 7 bits, 2 * 2^-7)
 DTYPES = {"float32": (ms.float32, np.float32, dict(rtol=2e-5, atol=2e-6)),
-          "float16": (ms.float16, np.float16, dict(rtol=2e-3, atol=2e-3))}
+          "float16": (ms.float16, np.float16, dict(rtol=2e-3, atol=2e-3)),
+          "bfloat16": (ms.bfloat16, "bfloat16", dict(rtol=2 ** -6, atol=2 ** -6))}
 # the first moment stored in 16 bits (mu_dtype): float32 arithmetic and the float64 reference may round an m
 # that falls next to a rounding midpoint to neighbouring points of the grid: one unit in the last place
 MU_TOLERANCES = {"float16": dict(rtol=2 ** -10, atol=2 ** -24), "bfloat16": dict(rtol=2 ** -7, atol=0.0)}
@@ -47,9 +52,10 @@ def run_against_reference(config, dtype, seed=0, steps=STEPS, backend=None, mu_d
     `config` is a configuration function (params, names) -> (Lamb arguments, reference step arguments,
     reference constructor arguments), as in tests/test_update_rule.py."""
     ms_dtype, np_dtype, tol = DTYPES[dtype]
+    host = np.float32 if np_dtype == "bfloat16" else np_dtype    # NumPy has no bfloat16: its values as float32
     rng = np.random.default_rng(seed)
     init = {name: round_to(_initial(kind, shape, rng), np_dtype) for name, shape, kind, _ in PARAMS}
-    params = [Parameter(Tensor(init[name].astype(np_dtype), ms_dtype), name=name) for name, *_ in PARAMS]
+    params = [Parameter(Tensor(init[name].astype(host), ms_dtype), name=name) for name, *_ in PARAMS]
     names = [p.name for p in params]
     make_config = config
     lamb_kwargs, step_kwargs, ref_kwargs = make_config(params, names)
@@ -66,13 +72,13 @@ def run_against_reference(config, dtype, seed=0, steps=STEPS, backend=None, mu_d
 
     for step in range(steps):
         grads = [round_to(rng.standard_normal(by_name[n].shape) * scale[n] * feed_scale, np_dtype) for n in order]
-        result = opt(tuple(Tensor(g.astype(np_dtype), ms_dtype) for g in grads))
+        result = opt(tuple(Tensor(g.astype(host), ms_dtype) for g in grads))
         assert all(bool(x) for x in result) and len(result) == len(order)
         assert ref.step(grads, **step_kwargs)
         assert int(opt.global_step.asnumpy()[0]) == step + 1
         got_q = opt.trust_ratios()
         for i, name in enumerate(order):
-            w = by_name[name].asnumpy().astype(np.float64)     # asnumpy shares memory on CPU: copied by astype
+            w = by_name[name].float().asnumpy().astype(np.float64)   # a copy (asnumpy shares memory on CPU)
             where = f"{make_config.__name__}/{dtype}: {name} at step {step + 1}"
             # atol also scales with the layer's magnitude: float32 rounds w (up to ~60 here) at ~1e-7 of it
             layer_tol = dict(tol, atol=max(tol["atol"], tol["rtol"] * np.abs(ref.w[i]).max()))
