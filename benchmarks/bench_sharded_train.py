@@ -22,7 +22,8 @@ step) on a fixed random batch per worker. Each worker reports:
     gathered vector (the piece gathered is the worker's piece of the current weights, so the weights do
     not change). The optimizer minus `all-gather + write-back` is the piece's update (moments, the
     norms' all-reduce, the new piece);
-  - `forward + backward and the rest`, by difference: the train step minus `all-reduce` and `optimizer`.
+  - `train step` again, in the same rounds, and `forward + backward and the rest` by difference: that train
+    step minus `all-reduce` and `optimizer`.
     Besides the forward and backward passes it holds the loss-scale cell's own passes over the gradients
     (unscaling, the sum of squares for the overflow test and clipping, the clipping itself).
 
@@ -182,7 +183,8 @@ def worker(out_dir, config, shard, batch, seq, warmup, steps, rounds):
     cells, piece = _cells(train_cell, opt)
     rng = np.random.default_rng(0)                   # gradients of the parameters' shapes, the same on every worker
     grads = tuple(ms.Tensor(rng.standard_normal(p.shape, np.float32) * 1e-3) for p in opt.parameters)
-    calls = {"all-reduce": lambda: cells["all-reduce"](grads), "optimizer": lambda: opt(grads)}
+    calls = {"train step": lambda: train_cell(*inputs), "all-reduce": lambda: cells["all-reduce"](grads),
+             "optimizer": lambda: opt(grads)}
     if piece is not None:
         piece = ms.Tensor(piece)
         calls.update({k: (lambda c=cells[k]: c(piece)) for k in ("all-gather", "all-gather + write-back")})
@@ -249,15 +251,17 @@ def main():
     for p, s in zip(runs["plain"], runs["sharded"]):
         print(f"{p['rank']:<6}{p['step_s'] * 1e3:>10.0f}{s['step_s'] * 1e3:>12.0f}{s['step_s'] / p['step_s']:>7.2f}"
               f"{p['peak_rss_mib']:>15.0f}{s['peak_rss_mib']:>9.0f}{p['state_mib']:>17.1f}{s['state_mib']:>9.1f}")
+    extra = [s["breakdown_s"]["optimizer"] - p["breakdown_s"]["optimizer"] for p, s in zip(runs["plain"], runs["sharded"])]
+    print("the plain step plus the optimizers' difference (less sensitive to a change of load between the runs): "
+          + " / ".join(f"{(p['step_s'] + e) * 1e3:.0f} ms, ratio {(p['step_s'] + e) / p['step_s']:.2f}"
+                       for p, e in zip(runs["plain"], extra)))
     print("breakdown, ms (rank 0 / rank 1):")
     for kind, pair in runs.items():
         parts = dict(pair[0]["breakdown_s"])
         both = [r["breakdown_s"] for r in pair]
-        step = [r["step_s"] for r in pair]
-        rows = [("train step", step),
-                ("forward + backward and the rest (difference)",
-                 [t - b["all-reduce"] - b["optimizer"] for t, b in zip(step, both)])]
-        rows += [(k, [b[k] for b in both]) for k in parts]
+        rows = [(k, [b[k] for b in both]) for k in parts]
+        rows.insert(1, ("  forward + backward and the rest (difference)",
+                        [b["train step"] - b["all-reduce"] - b["optimizer"] for b in both]))
         if "all-gather" in parts:
             rows.append(("  write-back (difference)", [b["all-gather + write-back"] - b["all-gather"] for b in both]))
             rows.append(("  piece update (optimizer - gather - write-back)",
