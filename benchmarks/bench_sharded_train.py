@@ -22,6 +22,9 @@ step) on a fixed random batch per worker. Each worker reports:
     gathered vector (the piece gathered is the worker's piece of the current weights, so the weights do
     not change). The optimizer minus `all-gather + write-back` is the piece's update (moments, the
     norms' all-reduce, the new piece);
+  - sharded only, `unsharded optimizer`: an unsharded Lamb (the fused kernel) on the same parameters and
+    gradients, so that the ratio is also measured under one load: the sharded train step against the same
+    step with the unsharded optimizer's time in place of the sharded one's (printed as "paired");
   - `train step` again, in the same rounds, and `forward + backward and the rest` by difference: that train
     step minus `all-reduce` and `optimizer`.
     Besides the forward and backward passes it holds the loss-scale cell's own passes over the gradients
@@ -186,6 +189,10 @@ def worker(out_dir, config, shard, batch, seq, warmup, steps, rounds):
     calls = {"train step": lambda: train_cell(*inputs), "all-reduce": lambda: cells["all-reduce"](grads),
              "optimizer": lambda: opt(grads)}
     if piece is not None:
+        # the unsharded Lamb on the same parameters, timed in the same rounds: the plain step under the same load
+        # is the sharded step with one optimizer call replaced by the other
+        plain_opt = build_optimizer(net, dict(tcfg, shard_state=False), 10_000)
+        calls["unsharded optimizer"] = lambda: plain_opt(grads)
         piece = ms.Tensor(piece)
         calls.update({k: (lambda c=cells[k]: c(piece)) for k in ("all-gather", "all-gather + write-back")})
     fns = {k: (lambda f=f: (f(), wait())) for k, f in calls.items()}
@@ -255,6 +262,10 @@ def main():
     print("the plain step plus the optimizers' difference (less sensitive to a change of load between the runs): "
           + " / ".join(f"{(p['step_s'] + e) * 1e3:.0f} ms, ratio {(p['step_s'] + e) / p['step_s']:.2f}"
                        for p, e in zip(runs["plain"], extra)))
+    paired = [b["train step"] / (b["train step"] - b["optimizer"] + b["unsharded optimizer"])
+              for b in (r["breakdown_s"] for r in runs["sharded"])]
+    print("paired, in the sharded run's rounds: train step / (train step - optimizer + unsharded optimizer): "
+          + " / ".join(f"{x:.2f}" for x in paired))
     print("breakdown, ms (rank 0 / rank 1):")
     for kind, pair in runs.items():
         parts = dict(pair[0]["breakdown_s"])
