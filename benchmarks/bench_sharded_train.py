@@ -1,6 +1,6 @@
 """The BERT example's train step under msrun, plain data parallel against Lamb(shard_state=True).
 
-    python benchmarks/bench_sharded_train.py                        # BERT-base, 2 workers, 4 x 128 each
+    python benchmarks/bench_sharded_train.py --rounds 3             # BERT-base, 2 workers, 4 x 128 each
     python benchmarks/bench_sharded_train.py --batch 2 --steps 5
 
 Launches msrun twice (a free port each time, tests/helpers/msrun_launch.py), two CPU workers each: the
@@ -106,8 +106,9 @@ def _cells(train_cell, opt):
     start, end = (int(x) for x in backend.bounds.asnumpy())
     piece = np.zeros(piece_length(backend.offsets[-1], backend.world), np.float32)  # this worker's weights
     for p, lo, hi in zip(opt.parameters, backend.offsets, backend.offsets[1:]):
-        if lo < end and hi > start:
-            piece[max(lo, start) - start:min(hi, end) - start] = p.asnumpy().reshape(-1)[max(lo, start) - lo:min(hi, end) - lo]
+        a, b = max(lo, start), min(hi, end)              # the part of this parameter in the piece
+        if a < b:
+            piece[a - start:b - start] = p.asnumpy().reshape(-1)[a - lo:b - lo]
     return cells, piece
 
 
@@ -234,8 +235,8 @@ def main():
     header = [cpu_header()]
     kinds = a.runs.split(",")
     for shard in [kind == "sharded" for kind in kinds]:
-        args = [os.path.abspath(__file__), "--child", out_dir, "--config", a.config, "--batch", str(a.batch), "--seq", str(a.seq),
-                "--warmup", str(a.warmup), "--steps", str(a.steps), "--rounds", str(a.rounds)]
+        args = [os.path.abspath(__file__), "--child", out_dir, "--config", a.config, "--batch", str(a.batch),
+                "--seq", str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps), "--rounds", str(a.rounds)]
         kind = "sharded" if shard else "plain"
         run_two_workers(out_dir, args + (["--shard"] if shard else []), a.timeout,
                         during=lambda kind=kind: _watch(out_dir, kind, a.min_available))
@@ -258,7 +259,8 @@ def main():
     for p, s in zip(runs["plain"], runs["sharded"]):
         print(f"{p['rank']:<6}{p['step_s'] * 1e3:>10.0f}{s['step_s'] * 1e3:>12.0f}{s['step_s'] / p['step_s']:>7.2f}"
               f"{p['peak_rss_mib']:>15.0f}{s['peak_rss_mib']:>9.0f}{p['state_mib']:>17.1f}{s['state_mib']:>9.1f}")
-    extra = [s["breakdown_s"]["optimizer"] - p["breakdown_s"]["optimizer"] for p, s in zip(runs["plain"], runs["sharded"])]
+    extra = [s["breakdown_s"]["optimizer"] - p["breakdown_s"]["optimizer"]
+             for p, s in zip(runs["plain"], runs["sharded"])]
     print("the plain step plus the optimizers' difference (less sensitive to a change of load between the runs): "
           + " / ".join(f"{(p['step_s'] + e) * 1e3:.0f} ms, ratio {(p['step_s'] + e) / p['step_s']:.2f}"
                        for p, e in zip(runs["plain"], extra)))
