@@ -109,17 +109,21 @@ class ShardedBackend(nn.Cell):
         self.shard_names = names_record([p.name for p in params])
         self.shapes = tuple(tuple(p.shape) for p in params)
         self.offsets = tuple(int(x) for x in np.cumsum([0] + sizes))
-        # this worker's piece, as data: global flat positions, real or padding, parameter of each element
-        positions, valid, owner = piece(sizes, rank, world)
-        self.positions, self.valid, self.segments = Tensor(positions), Tensor(valid), Tensor(owner)
         self.shard_rank = shard_record(rank, world)
-        start = rank * piece_length(sum(sizes), world)
-        self.bounds = Tensor(np.array([min(start, sum(sizes)), min(start + len(positions), sum(sizes))], np.int32))
+        total, width = sum(sizes), piece_length(sum(sizes), world)
+        start = rank * width
+        # this worker's piece [start, end) of the flat parameters (the kernels take these bounds)
+        self.bounds = Tensor(np.array([min(start, total), min(start + width, total)], np.int32))
         # on CPU with float32 parameters, the piece's two passes are fused kernels (fused_cpu.cc)
         self.fused = kernels is fused_cpu.FusedCpuBackend
         self.SumOfSquares = kernels.SumOfSquares            # for the loss-scale cell: the chosen kernels' sum
-        if self.fused:
-            n, width = self.n, len(positions)
+        if not self.fused:
+            # the piece as data for the composite graph: global flat positions, real or padding, parameter of
+            # each element (three arrays of L elements; the fused kernels take the bounds only)
+            positions, valid, owner = piece(sizes, rank, world)
+            self.positions, self.valid, self.segments = Tensor(positions), Tensor(valid), Tensor(owner)
+        else:
+            n = self.n
             self.shard_sums = ops.Custom(fused_cpu.library_path() + ":LambShardSums",
                                          out_shape=lambda *shapes: (n, 2), out_dtype=lambda *types: mstype.float32,
                                          func_type="aot")
