@@ -15,7 +15,6 @@ a neutral value are left out of the graph (`contract.terms`), the bias correctio
 and the trust ratios of all parameters are computed at once, between a pass that writes the moments and
 returns each u' and a pass that writes the weights.
 """
-
 import numpy as np
 
 import mindspore.common.dtype as mstype
@@ -99,14 +98,14 @@ def rates(scalars, applied):
     return scalars[_OMB1] * gate, scalars[_OMB2] * gate
 
 
-def moments_and_update(scalars, terms, rescaled, rates, wd, w, m, v, gradient, m_dtype):
+def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradient, m_dtype):
     """u' of this step (`rescale`: u = c u'), for float32 `w` and `v` of any shape (a parameter, or a shard of
     one) and `m` stored in `m_dtype` (a name), after assigning the new moments to `m` and `v` (the new m rounded
     to `m_dtype`; u' is computed from that stored m). `terms` (contract.terms): the scalars whose terms the
     graph computes; `rescaled`: (c, e) of `rescale`; `wd`: lambda, None when w is not decayed.
 
-    `rates` (`rates`): the moments move by gate (1 - b) (x - moment), and MulNoNan makes 0 (x - moment) exactly
-    0 even where x is NaN or Inf: a skipped step leaves both moments exactly as they were.
+    `step_rates` (`rates`): each moment moves by gate (1 - b) (x - moment), and MulNoNan makes 0 (x - moment)
+    exactly 0 even where x is NaN or Inf: a skipped step leaves both moments exactly as they were.
     """
     c, e = rescaled
     g = F.cast(gradient, mstype.float32)
@@ -115,7 +114,7 @@ def moments_and_update(scalars, terms, rescaled, rates, wd, w, m, v, gradient, m
     if wd is not None and terms[_IN_GRAD]:
         g = g + (wd * scalars[_IN_GRAD]) * w                              # L2 mode: g + lambda w
     # v = v + (1 - b2) (g^2 - v): the exact 1 - b only
-    v_t = v + _mul_no_nan(F.square(g) - v, rates[1])
+    v_t = v + _mul_no_nan(F.square(g) - v, step_rates[1])
     v_t = F.depend(v_t, F.assign(v, v_t))
     # den = sqrt(v) + e, or sqrt(v^ + eps_root) (see `rescale`)
     if terms[_EPS_ROOT]:
@@ -128,7 +127,7 @@ def moments_and_update(scalars, terms, rescaled, rates, wd, w, m, v, gradient, m
     if terms[_M_GRAD_SCALE]:
         g = g * scalars[_M_GRAD_SCALE]
     m32 = as_float32(m, m_dtype)
-    m_t = stored(m32 + _mul_no_nan(g - m32, rates[0]), m_dtype)    # m as stored (rounded)
+    m_t = stored(m32 + _mul_no_nan(g - m32, step_rates[0]), m_dtype)    # m as stored (rounded)
     m_t = F.depend(m_t, F.assign(m, m_t))
     # u' = m / den + (lambda / c) w
     u = as_float32(m_t, m_dtype) / den
