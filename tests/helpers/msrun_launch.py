@@ -79,7 +79,7 @@ def _descendants(pid):
 
 
 def _kill(proc):
-    """Stop msrun and everything it started: the workers run in sessions of their own (setsid), so
+    """Stop msrun and everything it started: msrun starts the workers with setsid (out of our process group), so
     SIGINT msrun first (its handler kills workers and scheduler), then SIGKILL whatever is left."""
     spawned = _descendants(proc.pid)
     try:
