@@ -29,6 +29,7 @@ _reduce_sum = P.ReduceSum(keep_dims=False)
 _stack = P.Stack()
 _isfinite = P.IsFinite()
 _mul_no_nan = P.MulNoNan()
+_assign_sub = P.AssignSub()
 _ZERO = Tensor(0.0, mstype.float32)
 (_OMB1, _OMB2, _M_GRAD_SCALE, _EPS, _EPS_ROOT, _INV_BC1, _INV_BC2, _GRAD_SCALE, _IN_GRAD, _IN_UPDATE, _OUTSIDE,
  _W_NORM_MAX, _LO, _HI, _PROCEED) = (INDEX[name] for name in (
@@ -207,9 +208,11 @@ def _lamb_apply(keep, lr_q, param, u, owned):
 
 @lamb_apply.register("Tensor", "Tensor", "Tensor", "Bool")
 def _lamb_apply_no_keep(lr_q, param, u, owned):
-    """Pass 2 without weight decay outside the trust ratio: w = w - (lr q) u'."""
+    """Pass 2 without weight decay outside the trust ratio: w = w - (lr q) u' (in place for float32 w)."""
     if not owned:
         return u
+    if F.dtype(param) == mstype.float32:
+        return _assign_sub(param, _mul_no_nan(u, lr_q))                   # see `step`
     return F.assign(param, F.cast(step(None, F.cast(param, mstype.float32), lr_q, u), F.dtype(param)))
 
 
