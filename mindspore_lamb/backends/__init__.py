@@ -69,7 +69,7 @@ def select(params, slots=None, device_target=None, name=None):
         if loud and backend.name not in _warned and backend is not BACKENDS[-1]:
             _warned.add(backend.name)
             warnings.warn(f"mindspore_lamb: the {backend.name} backend is not used ({reason}); Lamb takes the "
-                          f"composite graph, about 7x slower per optimizer step on CPU (BERT-base shapes, "
+                          f"composite graph, about 8x slower per optimizer step on CPU (BERT-base shapes, "
                           f"benchmarks/README.md). Install g++ with OpenMP to get it, or set "
                           f"MINDSPORE_LAMB_FUSED=0 to silence this.",
                           RuntimeWarning, stacklevel=3)
