@@ -25,6 +25,7 @@ import numpy as np
 from mindspore import Parameter, Tensor
 from mindspore.nn import Cell
 
+from ._files import CheckpointError, load
 from .backends.sharded import NAMES_PARAMETER, RANK_PARAMETER, names_record, piece, piece_length, shard_record
 from .state import PREFIXES, SLOTS
 
@@ -51,12 +52,14 @@ def _weight_key(state, name):
 
 
 def _load(shards):
-    """[(label, state)]: state dicts as they are, paths loaded with ``ms.load_checkpoint`` (label: the path)."""
+    """[(label, state)]: state dicts as they are, paths loaded with their CRC checked (label: the path)."""
     out = []
     for index, shard in enumerate(shards):
         if isinstance(shard, (str, os.PathLike)):
-            import mindspore as ms
-            out.append((os.fspath(shard), ms.load_checkpoint(os.fspath(shard))))
+            try:
+                out.append((os.fspath(shard), load(os.fspath(shard))))
+            except CheckpointError as err:
+                raise ValueError(f"For 'sharding.merge', {err}.") from None
         else:
             out.append((f"shards[{index}]", shard))
     return out

@@ -23,7 +23,8 @@ DIRECTIVE = re.compile(r"^(?P<indent> *)\.\. py:(?P<kind>class|function|method|a
 SECTIONS = ("参数:", "输入:", "输出:", "返回:", "异常:", "支持平台:", "样例:")
 # the public API beyond mindspore_lamb.__all__: the modules users call directly (docs/api/index.rst)
 PUBLIC_MODULES = {"mindspore_lamb.sharding": ["merge", "cut"],
-                  "mindspore_lamb.resume": ["resume", "StepCheckpoint", "GlobalStep", "newest", "save", "checkpoints"]}
+                  "mindspore_lamb.resume": ["resume", "StepCheckpoint", "GlobalStep", "newest", "save", "checkpoints",
+                                            "load", "lock", "release", "run_id"]}
 
 
 def _resolve(dotted):
