@@ -166,12 +166,47 @@ def _check_links():
 
 def test_link_check_finds_broken_internal_links(tmp_path):
     (tmp_path / "api").mkdir()
-    (tmp_path / "index.html").write_text('<a href="api/page.html#args">ok</a> <a href="missing.html">x</a> '
+    (tmp_path / "index.html").write_text('<html lang="en"><a href="api/page.html#args">ok</a> <a href="missing.html">x</a> '
                                          '<a href="api/page.html#nowhere">y</a> <a href="https://example.org/z">z</a>'
                                          '<img src="_static/logo.png">')
-    (tmp_path / "api" / "page.html").write_text('<h2 id="args">Args</h2><a href="../index.html">up</a>')
+    (tmp_path / "api" / "page.html").write_text('<html lang="en"><h2 id="args">Args</h2><a href="../index.html">up</a>')
     broken, pages = _check_links().broken_links(str(tmp_path))
     assert pages == 2
     assert sorted((link, why.split(" ")[0]) for _, link, why in broken) == [
         ("_static/logo.png", "no"), ("api/page.html#nowhere", "no"), ("missing.html", "no")]
     assert any("no id 'nowhere'" in why for _, _, why in broken)
+
+
+def test_site_check_finds_resources_from_the_network(tmp_path):
+    """The site must work offline: a script, stylesheet or image from http(s) or // is reported (MathJax from a CDN
+    left the update rule as raw TeX without the network); plain links to other sites are not."""
+    (tmp_path / "index.html").write_text(
+        '<html lang="en"><script defer src="https://cdn.jsdelivr.net/npm/mathjax@4/tex-mml-chtml.js"></script>'
+        '<link rel="stylesheet" href="//fonts.example.org/a.css"><img src="http://example.org/i.png">'
+        '<script src="_static/local.js"></script><a href="https://arxiv.org/abs/1904.00962">paper</a></html>')
+    (tmp_path / "_static").mkdir()
+    (tmp_path / "_static" / "local.js").write_text("")
+    broken, _ = _check_links().broken_links(str(tmp_path))
+    assert sorted(link for _, link, _ in broken) == [
+        "//fonts.example.org/a.css", "http://example.org/i.png", "https://cdn.jsdelivr.net/npm/mathjax@4/tex-mml-chtml.js"]
+    assert all("network" in why for _, _, why in broken)
+
+
+def test_site_check_wants_lang_zh_on_the_chinese_pages(tmp_path):
+    (tmp_path / "Lamb.zh.html").write_text('<html lang="en"></html>')
+    (tmp_path / "Lamb.html").write_text('<html lang="en"></html>')
+    (tmp_path / "index.zh.html").write_text('<html class="no-js" lang="zh"></html>')
+    broken, pages = _check_links().broken_links(str(tmp_path))
+    assert pages == 3 and [(os.path.basename(page), why) for page, _, why in broken] == [
+        ("Lamb.zh.html", "lang='en', expected 'zh'")]
+
+
+def test_conf_marks_the_chinese_pages_lang_zh():
+    spec = importlib.util.spec_from_file_location("docs_conf", os.path.join(ROOT, "docs", "conf.py"))
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    contexts = {page: {"language": "en"} for page in ("api/mindspore_lamb.Lamb.zh", "api/index.zh", "api/lamb")}
+    for page, context in contexts.items():
+        conf._page_language(None, page, "page.html", context, None)
+    assert {page: c["language"] for page, c in contexts.items()} == {
+        "api/mindspore_lamb.Lamb.zh": "zh", "api/index.zh": "zh", "api/lamb": "en"}
