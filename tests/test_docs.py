@@ -210,3 +210,25 @@ def test_conf_marks_the_chinese_pages_lang_zh():
         conf._page_language(None, page, "page.html", context, None)
     assert {page: c["language"] for page, c in contexts.items()} == {
         "api/mindspore_lamb.Lamb.zh": "zh", "api/index.zh": "zh", "api/lamb": "en"}
+
+
+def _markdown_pages():
+    return [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+
+
+def test_markdown_pages_read_on_their_own():
+    """Links are plain Markdown ([text](page.md), which MyST resolves too), not MyST roles such as {doc}`page`
+    that show raw where the file is read alone (on GitHub); each relative .md link names a file."""
+    for path in _markdown_pages():
+        text = open(path, encoding="utf-8").read()
+        assert not re.findall(r"\{(?:doc|ref|any)\}`", text), f"{path}: a MyST role; use [text](page.md)"
+        for target in re.findall(r"\]\(([^)#:\s]+\.md)(?:#[^)]*)?\)", text):
+            assert os.path.isfile(os.path.join(os.path.dirname(path), target)), f"{path}: no {target}"
+
+
+def test_examples_use_set_device():
+    """MindSpore 2.5+ (so 2.7.1, the oldest supported) chooses the device with ms.set_device; the device_target
+    argument of set_context is deprecated."""
+    for path in _markdown_pages():
+        text = open(path, encoding="utf-8").read()
+        assert not re.search(r"set_context\([^)]*device_target", text), f"{path}: use ms.set_device(...)"
