@@ -232,3 +232,39 @@ def test_examples_use_set_device():
     for path in _markdown_pages():
         text = open(path, encoding="utf-8").read()
         assert not re.search(r"set_context\([^)]*device_target", text), f"{path}: use ms.set_device(...)"
+
+
+def _page_title(path):
+    """The title of a page of the site: a Markdown page's first '# ' heading, an rST page's first underlined line."""
+    lines = open(path, encoding="utf-8").read().splitlines()
+    if lines[0].startswith("```{include} "):                   # a page that shows another file (the changelog)
+        return _page_title(os.path.join(os.path.dirname(path), lines[0].split(" ", 1)[1]))
+    if path.endswith(".md"):
+        return next(line[2:] for line in lines if line.startswith("# "))
+    return next(line for line, under in zip(lines, lines[1:]) if under and set(under) <= set("=-~^") and line)
+
+
+def test_pages_have_distinct_titles():
+    """The sidebar and the search results tell the pages apart (the in-depth guide, the English and the Chinese
+    API page of Lamb were all "mindspore_lamb.Lamb")."""
+    pages = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")) + glob.glob(os.path.join(API, "*.md")) +
+                   glob.glob(os.path.join(API, "*.rst")))
+    titles = {}
+    for path in pages:
+        titles.setdefault(_page_title(path).replace("`", ""), []).append(os.path.relpath(path, ROOT))
+    assert len(pages) > 30 and {title: paths for title, paths in titles.items() if len(paths) > 1} == {}
+
+
+def test_changelog_tags_the_version():
+    """CHANGELOG.md: an [Unreleased] section on top, then the current version's release, dated; every release
+    below it older and dated."""
+    with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as handle:
+        headings = re.findall(r"^## (.*)$", handle.read(), re.M)
+    assert headings[0] == "[Unreleased]"
+    releases = [re.fullmatch(r"\[(\d+)\.(\d+)\.(\d+)\] - (\d{4}-\d{2}-\d{2})", heading) for heading in headings[1:]]
+    assert releases and all(releases), headings
+    assert ".".join(releases[0].groups()[:3]) == mindspore_lamb.__version__
+    versions = [tuple(int(part) for part in match.groups()[:3]) for match in releases]
+    assert versions == sorted(versions, reverse=True) and len(set(versions)) == len(versions)
+    dates = [match.group(4) for match in releases]
+    assert dates == sorted(dates, reverse=True)
