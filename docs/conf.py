@@ -48,7 +48,8 @@ nitpick_ignore_regex = [(r"py:.*", r"(mindspore|ms|nn|np|numpy|os)\..*"), (r"py:
 
 html_theme = "furo"
 html_title = f"mindspore_lamb {release}"
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]       # the presets table fits the page (docs/_static/custom.css)
 html_show_sourcelink = False
 
 
