@@ -1,8 +1,9 @@
 """The documentation site's sources kept in step with the code: each Chinese API page (docs/api/*.zh.rst, MindSpore's
 format) has the signature, the arguments and the defaults of the object it documents (inspect.signature), every
-public object has an English and a Chinese page, the hand-written signature of docs/api/lamb.md is the code's, and
-the internal-link check of the built site (docs/check_links.py) finds broken links. Building the site itself is
-docs/build.sh (CI runs it)."""
+public object has an English and a Chinese page, the hand-written signature of docs/api/lamb.md is the code's, the
+pages have distinct titles and plain Markdown links, the CHANGELOG tags the version, and the check of the built
+site (docs/check_links.py) finds broken links, resources loaded from the network and a wrong <html lang>.
+Building the site itself is docs/build.sh (CI runs it)."""
 import ast
 import glob
 import importlib
@@ -201,10 +202,16 @@ def test_site_check_wants_lang_zh_on_the_chinese_pages(tmp_path):
         ("Lamb.zh.html", "lang='en', expected 'zh'")]
 
 
-def test_conf_marks_the_chinese_pages_lang_zh():
+def _conf():
+    """docs/conf.py as a module (it imports mindspore_lamb, as the build does)."""
     spec = importlib.util.spec_from_file_location("docs_conf", os.path.join(ROOT, "docs", "conf.py"))
     conf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conf)
+    return conf
+
+
+def test_conf_marks_the_chinese_pages_lang_zh():
+    conf = _conf()
     contexts = {page: {"language": "en"} for page in ("api/mindspore_lamb.Lamb.zh", "api/index.zh", "api/lamb")}
     for page, context in contexts.items():
         conf._page_language(None, page, "page.html", context, None)
@@ -279,7 +286,5 @@ def test_presets_table_is_laid_out_to_fit():
     with open(os.path.join(ROOT, "docs", "_static", "custom.css"), encoding="utf-8") as handle:
         css = handle.read()
     assert re.search(r"table\.presets-table \{[^}]*table-layout: fixed; width: 100%", css)
-    spec = importlib.util.spec_from_file_location("docs_conf", os.path.join(ROOT, "docs", "conf.py"))
-    conf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conf)
+    conf = _conf()
     assert "_static" in conf.html_static_path and "custom.css" in conf.html_css_files
