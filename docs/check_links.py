@@ -29,7 +29,7 @@ class _Page(HTMLParser):
         if tag == "html":
             self.lang = dict(attrs).get("lang")
         loads = tag in ("script", "img", "iframe", "source", "audio", "video") or (
-            tag == "link" and dict(attrs).get("rel", "") in ("stylesheet", "preload", "modulepreload", "icon"))
+            tag == "link" and {"stylesheet", "preload", "modulepreload", "icon"} & set(dict(attrs).get("rel", "").split()))
         for name, value in attrs:
             if name in ("id", "name"):
                 self.ids.add(value)

@@ -184,12 +184,14 @@ def test_site_check_finds_resources_from_the_network(tmp_path):
     (tmp_path / "index.html").write_text(
         '<html lang="en"><script defer src="https://cdn.jsdelivr.net/npm/mathjax@4/tex-mml-chtml.js"></script>'
         '<link rel="stylesheet" href="//fonts.example.org/a.css"><img src="http://example.org/i.png">'
+        '<link rel="shortcut icon" href="https://example.org/favicon.ico">'
         '<script src="_static/local.js"></script><a href="https://arxiv.org/abs/1904.00962">paper</a></html>')
     (tmp_path / "_static").mkdir()
     (tmp_path / "_static" / "local.js").write_text("")
     broken, _ = _check_links().broken_links(str(tmp_path))
     assert sorted(link for _, link, _ in broken) == [
-        "//fonts.example.org/a.css", "http://example.org/i.png", "https://cdn.jsdelivr.net/npm/mathjax@4/tex-mml-chtml.js"]
+        "//fonts.example.org/a.css", "http://example.org/i.png", "https://cdn.jsdelivr.net/npm/mathjax@4/tex-mml-chtml.js",
+        "https://example.org/favicon.ico"]
     assert all("network" in why for _, _, why in broken)
 
 
