@@ -29,6 +29,10 @@ from ._files import CheckpointError, check_directory, check_prefix, load, lock, 
 from .backends.sharded import RANK_PARAMETER
 from .state import SLOTS, check_state
 
+# public here, where users look for them (and where the API pages document them)
+for _public in (CheckpointError, load, lock, release):
+    _public.__module__ = __name__
+
 STEP = "resume_step"          # checkpoint entry: the Model.train steps (data batches) done
 RUN = "resume_run"            # checkpoint entry (UTF-8 bytes): the id of the run that wrote it (<prefix>.run.json)
 CONFIG = "resume_config"      # checkpoint entry (UTF-8 bytes): JSON {"settings": {...}, "hyperparameters": {...}}
