@@ -187,13 +187,15 @@ class Lamb(Optimizer):
             ``params`` (required), ``lr``, ``weight_decay`` (number or Cell), ``grad_centralization``
             (bool), ``layer_adaptation`` (bool, default True; False gives the group AdamW-style steps,
             :math:`q = 1`) and ``order_params`` (alone in its dict).
-        learning_rate (Union[float, int, Tensor, Iterable, LearningRateSchedule]): fixed (number >= 0 or
-            0-D Tensor), per step (1-D Tensor or Iterable: element i at step i), or a schedule called with
-            the step.
+        learning_rate (Union[float, int, Tensor, Iterable, LearningRateSchedule]): fixed (number >= 0, or
+            0-D Tensor or NumPy array), per step (1-D Tensor, NumPy array or Iterable: element i at step i),
+            or a schedule called with the step. Tensors and arrays must have an int or float dtype.
         beta1 (float): decay rate of the first moment, in (0, 1). Default: ``0.9``.
         beta2 (float): decay rate of the second moment, in (0, 1). Default: ``0.999``.
-        eps (float): added to :math:`\sqrt{\hat v}`, > 0. Default: ``1e-6``.
-        weight_decay (Union[float, int, Cell]): :math:`\lambda`, >= 0, or a Cell called with the step.
+        eps (float): added to :math:`\sqrt{\hat v}`, in (0, 1] (a larger one erases the update). Default:
+            ``1e-6``.
+        weight_decay (Union[float, int, Cell]): :math:`\lambda`, >= 0, or a Cell called with the step (a
+            LearningRateSchedule, or a Cell without trainable parameters whose construct takes the step).
             Without groups it applies to parameters whose names contain neither ``beta`` nor ``gamma``.
             It is decoupled: never multiplied by ``loss_scale``. Default: ``0.0``.
         loss_scale (float): keyword-only; gradients are divided by it (use with
@@ -201,7 +203,8 @@ class Lamb(Optimizer):
         max_grad_norm (float): keyword-only; NVLAMB pre-normalisation: gradients are scaled by
             :math:`\min(1, \text{max\_grad\_norm} / G)`, :math:`G` the global L2 norm of all unscaled
             gradients of the call. Default: ``None`` (off).
-        trust_ratio_clip (tuple[float, float]): keyword-only; ``(lo, hi)`` clamps :math:`q`;
+        trust_ratio_clip (tuple[float, float]): keyword-only; ``(lo, hi)``, ``0 <= lo <= hi``, ``hi > 0``,
+            clamps :math:`q`;
             ``(0.0, 10.0)`` reproduces MindSpore's GPU kernel. Default: ``None`` (off).
         exact_skip (bool): keyword-only; what a call with a NaN or Inf gradient leaves behind (it never
             touches the parameters or ``global_step``, and it counts in :attr:`skipped_steps`).
@@ -269,7 +272,11 @@ class Lamb(Optimizer):
         TypeError: If `beta1`, `beta2` or `eps` is not a float.
         TypeError: If `weight_decay` is neither float, int nor Cell.
         TypeError: If `loss_scale` or `max_grad_norm` is not a float or int.
-        ValueError: If `eps` is less than or equal to 0.
+        ValueError: If `eps` is less than or equal to 0, or greater than 1.
+        TypeError: If a learning-rate Tensor or NumPy array has a bool or complex dtype.
+        TypeError: If a Cell given as `learning_rate` or `weight_decay` cannot take the step as its only input,
+            or is not a LearningRateSchedule and has trainable parameters (a layer, not a schedule).
+        ValueError: If `trust_ratio_clip` is not ``0 <= lo <= hi`` with ``hi`` a normal float32 > 0.
         ValueError: If `beta1`, `beta2` is not in range (0.0, 1.0).
         ValueError: If `weight_decay` is less than 0.
         ValueError: If `loss_scale` or `max_grad_norm` is less than or equal to 0.
