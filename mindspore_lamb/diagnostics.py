@@ -59,6 +59,10 @@ class TrustRatioMonitor(Callback):
     row of a step). The stats are those of the last *applied* update: after a skipped step (NaN/Inf
     gradients) they repeat the previous one, which ``global_step`` shows.
 
+    It checks the optimizer's state before the first step (:meth:`mindspore_lamb.Lamb.check_state`), warns
+    and stops training when a layer's norms are NaN or Inf or steps were invalid, and at the end of training
+    warns once, with the counts, if the optimizer skipped steps (every step skipped: nothing was trained).
+
     In a custom loop, call :meth:`record` yourself after a step.
 
     Args:
@@ -110,6 +114,8 @@ class TrustRatioMonitor(Callback):
         self.path = path
         self.records = []
         self._invalid = 0          # the optimizer's invalid_steps when last looked at
+        self._at_begin = (0, 0)    # the optimizer's skipped_steps and invalid_steps when training began
+        self._first_step = 0       # Model's cur_step_num when training began
 
     # ---- recording ----
 
@@ -130,9 +136,28 @@ class TrustRatioMonitor(Callback):
         if check is not None:
             check()
         self._invalid = self._invalid_steps()
+        self._at_begin = (getattr(self.optimizer, "skipped_steps", 0), self._invalid)
+        self._first_step = run_context.original_args().cur_step_num
 
     def _invalid_steps(self):
         return getattr(self.optimizer, "invalid_steps", 0)
+
+    def _warn_skipped(self, run_context):
+        """One warning at the end of training when the optimizer skipped steps: how many, of how many."""
+        skipped = getattr(self.optimizer, "skipped_steps", 0) - self._at_begin[0]
+        if skipped <= 0:
+            return
+        invalid = self._invalid_steps() - self._at_begin[1]
+        calls = run_context.original_args().cur_step_num - self._first_step
+        whole = (f"every step of this run ({calls}) was skipped: nothing was trained (is the loss NaN? "
+                 f"Lamb.check_state() and nonfinite_parameters() name damaged state)"
+                 if skipped >= calls else
+                 f"{skipped} of the {calls} steps of this run were skipped, the weights left as they were "
+                 f"(with dynamic loss scaling a few skips while the scale settles are expected)")
+        warnings.warn(f"{_NAME}: {whole}. The optimizer skipped {skipped} step(s) in this run: {invalid} "
+                      f"invalid (a learning-rate or weight-decay Cell's value), {skipped - invalid} with a NaN or "
+                      f"Inf gradient or a loss-scale overflow (Lamb.skipped_steps, Lamb.invalid_steps).",
+                      RuntimeWarning, stacklevel=2)
 
     def on_train_step_end(self, run_context):
         step = run_context.original_args().cur_step_num
@@ -157,6 +182,8 @@ class TrustRatioMonitor(Callback):
                 run_context.request_stop()
 
     def on_train_end(self, run_context):
+        """Warn once if the optimizer skipped steps during training (with the counts); save to `path`."""
+        self._warn_skipped(run_context)
         if self.path is not None:
             self.save(self.path)
 

@@ -1,6 +1,7 @@
 """TrustRatioMonitor: records, files and plot, on a loss-scaled, clipped run through Model.train."""
 import csv
 import json
+import re
 import sys
 
 import mindspore as ms
@@ -211,3 +212,22 @@ def test_bad_save_and_plot_arguments(tmp_path):
         monitor.plot(tmp_path / "x.png", top_k=0)
     with pytest.raises(TypeError, match="'top_k'.*'2'"):
         monitor.plot(tmp_path / "x.png", top_k="2")
+
+
+def test_skipped_steps_are_reported_once_at_the_end(rng):
+    """Model.train on a NaN loss at every step: every step is skipped, and the monitor says so once, with the
+    counts; a run with some skipped steps says how many of how many."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    for nan_rows, words in ((slice(None), r"every step of this run \(6\) was skipped.*skipped 6 step"),
+                            (slice(13, 14), r"1 of the 6 steps of this run were skipped.*0 invalid.*1 with a NaN")):
+        net = Block()
+        opt = Lamb(net.trainable_params(), learning_rate=0.05)
+        x = rng.standard_normal((24, 4)).astype(np.float32)
+        x[nan_rows, 0] = np.nan
+        data = ds.NumpySlicesDataset({"x": x, "t": np.zeros((24, 2), np.float32)}, shuffle=False).batch(4)
+        monitor = TrustRatioMonitor(opt, every=100)
+        with pytest.warns(RuntimeWarning) as caught:
+            ms.train.Model(net, nn.MSELoss(), opt).train(1, data, callbacks=[monitor], dataset_sink_mode=False)
+        messages = [str(w.message) for w in caught if "TrustRatioMonitor" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert re.search(words, messages[0]), messages[0]
