@@ -6,7 +6,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 
 import mindspore.common.dtype as mstype
-from mindspore import Parameter, Tensor, jit
+from mindspore import Parameter, ParameterTuple, Tensor, jit
 from mindspore.nn import Cell
 from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 from mindspore.nn.optim.optimizer import Optimizer, opt_init_args_register
@@ -384,6 +384,11 @@ class Lamb(Optimizer):
             self.constants.update(inv_bias_c1=1.0, inv_bias_c2=1.0)
         for name, value in options.constants().items():
             setattr(self, name, f32(value))
+        self.eps_outside = self.eps         # the field the step packs: 0 with eps_inside_sqrt
+        # nn.Lamb's attributes, with its types: the arguments as 1-element float32 Tensors, the device flag
+        self.beta1, self.beta2, self.eps = (Tensor(np.array([x], np.float32)) for x in (options.beta1,
+                                                                                        options.beta2, options.eps))
+        self.device_ascend = self._target == "Ascend"
         self.inv_loss_scale = f32(1.0 / self.loss_scale)
         self.max_grad_norm_t = f32(self.max_grad_norm if self.max_grad_norm is not None else 1.0)
         self.one = f32(1.0)
@@ -416,15 +421,15 @@ class Lamb(Optimizer):
         self.isfinite = P.IsFinite()
 
     @property
-    def moments1(self) -> Tuple[Parameter, ...]:
-        """tuple[Parameter]: the first moments (``lamb_m.<name>``, one per parameter; ``lamb_m.shard`` with
+    def moments1(self) -> ParameterTuple:
+        """ParameterTuple: the first moments (``lamb_m.<name>``, one per parameter; ``lamb_m.shard`` with
         ``shard_state=True``), stored in `mu_dtype`."""
-        return contract.slot_state(self.backend, "m")
+        return ParameterTuple(contract.slot_state(self.backend, "m"))
 
     @property
-    def moments2(self) -> Tuple[Parameter, ...]:
-        """tuple[Parameter]: the second moments (``lamb_v.<name>``; ``lamb_v.shard``), float32."""
-        return contract.slot_state(self.backend, "v")
+    def moments2(self) -> ParameterTuple:
+        """ParameterTuple: the second moments (``lamb_v.<name>``; ``lamb_v.shard``), float32."""
+        return ParameterTuple(contract.slot_state(self.backend, "v"))
 
     def _check_state_names(self):
         """The optimizer's own state (moments, schedules' values, diagnostics) named like a parameter."""
@@ -483,7 +488,7 @@ class Lamb(Optimizer):
             grad_scale = grad_scale * global_norm_factor(F.sqrt(grad_sq) * self.inv_loss_scale,
                                                          self.max_grad_norm_t)
         scalars = contract.pack(one_minus_beta1=self.one_minus_beta1, one_minus_beta2=self.one_minus_beta2,
-                                m_grad_scale=self.m_grad_scale, eps=self.eps, eps_root=self.eps_root,
+                                m_grad_scale=self.m_grad_scale, eps=self.eps_outside, eps_root=self.eps_root,
                                 inv_bias_c1=inv_bias_c1, inv_bias_c2=inv_bias_c2, grad_scale=grad_scale,
                                 decay_in_grad=self.decay_in_grad,
                                 decay_in_update=self.decay_in_update, decay_outside=self.decay_outside,
