@@ -32,6 +32,22 @@ def describe(value):
     return f"{type(value).__name__} {text}"
 
 
+# other libraries' names for Lamb's keywords (PyTorch's lr and betas, Keras' epsilon, TF's weight_decay_rate)
+KEYWORD_ALIASES = {"lr": ("learning_rate",), "betas": ("beta1", "beta2"), "epsilon": ("eps",),
+                   "weight_decay_rate": ("weight_decay",)}
+
+
+def _keyword_hint(name, valid):
+    """'did you mean ...? ' for an unknown keyword: another library's name for it, else the closest one."""
+    alias = KEYWORD_ALIASES.get(name, ())
+    if alias and all(a in valid for a in alias):
+        if len(alias) == 1:
+            return f"did you mean '{alias[0]}'? "
+        return f"did you mean {' and '.join(repr(a) for a in alias)} (one number each, not a tuple)? "
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def check_keywords(owner, function, args, kwargs):
     """Bind `args`, `kwargs` to `function`'s signature (`args` with ``self`` for a method) as Python would, but
     name `owner` and, for an unknown keyword, the closest valid one; a TypeError either way."""
@@ -43,9 +59,7 @@ def check_keywords(owner, function, args, kwargs):
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in positional]
     for name in kwargs:
         if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise TypeError(f"For '{owner}', {name!r} is not a keyword argument: {hint}"
+            raise TypeError(f"For '{owner}', {name!r} is not a keyword argument: {_keyword_hint(name, valid)}"
                             f"the keywords are {', '.join(valid)}.")
     try:
         signature.bind(*args, **kwargs)
@@ -368,7 +382,8 @@ def check_params(params, prim="Lamb"):
     the grouped parameters.
     """
     if isinstance(params, (Parameter, dict)) or not isinstance(params, Iterable):
-        raise TypeError(f"For '{prim}', the argument 'params' must be a list of Parameter or of dict, "
+        wrap = " (wrap it in a list: [param])" if isinstance(params, (Parameter, dict)) else ""
+        raise TypeError(f"For '{prim}', the argument 'params' must be a list of Parameter or of dict{wrap}, "
                         f"but got {describe(params)}.")
     params = list(params)
     if not params:
@@ -401,7 +416,8 @@ def check_params(params, prim="Lamb"):
             raise KeyError(f"For '{prim}', group {index} of 'params' has no 'params' key; got keys {list(group)}.")
         members = group["params"]
         if isinstance(members, Parameter) or not isinstance(members, Iterable):
-            raise TypeError(f"For '{prim}', 'params' of group {index} must be a list of Parameter, "
+            wrap = " (wrap it in a list: [param])" if isinstance(members, Parameter) else ""
+            raise TypeError(f"For '{prim}', 'params' of group {index} must be a list of Parameter{wrap}, "
                             f"but got {describe(members)}.")
         group = dict(group, params=parameter_list(members, f"'params' of group {index}", prim))
         if "lr" in group:

@@ -113,3 +113,26 @@ def test_every_public_attribute_of_nn_lamb_is_there_with_its_type():
         assert isinstance(mine, ParameterTuple), name
         assert [p.name for p in mine] == [p.name for p in reference], name
     assert ours.device_ascend is theirs.device_ascend is False
+
+
+@pytest.mark.parametrize("keyword, value, hint", [
+    ("lr", 1e-3, r"did you mean 'learning_rate'\?"),
+    ("betas", (0.9, 0.999), r"did you mean 'beta1' and 'beta2' \(one number each, not a tuple\)\?"),
+    ("epsilon", 1e-6, r"did you mean 'eps'\?"),
+], ids=["lr", "betas", "epsilon"])
+def test_other_libraries_keywords_suggest_ours(keyword, value, hint):
+    """PyTorch's lr and betas, Keras' epsilon: the error says which of Lamb's keywords they are."""
+    with pytest.raises(TypeError, match=rf"For 'Lamb', '{keyword}' is not a keyword argument: {hint}"):
+        Lamb(_params(), **{keyword: value})
+    if keyword != "lr":                 # preset takes learning_rate positionally
+        with pytest.raises(TypeError, match=rf"For 'Lamb.preset', '{keyword}' is not a keyword argument: {hint}"):
+            Lamb.preset("timm", _params(), 1e-3, **{keyword: value})
+
+
+def test_a_bare_parameter_is_to_be_wrapped_in_a_list():
+    param = _params()[0]
+    with pytest.raises(TypeError, match=r"'params' must be a list of Parameter or of dict \(wrap it in a list: "
+                                        r"\[param\]\), but got Parameter"):
+        Lamb(param, 1e-3)
+    with pytest.raises(TypeError, match=r"'params' of group 0 must be a list of Parameter \(wrap it in a list"):
+        Lamb([{"params": param}], 1e-3)
