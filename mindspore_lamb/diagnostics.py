@@ -57,7 +57,8 @@ class TrustRatioMonitor(Callback):
     the step: the number of applied updates, so it lags ``step`` after overflow-skipped steps),
     ``name``, ``trust_ratio``, ``w_norm``, ``u_norm`` and ``grad_norm`` (the same :math:`G` on every
     row of a step). The stats are those of the last *applied* update: after a skipped step (NaN/Inf
-    gradients) they repeat the previous one, which ``global_step`` shows.
+    gradients) they repeat the previous one, which ``global_step`` shows; before the first applied update
+    they are NaN.
 
     It checks the optimizer's state before the first step (:meth:`mindspore_lamb.Lamb.check_state`), warns
     and stops training when a layer's norms are NaN or Inf or steps were invalid, and at the end of training
@@ -163,8 +164,10 @@ class TrustRatioMonitor(Callback):
         step = run_context.original_args().cur_step_num
         if step % self.every == 0:
             self.record(step)
+            # before the first applied step every stat is NaN (and so is G): nothing is damaged yet
             bad = sorted({row["name"] for row in self.records[-len(self.optimizer.param_names):]
-                          if not (math.isfinite(row["w_norm"]) and math.isfinite(row["u_norm"]))})
+                          if math.isfinite(row["grad_norm"])
+                          and not (math.isfinite(row["w_norm"]) and math.isfinite(row["u_norm"]))})
             if bad:
                 warnings.warn(f"{_NAME}: step {step}: parameter(s) {bad} or their moments hold NaN or Inf values "
                               f"(their trust ratio reads NaN; Lamb leaves them as they are; the optimizer's "
@@ -261,7 +264,8 @@ class TrustRatioMonitor(Callback):
         names = list(series)
         if top_k is not None:
             def spread(name):
-                return max(abs(math.log(q)) if q > 0 else math.inf for q in series[name][1])
+                return max((abs(math.log(q)) if q > 0 else math.inf for q in series[name][1] if not math.isnan(q)),
+                           default=0.0)
             names = sorted(names, key=spread, reverse=True)[:top_k]
         outside = len(names) > 8                 # a long legend goes beside the axes, not over the curves
         fig = Figure(figsize=(13 if outside else 8, 5))
@@ -270,7 +274,7 @@ class TrustRatioMonitor(Callback):
         for name in names:
             steps, ratios = series[name]
             axes.plot(steps, ratios, marker=".", label=name)
-        if all(q > 0 for name in names for q in series[name][1]):
+        if all(q > 0 for name in names for q in series[name][1] if not math.isnan(q)):
             axes.set_yscale("log")
         axes.set_xlabel("step")
         axes.set_ylabel("trust ratio  ||w|| / ||u||")

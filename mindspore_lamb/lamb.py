@@ -408,9 +408,10 @@ class Lamb(Optimizer):
 
     def _add_diagnostics(self):
         """The diagnostics of the last applied step, written inside the graph (no host sync in the step). They
-        are runtime state, left out of checkpoints (which keep nn.Lamb's layout: docs/api/lamb.md)."""
-        self.layer_stats = _runtime_state(np.zeros((self.param_length, 3), np.float32), "lamb_layer_stats")
-        self.last_grad_norm = _runtime_state(np.float32(0.0), "lamb_grad_norm")
+        are runtime state, left out of checkpoints (which keep nn.Lamb's layout: docs/api/lamb.md). NaN until
+        the first applied step: 0.0 would read as "no update" (an applied step always has a finite G)."""
+        self.layer_stats = _runtime_state(np.full((self.param_length, 3), np.nan, np.float32), "lamb_layer_stats")
+        self.last_grad_norm = _runtime_state(np.float32(np.nan), "lamb_grad_norm")
         self.skipped = _runtime_state(np.int32(0), "lamb_skipped_steps")
         self.invalid = _runtime_state(np.int32(0), "lamb_invalid_steps")
         self.ones = Tensor(np.ones(self.param_length, np.float32))
@@ -577,7 +578,9 @@ class Lamb(Optimizer):
         """list[str]: parameters whose ||w|| or ||u|| was NaN or Inf at the last applied step (a NaN/Inf inside
         the weights, or inside their moments, e.g. from a bad checkpoint: :meth:`check_state` says which): Lamb
         leaves them as they are and reports their trust ratio as NaN; :class:`mindspore_lamb.TrustRatioMonitor`
-        warns and stops training when it sees one."""
+        warns and stops training when it sees one. Empty before the first applied step."""
+        if math.isnan(self.global_grad_norm):
+            return []                   # no step applied yet: the stats are NaN by construction
         stats = self.layer_stats.asnumpy()
         return [name for name, row in zip(self.param_names, stats[:, 1:].tolist()) if not all(map(math.isfinite, row))]
 
@@ -603,16 +606,18 @@ class Lamb(Optimizer):
         return tuple(name for name, adapt in zip(self.param_names, self.adapt_flags) if adapt)
 
     def trust_ratios(self) -> Dict[str, float]:
-        """dict: parameter name -> trust ratio q applied at the last step."""
+        """dict: parameter name -> trust ratio q applied at the last applied step; NaN before the first one (in
+        this process: the diagnostics are not checkpointed)."""
         return dict(zip(self.param_names, self.layer_stats.asnumpy()[:, 0].tolist()))
 
     def layer_norms(self) -> Dict[str, Tuple[float, float, float]]:
-        """dict: parameter name -> (q, ||w||, ||u||) of the last step; ||w|| is before the update."""
+        """dict: parameter name -> (q, ||w||, ||u||) of the last applied step; ||w|| is before the update. NaN
+        before the first applied step (in this process)."""
         stats = self.layer_stats.asnumpy().copy()
         return {name: tuple(row.tolist()) for name, row in zip(self.param_names, stats)}
 
     @property
     def global_grad_norm(self) -> float:
         """float: :math:`G` of the last applied (not skipped) call, the global L2 norm of the unscaled gradients (before
-        max_grad_norm)."""
+        max_grad_norm); NaN before the first applied call (in this process)."""
         return float(self.last_grad_norm.asnumpy())

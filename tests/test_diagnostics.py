@@ -173,6 +173,24 @@ def test_global_grad_norm(mode, path, exact_skip, loss_scale, rng):
     assert opt.global_grad_norm == pytest.approx(want_g, rel=1e-6)
 
 
+def test_readers_are_nan_before_the_first_applied_step(mode, path, rng):
+    """0.0 would read as "no update": before any applied step (and after a skipped one) the trust ratios, the
+    norms and G are NaN, and no parameter is called non-finite; the first applied step fills them in."""
+    net = Block()
+    opt = Lamb(net.trainable_params(), learning_rate=0.1, backend=path)
+    shapes = [p.shape for p in net.trainable_params()]
+    nan_grads = tuple(ms.Tensor(np.full(shape, np.nan, np.float32)) for shape in shapes)
+    for step in range(2):
+        assert np.isnan(list(opt.trust_ratios().values())).all()
+        assert np.isnan(list(opt.layer_norms().values())).all()
+        assert np.isnan(opt.global_grad_norm) and opt.nonfinite_parameters() == []
+        opt(nan_grads)                              # skipped: still nothing applied
+    assert opt.skipped_steps == 2
+    opt(tuple(ms.Tensor(rng.standard_normal(shape).astype(np.float32)) for shape in shapes))
+    assert np.isfinite(list(opt.layer_norms().values())).all() and np.isfinite(opt.global_grad_norm)
+    assert opt.nonfinite_parameters() == []
+
+
 def test_missing_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
     opt = Lamb(Block().trainable_params(), learning_rate=0.1)
     monitor = TrustRatioMonitor(opt)
