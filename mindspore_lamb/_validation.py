@@ -438,8 +438,12 @@ def check_params(params, prim="Lamb"):
 
 
 def check_unique(params, prim):
+    """Each parameter once, and named on one line (the sharded state records the names one per line)."""
     seen = set()
     for param in params:
+        if param.name and param.name.splitlines() != [param.name]:
+            raise ValueError(f"For '{prim}', the parameter name {param.name!r} holds a line break, which "
+                             f"checkpoints of the sharded state cannot record; rename the parameter.")
         if param.name in seen:
             raise ValueError(f"For '{prim}', the parameter '{param.name}' appears more than once in 'params'.")
         seen.add(param.name)

@@ -293,6 +293,7 @@ class Lamb(Optimizer):
         ValueError: If a parameter has no element.
         TypeError: If a gradient is not a floating Tensor.
         ValueError: If a parameter appears twice, or the gradients do not match the parameters.
+        ValueError: If a parameter name holds a line break.
         ValueError: If `finite` is a Tensor of more than one element.
         TypeError: If `finite` is neither None, a bool nor a Tensor, or a gradient is None.
         ValueError: If a learning-rate or weight-decay Cell returns a Tensor of more than one element.

@@ -1,5 +1,7 @@
 """Every documented error (docs/api/lamb.md, "Raises"): raised in the constructor (gradient mismatches at
 the first call), with a message naming the argument and the value received."""
+import re
+
 import numpy as np
 import pytest
 
@@ -205,3 +207,13 @@ def test_weight_decay_schedule_cell_is_accepted_and_applied():
         trained.append(params[0].asnumpy())
     np.testing.assert_allclose(trained[0], trained[1], rtol=1e-6)
     assert np.abs(trained[0] - trained[2]).max() > 1e-4      # the decay is applied
+
+
+@pytest.mark.parametrize("name", ["dense\nweight", "dense\rweight", "a\u2028b"])
+def test_parameter_name_with_a_line_break_is_refused(name):
+    """The sharded state records the names one per line: such a name could not be merged back."""
+    a, b = _params()
+    a.name = name
+    for params in ([a, b], [{"params": [a]}, {"params": [b]}]):
+        with pytest.raises(ValueError, match=rf"'Lamb'.*{re.escape(repr(name))}.*line break.*rename"):
+            Lamb(params, 0.1)
