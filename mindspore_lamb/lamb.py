@@ -243,6 +243,8 @@ class Lamb(Optimizer):
             ``None`` or ``"float32"``, ``"float16"`` or ``"bfloat16"`` (or the mindspore dtype), as optax's
             ``mu_dtype``. It is computed in float32, rounded to nearest when stored, and the step uses it as
             stored; checkpoints hold it in this dtype. A 16-bit one saves 2 bytes per parameter element.
+            float16 stores an :math:`|m|` above 65504 as Inf, which the next step makes NaN: that parameter
+            is frozen from then on (see Outputs).
             bfloat16 on CPU needs the fused CPU backend (MindSpore 2.10 cannot write a bfloat16 Parameter
             on CPU). Default: ``None`` (float32).
         backend (str): keyword-only; the backend of the update, ``"fused_cpu"`` (one C++ kernel: CPU,
@@ -264,7 +266,8 @@ class Lamb(Optimizer):
         So is a call whose learning-rate or weight-decay Cell returns NaN, Inf or a negative value, or whose
         ``global_step`` is negative (:attr:`invalid_steps`). A parameter that already holds a NaN or Inf, in
         its weights or its moments, is left as it is; its trust ratio reads NaN (:meth:`nonfinite_parameters`
-        names it, :meth:`check_state` names damaged moments).
+        names it, :meth:`check_state` names damaged moments). Such a call still counts as applied for the
+        other parameters (``global_step`` advances), so that parameter stays frozen until its state is repaired.
 
     Raises:
         TypeError: If `learning_rate` is not one of int, float, Tensor, Iterable, LearningRateSchedule.
