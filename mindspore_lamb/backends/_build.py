@@ -196,9 +196,8 @@ def _compiler_identity(cxx):
 
 def _build_in(directory, name, cxx, setting, flags, src):
     lib = os.path.join(directory, name)
-    if os.path.isdir(lib) and not os.path.islink(lib):
-        raise IsADirectoryError(errno.EISDIR, f"{os.strerror(errno.EISDIR)}: the library's path {lib} is a "
-                                              f"directory (remove it)", lib)
+    if os.path.isdir(lib) and not os.path.islink(lib):      # named by its path (reading it names a descriptor)
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), lib)
     if not _verified(lib):
         _compile(cxx, setting, flags, src, directory, lib)
         if not _verified(lib):
