@@ -272,7 +272,7 @@ def test_decay_outside_the_trust_ratio_beyond_one_is_refused_or_skipped(mode, pa
     for p, b in zip(params, before):
         np.testing.assert_array_equal(p.asnumpy(), b)
     assert opt.invalid_steps == 1
-    assert all(w_norm >= 0 for _, w_norm, _ in opt.layer_norms().values())
+    assert np.isnan(list(opt.layer_norms().values())).all()     # nothing recorded: no step applied yet
 
 
 def test_monitor_stops_training_on_invalid_steps():
