@@ -200,8 +200,10 @@ def main(argv=None):
     except ValueError as err:           # nothing is written
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    ms.save_checkpoint(list(merged.values()), args.out)
-    print(f"merged {len(args.shards)} worker checkpoints into {args.out}")
+    # ms.save_checkpoint adds .ckpt to a name without it: say the path it writes
+    out = args.out if args.out.endswith(".ckpt") else args.out + ".ckpt"
+    ms.save_checkpoint(list(merged.values()), out)
+    print(f"merged {len(args.shards)} worker checkpoints into {out}")
 
 
 if __name__ == "__main__":
