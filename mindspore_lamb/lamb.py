@@ -359,6 +359,7 @@ class Lamb(Optimizer):
         self._keep(options)
         self._resolve_flags(options)
         self._add_diagnostics()
+        self._add_step_helpers()
         # the backend of the update, chosen once; it allocates the declared state (backends/__init__.py)
         self.backend = backends.create(self.params, declare({"m": self.mu_dtype}), decay_flags=self.decay_flags,
                                        adapt_flags=self.adapt_flags, owned_flags=self.optim_filter,
@@ -386,9 +387,17 @@ class Lamb(Optimizer):
             self.constants["grad_scale"] = 1.0 / self.loss_scale
         if self.bias_correction is not True:
             self.constants.update(inv_bias_c1=1.0, inv_bias_c2=1.0)
-        for name, value in options.constants().items():
-            setattr(self, name, f32(value))
-        self.eps_outside = self.eps         # the field the step packs: 0 with eps_inside_sqrt
+        # the step's fixed scalars (contract.pack's fields that never change), each a float32 Tensor
+        fixed = {name: f32(value) for name, value in options.constants().items()}
+        self.one_minus_beta1, self.one_minus_beta2 = fixed.pop("one_minus_beta1"), fixed.pop("one_minus_beta2")
+        self.m_grad_scale = fixed.pop("m_grad_scale")                  # 1, or 1 / (1 - b1) without averaging
+        # r = m^ / (sqrt(v^ + eps_root) + eps_outside): one of the two is eps, the other 0 (eps_inside_sqrt)
+        self.eps_outside, self.eps_root = fixed.pop("eps"), fixed.pop("eps_root")
+        self.decay_in_grad, self.decay_in_update, self.decay_outside = (
+            fixed.pop("decay_in_grad"), fixed.pop("decay_in_update"), fixed.pop("decay_outside"))  # 0 or 1 each
+        self.w_norm_max = fixed.pop("w_norm_max")                      # ||w|| clipped at this (inf: none)
+        self.trust_lo, self.trust_hi = fixed.pop("trust_lo"), fixed.pop("trust_hi")   # q clipped to [lo, hi]
+        assert not fixed, f"Options.constants() has fields the step does not read: {sorted(fixed)}"
         # nn.Lamb's attributes, with its types: the arguments as 1-element float32 Tensors, the device flag
         self.beta1, self.beta2, self.eps = (Tensor(np.array([x], np.float32)) for x in (options.beta1,
                                                                                         options.beta2, options.eps))
@@ -418,6 +427,9 @@ class Lamb(Optimizer):
         self.last_grad_norm = _runtime_state(np.float32(np.nan), "lamb_grad_norm")
         self.skipped = _runtime_state(np.int32(0), "lamb_skipped_steps")
         self.invalid = _runtime_state(np.int32(0), "lamb_invalid_steps")
+
+    def _add_step_helpers(self):
+        """Constant tensors and operators the step uses (one per parameter where it says so)."""
         self.ones = Tensor(np.ones(self.param_length, np.float32))
         self.zeros = Tensor(np.zeros(self.param_length, np.float32))
         self.decay_mask = Tensor(np.array(self.decay_flags, np.bool_))
