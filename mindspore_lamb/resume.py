@@ -242,7 +242,7 @@ def newest(cell: ms.nn.Cell, directory: str, prefix: str, peers: Sequence[str] =
         runs = [run_id(d, prefix) for d in (directory, *peers)]
     except ValueError as err:
         if not allow_foreign:
-            raise RuntimeError(f"No checkpoint of '{directory}' is resumed from: {err} (allow_foreign=True "
+            raise RuntimeError(f"No checkpoint of '{directory}' can be resumed from: {err} (allow_foreign=True "
                                f"resumes all the same)") from None
         runs = [None] * (1 + len(peers))
     others = [checkpoints(peer, prefix) for peer in peers]
