@@ -28,7 +28,6 @@ from .contract import INDEX, dtype_name, parameter_state, per_parameter, terms
 _reduce_sum = P.ReduceSum(keep_dims=False)
 _stack = P.Stack()
 _isfinite = P.IsFinite()
-_mul_no_nan = P.MulNoNan()
 _assign_sub = P.AssignSub()
 _ZERO = Tensor(0.0, mstype.float32)
 (_OMB1, _OMB2, _M_GRAD_SCALE, _EPS, _EPS_ROOT, _INV_BC1, _INV_BC2, _GRAD_SCALE, _IN_GRAD, _IN_UPDATE, _OUTSIDE,
@@ -71,6 +70,13 @@ def as_float32(x, dtype):
     return x if dtype == "float32" else F.cast(x, mstype.float32)
 
 
+def times(x, rate):
+    """x * rate for a float32 0-D `rate`, exactly 0 where the rate is 0 even where x is NaN or Inf (0 * NaN is 0):
+    the product, or 0 selected when the rate is 0. The semantics of MulNoNan, which has no native Ascend kernel
+    (only an AICPU one, docs/operators.md); x * rate is the same float32 product."""
+    return F.select(rate != 0.0, x * rate, _ZERO)
+
+
 def rescale(scalars, terms):
     """(c, e) of the update as the composite rule computes it: u = c u' and u' = m / (den + e) + (lambda / c) w,
     with den = sqrt(v) (eps outside the square root) or sqrt(v^ + eps_root); None where c is 1 or e is 0.
@@ -93,10 +99,10 @@ def rescale(scalars, terms):
 
 
 def rates(scalars, applied):
-    """(gate (1 - b1), gate (1 - b2)): the moments' rates of this step, with gate 1 when the step is `applied`,
-    0 when it is not (the caller's verdict, or a NaN/Inf in the gradients: G not finite). Once per step."""
-    gate = F.cast(applied, mstype.float32)
-    return scalars[_OMB1] * gate, scalars[_OMB2] * gate
+    """(1 - b1, 1 - b2, applied): the moments' rates of this step, and whether it is `applied` (False: the
+    caller's verdict, or a NaN/Inf in the gradients, G not finite: the moments keep their values). Once per
+    step."""
+    return scalars[_OMB1], scalars[_OMB2], applied
 
 
 def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradient, m_dtype):
@@ -105,8 +111,8 @@ def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradie
     to `m_dtype`; u' is computed from that stored m). `terms` (contract.terms): the scalars whose terms the
     graph computes; `rescaled`: (c, e) of `rescale`; `wd`: lambda, None when w is not decayed.
 
-    `step_rates` (`rates`): each moment moves by gate (1 - b) (x - moment), and MulNoNan makes 0 (x - moment)
-    exactly 0 even where x is NaN or Inf: a skipped step leaves both moments exactly as they were.
+    `step_rates` (`rates`): each moment moves to moment + (1 - b) (x - moment) (Lerp: the same float32
+    operations), or, on a step not applied, is selected as it was, exactly, even where x is NaN or Inf.
     """
     c, e = rescaled
     g = F.cast(gradient, mstype.float32)
@@ -114,8 +120,8 @@ def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradie
         g = g * scalars[_GRAD_SCALE]                                      # unscale (+ NVLAMB pre-normalisation)
     if wd is not None and terms[_IN_GRAD]:
         g = g + (wd * scalars[_IN_GRAD]) * w                              # L2 mode: g + lambda w
-    # v = v + (1 - b2) (g^2 - v): the exact 1 - b only
-    v_t = v + _mul_no_nan(F.square(g) - v, step_rates[1])
+    # v = v + (1 - b2) (g^2 - v): the exact 1 - b only; v as it was when the step is not applied
+    v_t = F.select(step_rates[2], F.lerp(v, F.square(g), step_rates[1]), v)
     v_t = F.depend(v_t, F.assign(v, v_t))
     # den = sqrt(v) + e, or sqrt(v^ + eps_root) (see `rescale`)
     if terms[_EPS_ROOT]:
@@ -128,7 +134,7 @@ def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradie
     if terms[_M_GRAD_SCALE]:
         g = g * scalars[_M_GRAD_SCALE]
     m32 = as_float32(m, m_dtype)
-    m_t = stored(m32 + _mul_no_nan(g - m32, step_rates[0]), m_dtype)    # m as stored (rounded)
+    m_t = stored(F.select(step_rates[2], F.lerp(m32, g, step_rates[0]), m32), m_dtype)   # m as stored (rounded)
     m_t = F.depend(m_t, F.assign(m, m_t))
     # u' = m / den + (lambda / c) w
     u = as_float32(m_t, m_dtype) / den
@@ -170,8 +176,8 @@ def trust_ratio(scalars, terms, applied, lr, w_norm, u_norm, keep, adapt):
 
 def step(keep, w, lr_q, u):
     """w = keep w - lr q u (`keep` None: 1), where lr q = 0 leaves w exactly as it is even where u is NaN or Inf
-    (MulNoNan: 0 * NaN is 0): a skipped step (its hyper-parameters may be NaN) or a layer with damaged moments."""
-    return (w if keep is None else keep * w) - _mul_no_nan(u, lr_q)
+    (`times`: 0 * NaN is 0): a skipped step (its hyper-parameters may be NaN) or a layer with damaged moments."""
+    return (w if keep is None else keep * w) - times(u, lr_q)
 
 
 @lamb_moments.register("Tuple", "Tuple", "Tuple", "Tuple", "String", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
@@ -212,7 +218,7 @@ def _lamb_apply_no_keep(lr_q, param, u, owned):
     if not owned:
         return u
     if F.dtype(param) == mstype.float32:
-        return _assign_sub(param, _mul_no_nan(u, lr_q))                   # see `step`
+        return _assign_sub(param, times(u, lr_q))                   # see `step`
     return F.assign(param, F.cast(step(None, F.cast(param, mstype.float32), lr_q, u), F.dtype(param)))
 
 
