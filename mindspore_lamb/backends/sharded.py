@@ -6,13 +6,13 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
 
 1. updates the moments of its piece and computes the update u there, with the composite rule
    (``composite.moments_and_update``) or the fused CPU kernel's first pass;
-2. sums ||w||^2 and ||u||^2 of each parameter over its piece (accumulated in float64), and ONE all-reduce of that
-   (n, 2) array gives every worker the norms of whole layers, so the trust ratios are exact;
+2. sums ||w||^2 and ||u||^2 of each parameter over its piece (float32 ReduceSums over the slices of the piece
+   that each parameter covers, known when the backend is built), and ONE all-reduce of that (n, 2) array gives
+   every worker the norms of whole layers, so the trust ratios are exact;
 3. applies w = keep w - lr q u to its piece, and ONE all-gather of the pieces gives every worker the full
    weights after the step.
 
-The graph is the same on every worker (which piece is a worker's own is data, not graph structure), so
-every worker issues the same collectives in the same order. The state is one Parameter of L elements per
+Every worker issues the same collectives in the same order (its piece only changes which slices it sums). The state is one Parameter of L elements per
 slot of ``state.SLOTS``, in the slot's dtype: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names``
 (the parameter names, UTF-8) and ``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds)
 let ``mindspore_lamb.sharding`` merge the workers' checkpoints into a full one, checking that they fit
@@ -50,6 +50,19 @@ def piece(sizes, rank, world):
     clamped = np.minimum(positions, total - 1)
     owner = np.searchsorted(np.cumsum(sizes), clamped, side="right")
     return clamped.astype(np.int32), valid.astype(np.float32), np.where(valid, owner, len(sizes)).astype(np.int32)
+
+
+def local_slices(sizes, rank, world):
+    """((i, a, b), ...): the run of parameters i from the first to the last whose elements lie in worker `rank`'s
+    piece, each with the slice [a, b) of the piece it covers (empty for a parameter of no elements)."""
+    width = piece_length(sum(sizes), world)
+    start, end = rank * width, min((rank + 1) * width, sum(sizes))
+    offsets = np.cumsum([0] + list(sizes))
+    inside = [i for i in range(len(sizes)) if max(offsets[i], start) < min(offsets[i + 1], end)]
+    if not inside:
+        return ()
+    return tuple((i, int(min(max(offsets[i], start), end) - start), int(max(min(offsets[i + 1], end), start) - start))
+                 for i in range(inside[0], inside[-1] + 1))
 
 
 def data_parallel_group(parallel_optimizer):
@@ -122,6 +135,13 @@ class ShardedBackend(nn.Cell):
             # each element (three arrays of L elements; the fused kernels take the bounds only)
             positions, valid, owner = piece(sizes, rank, world)
             self.positions, self.valid, self.segments = Tensor(positions), Tensor(valid), Tensor(owner)
+            # the slices [a, b) of the piece that parameters first .. first + len - 1 cover (the others: 0)
+            self.slices = local_slices(sizes, rank, world)
+            self.first = self.slices[0][0] if self.slices else 0
+            self.before = Tensor(np.zeros((self.first, 2), np.float32)) if self.first else None
+            rest = self.n - self.first - len(self.slices)
+            self.after = Tensor(np.zeros((rest, 2), np.float32)) if rest else None
+            self.zeros2 = Tensor(np.zeros(2, np.float32))
         else:
             n = self.n
             self.shard_sums = ops.Custom(fused_cpu.library_path() + ":LambShardSums",
@@ -139,7 +159,7 @@ class ShardedBackend(nn.Cell):
         self.sum_of_squares = composite.SumOfSquares()
         self.all_reduce = P.AllReduce()
         self.all_gather = P.AllGather()
-        self.segment_sum = P.UnsortedSegmentSum()
+        self.reduce_sum = P.ReduceSum(keep_dims=False)
         self.isfinite = P.IsFinite()
         self.concat = P.Concat()
         self.stack = P.Stack(axis=1)
@@ -155,6 +175,21 @@ class ShardedBackend(nn.Cell):
     def _per_element(self, per_param, pad):
         """The value of each element's parameter (`pad` for padding), from a float32 (n,) vector."""
         return F.gather(self.concat((per_param, F.fill(mstype.float32, (1,), pad))), self.segments, 0)
+
+    def _piece_sums(self, squares):
+        """float32 (n, 2): the sums of the (L, 2) `squares` over each parameter's slice of the piece (0 for the
+        parameters outside it)."""
+        parts = ()
+        if self.before is not None:
+            parts += (self.before,)
+        if self.slices:
+            sums = ()
+            for _, a, b in self.slices:
+                sums += (self.reduce_sum(squares[a:b], 0) if b > a else self.zeros2,)
+            parts += (self.stack0(sums),)
+        if self.after is not None:
+            parts += (self.after,)
+        return parts[0] if len(parts) == 1 else self.concat(parts)
 
     def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):
         if grad_sq is None:
@@ -178,9 +213,8 @@ class ShardedBackend(nn.Cell):
             # the moments assigned; G is known first here, so a skipped step changes nothing (the composite rule)
             u = moments_and_update(scalars, self.terms, rescaled, rates(scalars, applied),
                                    self._per_element(wd_vec, 0.0), w, m, v, g, self.m_dtype)
-            squares = self.stack((F.square(F.cast(w, mstype.float64)), F.square(F.cast(u, mstype.float64))))
-            sums = F.cast(self.segment_sum(squares, self.segments, self.n + 1)[:self.n], mstype.float32)
-        # 2. one all-reduce (float32: AllReduce has no float64): the norms of whole layers on every worker
+            sums = self._piece_sums(self.stack((F.square(w), F.square(u))))
+        # 2. one all-reduce: the norms of whole layers on every worker
         sums = self.all_reduce(sums)
         keep = 1.0 - lr_vec * wd_vec * scalars[_OUTSIDE]
         w_norm = F.sqrt(sums[:, 0]) * keep
