@@ -1,5 +1,6 @@
 """Float32 helpers of the optimizer's step, shared by Lamb and LossScaleTrainStep: expm1 (bias corrections),
-global_norm_factor (clipping by global norm) and gradient centralization. The per-parameter rule itself lives
+global_norm_factor (clipping by global norm), schedule_step (the step a schedule reads) and gradient
+centralization. The per-parameter rule itself lives
 with the composite backend (backends/composite.py)."""
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
@@ -24,6 +25,14 @@ def global_norm_factor(global_norm, max_norm):
     """min(1, max_norm / G) as max_norm / max(G, max_norm): 1 when G = 0, 0 when G is Inf, NaN when G is
     NaN. The one clipping formula of the package (Lamb's max_grad_norm and the loss-scale cell's)."""
     return max_norm / F.maximum(global_norm, max_norm)
+
+
+def schedule_step(global_step):
+    """The step at which the learning-rate and weight-decay schedules are read: ``global_step``, 0 where it is
+    negative (a damaged checkpoint's counter: that step is invalid and skipped, docs/api/lamb.md). A per-step
+    sequence of rates is a Gather at this index, and a negative one is an error on GPU and undefined on
+    Ascend (on CPU it counts from the end)."""
+    return F.maximum(global_step, 0)
 
 
 @centralize.register("Bool", "Tensor")

@@ -18,7 +18,7 @@ from mindspore.ops.primitive import _primexpr
 from . import _validation as V
 from . import backends, presets
 from ._options import Options
-from ._step import centralize, expm1, global_norm_factor
+from ._step import centralize, expm1, global_norm_factor, schedule_step
 from .backends import contract
 from .backends.contract import per_parameter
 from .state import check_state, declare
@@ -490,24 +490,26 @@ class Lamb(Optimizer):
         """lr_s: the learning rate of each parameter group at this step (a Cell's value checked to be a scalar)."""
         if not self.dynamic_lr:
             return self.learning_rate
+        step = schedule_step(self.global_step)
         if self.is_group_lr:
             lr = ()
             for schedule in self.learning_rate:
-                lr += (_scalar("learning rate", schedule(self.global_step)),)
+                lr += (_scalar("learning rate", schedule(step)),)
             return lr
-        return _scalar("learning rate", self.learning_rate(self.global_step))
+        return _scalar("learning rate", self.learning_rate(step))
 
     def get_weight_decay(self):
         """lambda_s: the weight decay of each parameter group at this step (a Cell's value checked to be a
         scalar)."""
         if not self.dynamic_weight_decay:
             return self.weight_decay
+        step = schedule_step(self.global_step)
         if self.is_group:
             weight_decay = ()
             for value, dynamic in zip(self.weight_decay, self.dynamic_decay_flags):
-                weight_decay += (_scalar("weight decay", value(self.global_step)) if dynamic else value,)
+                weight_decay += (_scalar("weight decay", value(step)) if dynamic else value,)
             return weight_decay
-        return _scalar("weight decay", self.weight_decay(self.global_step))
+        return _scalar("weight decay", self.weight_decay(step))
 
     def _valid_step(self, t, lr, weight_decay):
         """False when this step must not be applied: the step counter is negative (a damaged checkpoint), or a
