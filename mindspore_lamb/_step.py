@@ -6,6 +6,8 @@ from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
+from ._ops import where
+
 _reduce_mean = P.ReduceMean(keep_dims=True)
 centralize = C.MultitypeFuncGraph("lamb_grad_centralization")
 
@@ -18,7 +20,7 @@ def expm1(x):
     below 2e-8 relative), above it exp(x) - 1 (cancellation below 7e-7 relative).
     """
     series = x * (1.0 + x / 2.0 * (1.0 + x / 3.0 * (1.0 + x / 4.0 * (1.0 + x / 5.0))))
-    return F.select(F.abs(x) < 0.1, series, F.exp(x) - 1.0)
+    return where(F.abs(x) < 0.1, series, F.exp(x) - 1.0)
 
 
 def global_norm_factor(global_norm, max_norm):

@@ -23,6 +23,7 @@ from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
+from .._ops import Unstack, assign, cast, lerp, where
 from .contract import INDEX, dtype_name, parameter_state, per_parameter, terms
 
 _reduce_sum = P.ReduceSum(keep_dims=False)
@@ -30,6 +31,7 @@ _stack = P.Stack()
 _isfinite = P.IsFinite()
 _assign_sub = P.AssignSub()
 _ZERO = Tensor(0.0, mstype.float32)
+_NAN = Tensor(float("nan"), mstype.float32)
 (_OMB1, _OMB2, _M_GRAD_SCALE, _EPS, _EPS_ROOT, _INV_BC1, _INV_BC2, _GRAD_SCALE, _IN_GRAD, _IN_UPDATE, _OUTSIDE,
  _W_NORM_MAX, _LO, _HI, _PROCEED) = (INDEX[name] for name in (
     "one_minus_beta1", "one_minus_beta2", "m_grad_scale", "eps", "eps_root", "inv_bias_c1", "inv_bias_c2",
@@ -50,7 +52,7 @@ def _sum_of_squares(x):
     as one reduction over all axes, about 8x faster on CPU.
     Not SquareSumAll/L2Loss/LpNorm, which lose 2-5 % on large tensors on CPU.
     """
-    sq = F.square(F.cast(x, mstype.float32))
+    sq = F.square(cast(x, mstype.float32))
     if F.rank(x) > 1:
         sq = _reduce_sum(sq, -1)
     return _reduce_sum(sq)
@@ -59,22 +61,22 @@ def _sum_of_squares(x):
 def stored(x, dtype):
     """float32 `x` as stored in `dtype` (a name: ``float32``, ``float16``, ``bfloat16``): rounded to nearest."""
     if dtype == "float16":
-        return F.cast(x, mstype.float16)
+        return cast(x, mstype.float16)
     if dtype == "bfloat16":
-        return F.cast(x, mstype.bfloat16)
+        return cast(x, mstype.bfloat16)
     return x
 
 
 def as_float32(x, dtype):
     """`x`, stored in `dtype` (a name), as float32 (no operation for float32)."""
-    return x if dtype == "float32" else F.cast(x, mstype.float32)
+    return x if dtype == "float32" else cast(x, mstype.float32)
 
 
 def times(x, rate):
     """x * rate for a float32 0-D `rate`, exactly 0 where the rate is 0 even where x is NaN or Inf (0 * NaN is 0):
     the product, or 0 selected when the rate is 0. The semantics of MulNoNan, which has no native Ascend kernel
     (only an AICPU one, docs/operators.md); x * rate is the same float32 product."""
-    return F.select(rate != 0.0, x * rate, _ZERO)
+    return where(rate != 0.0, x * rate, _ZERO)
 
 
 def rescale(scalars, terms):
@@ -115,14 +117,14 @@ def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradie
     operations), or, on a step not applied, is selected as it was, exactly, even where x is NaN or Inf.
     """
     c, e = rescaled
-    g = F.cast(gradient, mstype.float32)
+    g = cast(gradient, mstype.float32)
     if terms[_GRAD_SCALE]:
         g = g * scalars[_GRAD_SCALE]                                      # unscale (+ NVLAMB pre-normalisation)
     if wd is not None and terms[_IN_GRAD]:
         g = g + (wd * scalars[_IN_GRAD]) * w                              # L2 mode: g + lambda w
     # v = v + (1 - b2) (g^2 - v): the exact 1 - b only; v as it was when the step is not applied
-    v_t = F.select(step_rates[2], F.lerp(v, F.square(g), step_rates[1]), v)
-    v_t = F.depend(v_t, F.assign(v, v_t))
+    v_t = where(step_rates[2], lerp(v, F.square(g), step_rates[1]), v)
+    v_t = F.depend(v_t, assign(v, v_t))
     # den = sqrt(v) + e, or sqrt(v^ + eps_root) (see `rescale`)
     if terms[_EPS_ROOT]:
         den = F.sqrt((v_t * scalars[_INV_BC2] if terms[_INV_BC2] else v_t) + scalars[_EPS_ROOT])
@@ -134,8 +136,8 @@ def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradie
     if terms[_M_GRAD_SCALE]:
         g = g * scalars[_M_GRAD_SCALE]
     m32 = as_float32(m, m_dtype)
-    m_t = stored(F.select(step_rates[2], F.lerp(m32, g, step_rates[0]), m32), m_dtype)   # m as stored (rounded)
-    m_t = F.depend(m_t, F.assign(m, m_t))
+    m_t = stored(where(step_rates[2], lerp(m32, g, step_rates[0]), m32), m_dtype)   # m as stored (rounded)
+    m_t = F.depend(m_t, assign(m, m_t))
     # u' = m / den + (lambda / c) w
     u = as_float32(m_t, m_dtype) / den
     if wd is not None and terms[_IN_UPDATE]:
@@ -156,7 +158,7 @@ def trust_ratio(scalars, terms, applied, lr, w_norm, u_norm, keep, adapt):
     """
     w_used = F.minimum(w_norm, scalars[_W_NORM_MAX]) if terms[_W_NORM_MAX] else w_norm   # ||w|| clamped
     # q = 1 when either norm is 0 (zero-initialised layer, or zero update: no NaN)
-    q = F.select(F.logical_and(w_used > 0.0, u_norm > 0.0), w_used / u_norm, F.ones_like(w_used))
+    q = where(F.logical_and(w_used > 0.0, u_norm > 0.0), w_used / u_norm, F.ones_like(w_used))
     if terms[_LO]:
         q = F.maximum(q, scalars[_LO])                                    # q = clip(q, lo, hi)
     if terms[_HI]:
@@ -165,13 +167,13 @@ def trust_ratio(scalars, terms, applied, lr, w_norm, u_norm, keep, adapt):
         if not adapt:
             q = F.ones_like(q)                                            # excluded from layer adaptation
     else:
-        q = F.select(adapt, q, F.ones_like(q))
+        q = where(adapt, q, F.ones_like(q))
     finite = F.logical_and(_isfinite(w_norm), _isfinite(u_norm))
-    reported_q = F.select(finite, q, F.fill(mstype.float32, F.shape(q), float("nan")))
+    reported_q = where(finite, q, _NAN)
     layer_applied = F.logical_and(applied, finite)
     if keep is not None:
-        keep = F.select(layer_applied, keep, F.ones_like(keep))
-    return F.select(layer_applied, lr * q, F.zeros_like(q)), reported_q, keep
+        keep = where(layer_applied, keep, F.ones_like(keep))
+    return where(layer_applied, lr * q, F.zeros_like(q)), reported_q, keep
 
 
 def step(keep, w, lr_q, u):
@@ -194,7 +196,7 @@ def _lamb_moments(scalars, terms, rescaled, step_rates, m_dtype, weight_decay, p
     if not owned:
         return _ZERO                                                      # another rank updates it
     wd = weight_decay if decay_flag else None                             # lambda_s, None if w is not decayed
-    return moments_and_update(scalars, terms, rescaled, step_rates, wd, F.cast(param, mstype.float32), m, v,
+    return moments_and_update(scalars, terms, rescaled, step_rates, wd, cast(param, mstype.float32), m, v,
                               gradient, m_dtype)
 
 
@@ -209,7 +211,7 @@ def _lamb_apply(keep, lr_q, param, u, owned):
     """Pass 2 for one parameter: w = keep w - (lr q) u', written back in the parameter's dtype."""
     if not owned:
         return u                                                          # broadcast afterwards
-    return F.assign(param, F.cast(step(keep, F.cast(param, mstype.float32), lr_q, u), F.dtype(param)))
+    return assign(param, cast(step(keep, cast(param, mstype.float32), lr_q, u), F.dtype(param)))
 
 
 @lamb_apply.register("Tensor", "Tensor", "Tensor", "Bool")
@@ -219,7 +221,7 @@ def _lamb_apply_no_keep(lr_q, param, u, owned):
         return u
     if F.dtype(param) == mstype.float32:
         return _assign_sub(param, times(u, lr_q))                   # see `step`
-    return F.assign(param, F.cast(step(None, F.cast(param, mstype.float32), lr_q, u), F.dtype(param)))
+    return assign(param, cast(step(None, cast(param, mstype.float32), lr_q, u), F.dtype(param)))
 
 
 def unavailable(params, slots, device_target):
@@ -228,6 +230,9 @@ def unavailable(params, slots, device_target):
         if slot.dtype == mstype.bfloat16 and device_target == "CPU":
             return (f"MindSpore 2.10 cannot write a bfloat16 Parameter on CPU (its Assign has no bfloat16 kernel), "
                     f"and the {slot.title} are bfloat16"), True
+        if slot.dtype == mstype.bfloat16 and device_target == "GPU":
+            return (f"MindSpore 2.10's GPU plugin has no bfloat16 kernel (its CUDA library has none, "
+                    f"docs/operators.md), and the {slot.title} are bfloat16"), True
     return None, False
 
 
@@ -268,7 +273,7 @@ class CompositeBackend(nn.Cell):
         self.hyper_map = C.HyperMap()
         self.stack = P.Stack()
         self.stack1 = P.Stack(axis=1)
-        self.unstack = P.Unstack()
+        self.unstack = Unstack()
         self.isfinite = P.IsFinite()
 
     def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):

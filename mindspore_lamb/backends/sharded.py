@@ -26,6 +26,7 @@ from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
+from .._ops import assign, cast, gather
 from . import composite, fused_cpu
 from .composite import moments_and_update, rates, rescale, step, trust_ratio
 from .contract import INDEX, dtype_name, per_parameter, terms, to_float32
@@ -135,6 +136,7 @@ class ShardedBackend(nn.Cell):
             # each element (three arrays of L elements; the fused kernels take the bounds only)
             positions, valid, owner = piece(sizes, rank, world)
             self.positions, self.valid, self.segments = Tensor(positions), Tensor(valid), Tensor(owner)
+            self.pad0, self.pad1 = Tensor(np.zeros(1, np.float32)), Tensor(np.ones(1, np.float32))
             # the slices [a, b) of the piece that parameters first .. first + len - 1 cover (the others: 0)
             self.slices = local_slices(sizes, rank, world)
             self.first = self.slices[0][0] if self.slices else 0
@@ -169,12 +171,13 @@ class ShardedBackend(nn.Cell):
         """All tensors flattened and concatenated, in float32 (E,)."""
         parts = ()
         for x in tensors:
-            parts += (F.reshape(F.cast(x, mstype.float32), (-1,)),)
+            parts += (F.reshape(cast(x, mstype.float32), (-1,)),)
         return self.concat(parts)
 
     def _per_element(self, per_param, pad):
-        """The value of each element's parameter (`pad` for padding), from a float32 (n,) vector."""
-        return F.gather(self.concat((per_param, F.fill(mstype.float32, (1,), pad))), self.segments, 0)
+        """The value of each element's parameter (`pad`, a float32 (1,) Tensor, for padding), from a float32 (n,)
+        vector."""
+        return gather(self.concat((per_param, pad)), self.segments, 0)
 
     def _piece_sums(self, squares):
         """float32 (n, 2): the sums of the (L, 2) `squares` over each parameter's slice of the piece (0 for the
@@ -206,13 +209,13 @@ class ShardedBackend(nn.Cell):
             sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, *self.state, *gradients)
         else:
             m, v = self.state                               # this worker's piece of each slot (state.SLOTS)
-            w = F.gather(self._flat(params), self.positions, 0) * self.valid
-            g = F.gather(self._flat(gradients), self.positions, 0) * self.valid
+            w = gather(self._flat(params), self.positions, 0) * self.valid
+            g = gather(self._flat(gradients), self.positions, 0) * self.valid
             rescaled = rescale(scalars, self.terms)         # u = c u'
             c = rescaled[0]
             # the moments assigned; G is known first here, so a skipped step changes nothing (the composite rule)
             u = moments_and_update(scalars, self.terms, rescaled, rates(scalars, applied),
-                                   self._per_element(wd_vec, 0.0), w, m, v, g, self.m_dtype)
+                                   self._per_element(wd_vec, self.pad0), w, m, v, g, self.m_dtype)
             sums = self._piece_sums(self.stack((F.square(w), F.square(u))))
         # 2. one all-reduce: the norms of whole layers on every worker
         sums = self.all_reduce(sums)
@@ -226,12 +229,12 @@ class ShardedBackend(nn.Cell):
         if self.fused:
             piece = self.shard_apply(packed, lr_q, keep, wd_vec, self.bounds, *params, *self.state)
         else:
-            keep = self._per_element(keep, 1.0) if self.terms[_OUTSIDE] else None
-            piece = step(keep, w, self._per_element(lr_q, 0.0), u)
+            keep = self._per_element(keep, self.pad1) if self.terms[_OUTSIDE] else None
+            piece = step(keep, w, self._per_element(lr_q, self.pad0), u)
         flat = self.all_gather(piece)
         done = ()
         for i in range(self.n):
             full = F.reshape(flat[self.offsets[i]:self.offsets[i + 1]], self.shapes[i])
-            done += (F.assign(params[i], F.cast(full, F.dtype(params[i]))),)
+            done += (assign(params[i], cast(full, F.dtype(params[i]))),)
         layer_stats = F.depend(self.stack((reported_q, w_norm, u_norm)), done)
         return layer_stats, grad_sq, applied
