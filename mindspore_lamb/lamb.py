@@ -241,7 +241,8 @@ class Lamb(Optimizer):
             ``mu_dtype``. It is computed in float32, rounded to nearest when stored, and the step uses it as
             stored; checkpoints hold it in this dtype. A 16-bit one saves 2 bytes per parameter element.
             bfloat16 on CPU needs the fused CPU backend (MindSpore 2.10 cannot write a bfloat16 Parameter
-            on CPU). Default: ``None`` (float32).
+            on CPU); it is refused on GPU (no bfloat16 kernel in MindSpore 2.10's GPU plugin).
+            Default: ``None`` (float32).
         backend (str): keyword-only; the backend of the update, ``"fused_cpu"`` (one C++ kernel: CPU,
             float32 parameters, a C++ compiler) or ``"composite"`` (primitive operators: every device and
             dtype); ``None`` takes the first that can run, which ``MINDSPORE_LAMB_FUSED`` can steer (see
@@ -300,7 +301,7 @@ class Lamb(Optimizer):
         ValueError: If `backend` is not None, ``"fused_cpu"`` or ``"composite"``.
         RuntimeError: If the backend asked for cannot run the parameters here (the message says why).
         TypeError: If no backend can run the parameters with the state asked for (a bfloat16 `mu_dtype` on
-            CPU without the fused CPU backend).
+            GPU, or on CPU without the fused CPU backend).
 
     Supported Platforms:
         ``CPU`` (tested). ``GPU`` ``Ascend``: the composite backend, made of primitive operators for them, has not

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import op_census  # noqa: E402  (tools/ is not a package)
 
 # the configurations compiled here (each a child process of a few seconds); `python tools/op_census.py` runs all
-CHECKED = ("groups+schedule", "nvlamb", "float16 parameters")
+CHECKED = ("groups+schedule", "nvlamb", "float16_params")
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ Beside each operator it says what MindSpore's installed GPU and Ascend libraries
   operator (its kernel registration), and which element types the CUDA library's exported kernels are built for
   (``__half``: float16; ``__nv_bfloat16``: bfloat16).
 * Ascend (``lib/plugin/libmindspore_ops_ascend.so``, ``config/op_info.config``): an ACLNN kernel (the ``aclnn*``
-  function the operator maps to, ``ACLNN``, or a PyBoost ``<Op>Ascend`` kernel) against an AICPU registration only
-  (``op_info.config``, with its dtypes). ACLNN dtypes live in CANN, which the wheel does not carry: not read.
+  function the operator maps to, ``ACLNN``, or a kernel class ``<Op>Ascend`` of MindSpore's Ascend kernels)
+  against an AICPU registration only (``op_info.config``, with its dtypes). ACLNN dtypes and CANN's AI Core
+  operator library live in CANN, which the wheel does not carry: not read.
 
 A library that is absent is reported as absent. docs/operators.md holds the table; tests/test_op_census.py fails
 when an operator or dtype without a native kernel on either device enters the graph (``EXCEPTIONS``: each with
@@ -41,8 +42,10 @@ CONFIGS = {
     "nvlamb": ({"weight_decay": 0.01, "max_grad_norm": 1.0}, "float32"),
     "loss_scale+exact_skip": ({"weight_decay": 0.01, "loss_scale": 1024.0, "exact_skip": True}, "float32"),
     "mu_dtype=float16": ({"weight_decay": 0.01, "mu_dtype": "float16"}, "float32"),
-    "float16 parameters": ({"weight_decay": 0.01}, "float16"),
+    "float16_params": ({"weight_decay": 0.01}, "float16"),
+    "sharded_2_workers": ({"weight_decay": 0.01, "shard_state": True}, "float32"),
 }
+SHARDED = "sharded_2_workers"
 # IR nodes that are graph plumbing, not kernels
 PLUMBING = {"Load", "UpdateState", "Depend", "MakeTuple", "TupleGetItem", "Return", "Partial", "Switch"}
 # communication operators: NCCL on GPU, HCCL on Ascend (not kernels of the plugins read here)
@@ -56,8 +59,13 @@ ACLNN = {"Select": ("SWhere",), "Assign": ("InplaceCopy",), "AssignSub": ("Inpla
          "NotEqual": ("NeScalar",)}
 # operators that may be in the graph without a native kernel on a device, and why
 EXCEPTIONS = {
-    ("Ascend", "Reshape"): "a view: no kernel runs (the graph keeps the same memory)",
-    ("GPU", "Reshape"): "a view: no kernel runs (the graph keeps the same memory)",
+    ("Ascend", "Reshape"): "a nop node in MindSpore's backends: only the shape changes, no kernel is launched "
+                           "(its AICPU entry is not used)",
+    ("Ascend", "StridedSlice"): "the sharded path only (the all-gathered weights cut per parameter, the piece's "
+                                "squares per parameter), contiguous slices of stride 1; the wheel holds no ACLNN "
+                                "function for it and an AICPU registration, and MindSpore's Ascend backend takes "
+                                "other ops from CANN's AI Core library (AclKernelMod), which the wheel does not "
+                                "carry: benchmarks/ascend_check.sh reports where it runs",
 }
 DTYPES = {"Float32": "float32", "Float16": "float16", "BFloat16": "bfloat16", "Float64": "float64",
           "Bool": "bool", "Int32": "int32", "Int64": "int64"}
@@ -87,9 +95,13 @@ def _child(name, out):
     import mindspore as ms
     from mindspore import Parameter, Tensor
     from mindspore_lamb import Lamb, WarmupPolynomialDecayLR
-    ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    ms.set_context(mode=ms.GRAPH_MODE, device_target=os.environ.get("LAMB_CENSUS_DEVICE", "CPU"))
     kwargs, dtype = CONFIGS[name]
     kwargs = dict(kwargs)
+    if kwargs.get("shard_state"):
+        from mindspore.communication import init
+        init()
+        ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
     params = [Parameter(Tensor(np.full((3, 5), 0.5, dtype)), name="fc.weight"),
               Parameter(Tensor(np.full((5,), 0.5, dtype)), name="fc.bias")]
     lr = 0.01
@@ -103,15 +115,26 @@ def _child(name, out):
     opt(tuple(Tensor(np.full(p.shape, 0.25, dtype)) for p in opt.params))
 
 
-def census(names=None):
-    """{configuration: {operator: set of dtypes}}, each compiled in a child process."""
+def census(names=None, device="CPU"):
+    """{configuration: {operator: set of dtypes}}, each compiled and run one step in a child process on `device`
+    (the graph read is the same on every device: it is written before any backend touches it)."""
     result = {}
     for name in names or CONFIGS:
         with tempfile.TemporaryDirectory(prefix="lamb_census_") as out:
+            # msrun starts each worker as `python <script>` from PATH: this interpreter's first
             env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_SAVE_GRAPHS_PATH=out, GLOG_v="3",
-                       PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-            subprocess.run([sys.executable, os.path.abspath(__file__), "--child", name], env=env, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                       LAMB_CENSUS_DEVICE=device,
+                       PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+                       PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+            command = [sys.executable, os.path.abspath(__file__), "--child", name]
+            if name == SHARDED:
+                command = _msrun(command, out)
+            done = subprocess.run(command, env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, timeout=600, check=False)
+            if done.returncode:
+                logs = [open(path, errors="replace").read()[-3000:]
+                        for path in sorted(glob.glob(os.path.join(out, "msrun_log", "worker_*.log")))]
+                raise RuntimeError(f"op_census: {name!r} failed:\n" + "\n".join([done.stdout[-3000:], *logs]))
             irs = sorted(glob.glob(os.path.join(out, "**", "*validate*.ir"), recursive=True))
             if not irs:
                 raise RuntimeError(f"op_census: no *validate*.ir written for {name!r} (MS_DEV_SAVE_GRAPHS)")
@@ -121,6 +144,18 @@ def census(names=None):
                     ops.setdefault(op, set()).update(dtypes)
             result[name] = ops
     return result
+
+
+def _msrun(command, out):
+    """`command` under msrun with two local CPU workers (a free local port; logs in `out`)."""
+    import socket
+    msrun = os.path.join(os.path.dirname(sys.executable), "msrun")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [msrun if os.access(msrun, os.X_OK) else "msrun", "--worker_num=2", "--local_worker_num=2",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "--join=True", "--cluster_time_out=60",
+            f"--log_dir={os.path.join(out, 'msrun_log')}", *command[1:]]
 
 
 def _read(path):
@@ -184,11 +219,12 @@ def kernels(ops):
         for op in ops:
             names = [f"aclnn{n}" for n in ACLNN.get(op, (op,))]
             found = [n for n in names if n.encode() + b"\0" in library]
-            boost = f"7pyboost{len(op) + 6}{op}AscendE".encode() in library
+            # a kernel class <Op>Ascend of MindSpore's Ascend kernels (its type name: N9mindspore6kernel...E)
+            boost = re.search(rb"N9mindspore6kernel\d+[a-z_0-9]+" + f"{len(op) + 6}{op}AscendE".encode(), library)
             if op in COLLECTIVES:
                 report["Ascend"]["ops"][op] = ("collective", "HCCL")
             elif found or boost:
-                report["Ascend"]["ops"][op] = ("native", ", ".join(found) or f"PyBoost {op}Ascend")
+                report["Ascend"]["ops"][op] = ("native", ", ".join(found) or f"kernel {op}Ascend")
             elif op in aicpu:
                 report["Ascend"]["ops"][op] = ("aicpu-only", "AICPU " + "/".join(aicpu[op]))
             else:
@@ -230,13 +266,15 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", help="comma list of " + ", ".join(CONFIGS) + " (default all)")
     ap.add_argument("--markdown", action="store_true", help="print the docs table")
+    ap.add_argument("--device", default="CPU", choices=("CPU", "GPU", "Ascend"),
+                    help="run each configuration's step there (default CPU; benchmarks/gpu_check.sh: GPU)")
     ap.add_argument("--json", help="also write the census to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         _child(args.child, os.environ["MS_DEV_SAVE_GRAPHS_PATH"])
         return 0
-    found = census(args.configs.split(",") if args.configs else None)
+    found = census(args.configs.split(",") if args.configs else None, args.device)
     report = kernels({op for ops in found.values() for op in ops})
     for device in ("GPU", "Ascend"):
         print(f"# {device}: {report[device]['library']}")
