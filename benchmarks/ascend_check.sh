@@ -57,7 +57,7 @@ fi
 
 # 2. the census's configurations on the device, and the AICPU kernels of the executed graph
 configs="default,groups+schedule,nvlamb,loss_scale+exact_skip,mu_dtype=float16,float16_params"
-timeout 1200 python tools/op_census.py --device Ascend --configs "$configs" >> "$log" 2>&1 \
+timeout 1200 python tools/op_census.py --device Ascend --graphs Ascend --configs "$configs" >> "$log" 2>&1 \
     && say "# census on Ascend ($configs): every configuration ran, every operator has a native kernel" \
     || say "# census on Ascend: FAILED or an operator without a native kernel (see $log)"
 irs="$(mktemp -d)"

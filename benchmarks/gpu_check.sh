@@ -71,7 +71,7 @@ fi
 
 # 2. the census's configurations on the device
 configs="default,groups+schedule,nvlamb,loss_scale+exact_skip,mu_dtype=float16,float16_params"
-timeout 900 python tools/op_census.py --device GPU --configs "$configs" >> "$log" 2>&1 \
+timeout 900 python tools/op_census.py --device GPU --graphs GPU --configs "$configs" >> "$log" 2>&1 \
     && say "# census on GPU ($configs): every configuration ran, every operator has a native kernel" \
     || say "# census on GPU: FAILED or an operator without a native kernel (see $log)"
 

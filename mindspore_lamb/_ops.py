@@ -5,8 +5,9 @@ version 2.9.0", and ``ops.select`` / ``ops.gather`` will change their semantics 
 The primitives ``Assign``, ``AssignAdd``, ``AssignSub``, ``Cast``, ``Select`` (where-style), ``Gather`` and
 ``Unstack`` are not deprecated and are the same in MindSpore 2.7.1 and 2.10, so the graphs call these: the same
 operators in the compiled graph (docs/operators.md), one name on every supported version. ``Lerp`` is here
-for the same reason (a primitive, in 2.7.1 and 2.10 alike).
+for the same reason (a primitive, in 2.7.1 and 2.10 alike), with ``NanToNum``.
 """
+from mindspore import ops
 from mindspore.ops import operations as P
 
 assign = P.Assign()            # variable = value
@@ -17,3 +18,5 @@ where = P.Select()             # where(condition, x, y), broadcasting: x where c
 gather = P.Gather()            # gather(x, indices, axis)
 Unstack = P.Unstack            # Unstack(axis=0)(x): the tuple of slices along `axis`
 lerp = P.Lerp()                # lerp(x, end, weight) = x + weight (end - x)
+nan_to_zero = P.NanToNum(nan=0.0)   # NaN -> 0 (and +-Inf -> the largest finite float32)
+broadcast_to = ops.broadcast_to  # broadcast_to(x, shape)

@@ -13,7 +13,7 @@ from mindspore import Parameter, Tensor
 
 from mindspore_lamb import Lamb, backends, state
 from mindspore_lamb._validation import check_param_dtypes
-from mindspore_lamb.backends import sharded
+from mindspore_lamb.backends import composite, sharded
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import op_census  # noqa: E402  (tools/ is not a package)
@@ -24,28 +24,29 @@ CHECKED = ("groups+schedule", "nvlamb", "float16_params")
 
 @pytest.fixture(scope="module")
 def census():
-    found = op_census.census(CHECKED)
-    return found, op_census.kernels({op for ops in found.values() for op in ops})
+    graphs = {graph: op_census.census(CHECKED, graph=graph) for graph in ("GPU", "Ascend")}
+    return graphs, op_census.kernels({op for found in graphs.values() for ops in found.values() for op in ops})
 
 
 def test_every_operator_of_the_composite_graph_has_a_native_kernel(census):
-    found, report = census
-    assert all(found[name] for name in CHECKED)                       # the IR was read
-    assert op_census.problems(found, report) == []
-    assert {"Lerp", "Select", "Sqrt", "ReduceSum"} <= set(found["nvlamb"])
+    graphs, report = census
+    assert all(graphs[graph][name] for graph in graphs for name in CHECKED)      # the IR was read
+    assert op_census.problems(graphs, report) == []
+    assert "MulNoNan" not in graphs["Ascend"]["nvlamb"]                          # AICPU only there
+    assert {"Lerp", "Select", "NanToNum"} <= set(graphs["Ascend"]["nvlamb"])
+    assert "MulNoNan" in graphs["GPU"]["nvlamb"] and report["GPU"]["ops"]["MulNoNan"][0] == "native"
 
 
-def test_the_census_names_an_operator_without_a_native_kernel(census):
+def test_the_census_names_an_operator_without_a_native_kernel():
     """The check itself: MulNoNan (AICPU only on Ascend), float64 and UnsortedSegmentSum are reported."""
-    found, _ = census
     bad = {"extra": {"MulNoNan": {"float32"}, "UnsortedSegmentSum": {"float64", "int32"}}}
     report = op_census.kernels({"MulNoNan", "UnsortedSegmentSum"})
     if "absent" in report["Ascend"]["library"]:
         pytest.skip(report["Ascend"]["library"])
     assert report["Ascend"]["ops"]["MulNoNan"][0] == "aicpu-only"
-    lines = op_census.problems(bad, report)
+    lines = op_census.problems({"Ascend": bad}, report)
     assert "extra: MulNoNan has no native Ascend kernel (aicpu-only)" in lines
-    assert any("UnsortedSegmentSum takes float64" in line for line in lines)
+    assert "extra (Ascend graph): UnsortedSegmentSum takes float64 (AICPU only on Ascend, slow on GPU)" in lines
 
 
 def test_the_gpu_plugin_has_no_bfloat16_kernel():
@@ -56,7 +57,8 @@ def test_the_gpu_plugin_has_no_bfloat16_kernel():
     types = report["GPU"]["element_types"]
     assert types["float16"] > 0 and types["bfloat16"] == 0
     found = {"bf16": {"Cast": {"bfloat16", "float32"}}}
-    assert op_census.problems(found, report) == ["bf16: Cast takes bfloat16 (no bfloat16 CUDA kernel in the GPU plugin)"]
+    assert op_census.problems({"GPU": found}, report) == [
+        "bf16 (GPU graph): Cast takes bfloat16 (no bfloat16 CUDA kernel in the GPU plugin)"]
 
 
 def test_the_validate_ir_is_read_with_dtypes(tmp_path):
@@ -114,3 +116,31 @@ def test_bfloat16_is_refused_on_gpu_with_the_reason():
                                         r"has no bfloat16 kernel .*first moments are bfloat16"):
         backends.select(None, slots, device_target="GPU")
     assert backends.select(None, slots, device_target="Ascend") is backends.composite.CompositeBackend
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"max_grad_norm": 1.0, "weight_decay_mode": "decoupled_outside"},
+                                    {"mu_dtype": "float16", "trust_ratio_clip": (0.1, 5.0)}])
+def test_the_ascend_graph_gives_the_same_results_bit_for_bit(mode, monkeypatch, kwargs):
+    """Ascend's graph selects where the others use MulNoNan (composite.SELECT_SKIP): run here, it gives the same
+    weights and moments bit for bit, through a step with a NaN gradient (skipped) and a layer whose first
+    moment holds a NaN (held, its weights unchanged)."""
+    def run(masked):
+        monkeypatch.setattr(composite, "SELECT_SKIP", ("Ascend", "CPU") if masked else ("Ascend",))
+        rng = np.random.default_rng(3)
+        params = [Parameter(Tensor(rng.standard_normal(s).astype(np.float32)), name=f"p{i}")
+                  for i, s in enumerate(((5, 7), (7,), (2, 3, 4)))]
+        opt = Lamb(params, [0.01, 0.02, 0.03, 0.02, 0.01], weight_decay=0.01, backend="composite", **kwargs)
+        assert opt.backend.masked is masked
+        for i in range(5):
+            grads = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
+            if i == 1:
+                grads[0][2, 3] = np.nan
+            if i == 3:
+                m = opt.moments1[2].asnumpy().copy()
+                m[1, 1, 1] = np.nan
+                opt.moments1[2].set_data(Tensor(m))
+            opt(tuple(Tensor(g) for g in grads))
+        return [x.asnumpy() for x in (*opt.params, *opt.moments1, *opt.moments2)]
+
+    for want, got in zip(run(False), run(True)):
+        assert want.dtype == got.dtype and want.tobytes() == got.tobytes()

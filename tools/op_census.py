@@ -56,7 +56,7 @@ ACLNN = {"Select": ("SWhere",), "Assign": ("InplaceCopy",), "AssignSub": ("Inpla
          "GreaterEqual": ("GeTensor",), "LessScalar": ("LtScalar",), "ReduceAll": ("All",), "AddN": ("Add",),
          "Concat": ("Cat",), "RealDiv": ("Div",), "Unstack": ("SplitWithSize", "SplitTensor"),
          "FillV2": ("InplaceFillScalar",), "OnesLike": ("InplaceOne",), "ZerosLike": ("InplaceZero",),
-         "NotEqual": ("NeScalar",)}
+         "NotEqual": ("NeScalar",), "Equal": ("EqScalar",), "BroadcastTo": ("Expand",)}
 # operators that may be in the graph without a native kernel on a device, and why
 EXCEPTIONS = {
     ("Ascend", "Reshape"): "a nop node in MindSpore's backends: only the shape changes, no kernel is launched "
@@ -95,7 +95,11 @@ def _child(name, out):
     import mindspore as ms
     from mindspore import Parameter, Tensor
     from mindspore_lamb import Lamb, WarmupPolynomialDecayLR
-    ms.set_context(mode=ms.GRAPH_MODE, device_target=os.environ.get("LAMB_CENSUS_DEVICE", "CPU"))
+    from mindspore_lamb.backends import composite
+    device = os.environ.get("LAMB_CENSUS_DEVICE", "CPU")
+    ms.set_context(mode=ms.GRAPH_MODE, device_target=device)
+    if os.environ.get("LAMB_CENSUS_GRAPH") == "Ascend":          # the graph Ascend gets, wherever it runs
+        composite.SELECT_SKIP = composite.SELECT_SKIP + (device,)
     kwargs, dtype = CONFIGS[name]
     kwargs = dict(kwargs)
     if kwargs.get("shard_state"):
@@ -115,15 +119,17 @@ def _child(name, out):
     opt(tuple(Tensor(np.full(p.shape, 0.25, dtype)) for p in opt.params))
 
 
-def census(names=None, device="CPU"):
-    """{configuration: {operator: set of dtypes}}, each compiled and run one step in a child process on `device`
-    (the graph read is the same on every device: it is written before any backend touches it)."""
+def census(names=None, device="CPU", graph="GPU"):
+    """{configuration: {operator: set of dtypes}} of the composite graph that `graph` (a device: "GPU" or
+    "Ascend", which selects where the others use MulNoNan, composite.SELECT_SKIP) gets, each configuration
+    compiled and run one step in a child process on `device` (the graph read is written before any backend
+    touches it, so a CPU reads the graph of either)."""
     result = {}
     for name in names or CONFIGS:
         with tempfile.TemporaryDirectory(prefix="lamb_census_") as out:
             # msrun starts each worker as `python <script>` from PATH: this interpreter's first
             env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_SAVE_GRAPHS_PATH=out, GLOG_v="3",
-                       LAMB_CENSUS_DEVICE=device,
+                       LAMB_CENSUS_DEVICE=device, LAMB_CENSUS_GRAPH=graph,
                        PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                        PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
             command = [sys.executable, os.path.abspath(__file__), "--child", name]
@@ -232,33 +238,46 @@ def kernels(ops):
     return report
 
 
-def problems(found, report):
-    """Lines naming each operator or dtype of `found` ({config: {op: dtypes}}) without a native kernel on a
-    device, less ``EXCEPTIONS``."""
+def problems(graphs, report):
+    """Lines naming each operator or dtype of `graphs` ({device: {config: {op: dtypes}}}, the census of each
+    device's graph) without a native kernel on that device, less ``EXCEPTIONS``."""
     lines = []
-    for config, ops in found.items():
-        for op, dtypes in sorted(ops.items()):
-            for device in ("GPU", "Ascend"):
+    for device, found in graphs.items():
+        for config, ops in found.items():
+            for op, dtypes in sorted(ops.items()):
                 verdict = report[device]["ops"].get(op, ("native", ""))[0]
                 if verdict not in ("native", "collective") and (device, op) not in EXCEPTIONS:
                     lines.append(f"{config}: {op} has no native {device} kernel ({verdict})")
-            if "float64" in dtypes:
-                lines.append(f"{config}: {op} takes float64 (AICPU only on Ascend, slow on GPU)")
-            if "bfloat16" in dtypes and report["GPU"].get("element_types", {}).get("bfloat16") == 0:
-                lines.append(f"{config}: {op} takes bfloat16 (no bfloat16 CUDA kernel in the GPU plugin)")
+                lines += _dtype_problems(f"{config} ({device} graph)", op, dtypes, report)
     return lines
 
 
-def markdown(found, report):
-    """The table of docs/operators.md."""
-    ops = sorted({op for found_ops in found.values() for op in found_ops})
+def _dtype_problems(where, op, dtypes, report):
+    lines = []
+    if "float64" in dtypes:
+        lines.append(f"{where}: {op} takes float64 (AICPU only on Ascend, slow on GPU)")
+    if "bfloat16" in dtypes and report["GPU"].get("element_types", {}).get("bfloat16") == 0:
+        lines.append(f"{where}: {op} takes bfloat16 (no bfloat16 CUDA kernel in the GPU plugin)")
+    return lines
+
+
+def markdown(graphs, report):
+    """The table of docs/operators.md: each operator of either device's graph, with what each device holds."""
+    configs = list(dict.fromkeys(c for found in graphs.values() for c in found))
+    ops = sorted({op for found in graphs.values() for ops in found.values() for op in ops})
     rows = ["| operator | dtypes | configurations | GPU | Ascend |", "|---|---|---|---|---|"]
     for op in ops:
-        dtypes = sorted({d for f in found.values() for d in f.get(op, ())})
-        configs = [c for c in found if op in found[c]]
-        where = "all" if len(configs) == len(found) else ", ".join(configs)
-        cells = [" ".join((v[0], f"({v[1]})")) for v in (report[d]["ops"][op] for d in ("GPU", "Ascend"))]
-        rows.append(f"| {op} | {', '.join(dtypes)} | {where} | {cells[0]} | {cells[1]} |")
+        dtypes = sorted({d for found in graphs.values() for f in found.values() for d in f.get(op, ())})
+        where = [c for c in configs if any(op in found.get(c, {}) for found in graphs.values())]
+        cells = []
+        for device in ("GPU", "Ascend"):
+            if device in graphs and not any(op in f for f in graphs[device].values()):
+                cells.append("not in its graph")
+            else:
+                verdict, evidence = report[device]["ops"][op]
+                cells.append(f"{verdict} ({evidence})")
+        rows.append(f"| {op} | {', '.join(dtypes)} | {'all' if where == configs else ', '.join(where)} | "
+                    f"{cells[0]} | {cells[1]} |")
     return "\n".join(rows)
 
 
@@ -268,26 +287,29 @@ def main():
     ap.add_argument("--markdown", action="store_true", help="print the docs table")
     ap.add_argument("--device", default="CPU", choices=("CPU", "GPU", "Ascend"),
                     help="run each configuration's step there (default CPU; benchmarks/gpu_check.sh: GPU)")
+    ap.add_argument("--graphs", help="GPU, Ascend or GPU,Ascend (default): whose graph to read (Ascend's selects "
+                                     "where the others use MulNoNan)")
     ap.add_argument("--json", help="also write the census to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         _child(args.child, os.environ["MS_DEV_SAVE_GRAPHS_PATH"])
         return 0
-    found = census(args.configs.split(",") if args.configs else None, args.device)
-    report = kernels({op for ops in found.values() for op in ops})
+    names = args.configs.split(",") if args.configs else None
+    graphs = {graph: census(names, args.device, graph) for graph in (args.graphs or "GPU,Ascend").split(",")}
+    report = kernels({op for found in graphs.values() for ops in found.values() for op in ops})
     for device in ("GPU", "Ascend"):
         print(f"# {device}: {report[device]['library']}")
     if "element_types" in report["GPU"]:
         print(f"# GPU CUDA kernels by element type: {report['GPU']['element_types']}")
-    print(markdown(found, report) if args.markdown else
-          "\n".join(f"{c}: " + ", ".join(f"{op}[{'/'.join(sorted(d))}]" for op, d in sorted(ops.items()))
-                    for c, ops in found.items()))
+    print(markdown(graphs, report) if args.markdown else
+          "\n".join(f"{c} ({graph} graph): " + ", ".join(f"{op}[{'/'.join(sorted(d))}]" for op, d in sorted(ops.items()))
+                    for graph, found in graphs.items() for c, ops in found.items()))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"census": {c: {op: sorted(d) for op, d in ops.items()} for c, ops in found.items()},
-                       "kernels": report}, f, indent=1)
-    lines = problems(found, report)
+            json.dump({"census": {g: {c: {op: sorted(d) for op, d in ops.items()} for c, ops in found.items()}
+                                  for g, found in graphs.items()}, "kernels": report}, f, indent=1)
+    lines = problems(graphs, report)
     print("\n".join(["# without a native kernel:"] + lines) if lines else "# every operator has a native kernel")
     return 1 if lines else 0
 

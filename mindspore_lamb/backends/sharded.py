@@ -20,6 +20,7 @@ together, and cut a full one for another number of workers. docs/distributed.md 
 """
 import numpy as np
 
+import mindspore as ms
 import mindspore.common.dtype as mstype
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.ops import composite as C
@@ -68,7 +69,6 @@ def local_slices(sizes, rank, world):
 
 def data_parallel_group(parallel_optimizer):
     """(rank, world size) of this data-parallel worker; a clear error where sharding cannot run."""
-    import mindspore as ms
     if parallel_optimizer:
         raise ValueError("For 'Lamb', the argument 'shard_state' cannot be True under MindSpore's parallel "
                          "optimizer, which shards the state itself.")
@@ -155,6 +155,7 @@ class ShardedBackend(nn.Cell):
                                           func_type="aot")
             self.hyper_map = C.HyperMap()
         self.terms = terms(constants)      # the composite rule leaves out the terms of neutral constants
+        self.masked = ms.get_context("device_target") in composite.SELECT_SKIP   # selects instead of MulNoNan
         self.decay_mask = Tensor(np.array(decay_flags, np.float32))
         self.adapt = Tensor(np.array(adapt_flags, np.bool_))
         self.ones = Tensor(np.ones(self.n, np.float32))
@@ -214,7 +215,7 @@ class ShardedBackend(nn.Cell):
             rescaled = rescale(scalars, self.terms)         # u = c u'
             c = rescaled[0]
             # the moments assigned; G is known first here, so a skipped step changes nothing (the composite rule)
-            u = moments_and_update(scalars, self.terms, rescaled, rates(scalars, applied),
+            u = moments_and_update(scalars, self.terms, rescaled, rates(scalars, applied, self.masked),
                                    self._per_element(wd_vec, self.pad0), w, m, v, g, self.m_dtype)
             sums = self._piece_sums(self.stack((F.square(w), F.square(u))))
         # 2. one all-reduce: the norms of whole layers on every worker
@@ -230,7 +231,7 @@ class ShardedBackend(nn.Cell):
             piece = self.shard_apply(packed, lr_q, keep, wd_vec, self.bounds, *params, *self.state)
         else:
             keep = self._per_element(keep, self.pad1) if self.terms[_OUTSIDE] else None
-            piece = step(keep, w, self._per_element(lr_q, self.pad0), u)
+            piece = step(keep, w, self._per_element(lr_q, self.pad0), u, self.masked)
         flat = self.all_gather(piece)
         done = ()
         for i in range(self.n):
