@@ -5,7 +5,8 @@ version 2.9.0", and ``ops.select`` / ``ops.gather`` will change their semantics 
 The primitives ``Assign``, ``AssignAdd``, ``AssignSub``, ``Cast``, ``Select`` (where-style), ``Gather`` and
 ``Unstack`` are not deprecated and are the same in MindSpore 2.7.1 and 2.10, so the graphs call these: the same
 operators in the compiled graph (docs/operators.md), one name on every supported version. ``Lerp`` is here
-for the same reason (a primitive, in 2.7.1 and 2.10 alike), with ``NanToNum``.
+for the same reason (a primitive, in 2.7.1 and 2.10 alike), with ``NanToNum`` (Ascend's graph:
+backends/composite.py).
 """
 from mindspore import ops
 from mindspore.ops import operations as P

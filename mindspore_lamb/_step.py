@@ -1,7 +1,6 @@
 """Float32 helpers of the optimizer's step, shared by Lamb and LossScaleTrainStep: expm1 (bias corrections),
 global_norm_factor (clipping by global norm), schedule_step (the step a schedule reads) and gradient
-centralization. The per-parameter rule itself lives
-with the composite backend (backends/composite.py)."""
+centralization. The per-parameter rule itself lives with the composite backend (backends/composite.py)."""
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P

@@ -275,7 +275,8 @@ def markdown(graphs, report):
                 cells.append("not in its graph")
             else:
                 verdict, evidence = report[device]["ops"][op]
-                cells.append(f"{verdict} ({evidence})")
+                excepted = "; an exception, below" if (device, op) in EXCEPTIONS else ""
+                cells.append(f"{verdict} ({evidence}{excepted})")
         rows.append(f"| {op} | {', '.join(dtypes)} | {'all' if where == configs else ', '.join(where)} | "
                     f"{cells[0]} | {cells[1]} |")
     return "\n".join(rows)
@@ -303,7 +304,8 @@ def main():
     if "element_types" in report["GPU"]:
         print(f"# GPU CUDA kernels by element type: {report['GPU']['element_types']}")
     print(markdown(graphs, report) if args.markdown else
-          "\n".join(f"{c} ({graph} graph): " + ", ".join(f"{op}[{'/'.join(sorted(d))}]" for op, d in sorted(ops.items()))
+          "\n".join(f"{c} ({graph} graph): " + ", ".join(f"{op}[{'/'.join(sorted(d))}]"
+                                                         for op, d in sorted(ops.items()))
                     for graph, found in graphs.items() for c, ops in found.items()))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

@@ -11,9 +11,9 @@ sharded backend applies its `moments_and_update`, `trust_ratio` and `step` to a 
 
 Few parameter-sized temporaries (docs/architecture.md, "The composite graph"): the terms of options held at
 a neutral value are left out of the graph (`contract.terms`), the bias corrections are one factor per step
-(`rescale`), each moment is one Lerp, selected as it was on a skipped step (no MulNoNan, which has no native
-Ascend kernel: docs/operators.md), and the trust ratios of all parameters are computed at once, between a pass that writes the moments and
-returns each u' and a pass that writes the weights.
+(`rescale`), a skipped step multiplies the moments' change by 0 (MulNoNan; on Ascend, where MulNoNan is
+AICPU only, it selects: `SELECT_SKIP`, docs/operators.md), and the trust ratios of all parameters are computed
+at once, between a pass that writes the moments and returns each u' and a pass that writes the weights.
 """
 import numpy as np
 

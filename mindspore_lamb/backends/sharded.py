@@ -12,11 +12,12 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
 3. applies w = keep w - lr q u to its piece, and ONE all-gather of the pieces gives every worker the full
    weights after the step.
 
-Every worker issues the same collectives in the same order (its piece only changes which slices it sums). The state is one Parameter of L elements per
-slot of ``state.SLOTS``, in the slot's dtype: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names``
-(the parameter names, UTF-8) and ``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds)
-let ``mindspore_lamb.sharding`` merge the workers' checkpoints into a full one, checking that they fit
-together, and cut a full one for another number of workers. docs/distributed.md has the figures.
+Every worker issues the same collectives in the same order (its piece only changes which slices it sums).
+The state is one Parameter of L elements per slot of ``state.SLOTS``, in the slot's dtype: ``lamb_m.shard``
+and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and ``lamb_shard_rank`` (int32
+[rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding`` merge the workers' checkpoints
+into a full one, checking that they fit together, and cut a full one for another number of workers.
+docs/distributed.md has the figures.
 """
 import numpy as np
 
@@ -63,8 +64,9 @@ def local_slices(sizes, rank, world):
     inside = [i for i in range(len(sizes)) if max(offsets[i], start) < min(offsets[i + 1], end)]
     if not inside:
         return ()
-    return tuple((i, int(min(max(offsets[i], start), end) - start), int(max(min(offsets[i + 1], end), start) - start))
-                 for i in range(inside[0], inside[-1] + 1))
+    def local(x):                                                   # a flat position, in the piece
+        return int(min(max(x, start), end) - start)
+    return tuple((i, local(offsets[i]), local(offsets[i + 1])) for i in range(inside[0], inside[-1] + 1))
 
 
 def data_parallel_group(parallel_optimizer):
