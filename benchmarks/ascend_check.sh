@@ -15,19 +15,8 @@
 #        `source /usr/local/Ascend/ascend-toolkit/set_env.sh`; installs the package into .venv-ascend)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-.}"
-mkdir -p "$out"
-log="$out/ascend_check.txt"
-report="$out/ascend_check_report.txt"
-: > "$log"
-: > "$report"
-say() { echo "$*" | tee -a "$report"; }
-
-python3 -m venv .venv-ascend && . .venv-ascend/bin/activate || { say "ascend_check: no virtual environment"; exit 1; }
-{
-  python -m pip install --quiet --upgrade pip
-  python -m pip install --quiet -e ".[test]"
-} >> "$log" 2>&1 || say "ascend_check: installing the environment FAILED (see $log)"
+. benchmarks/device_check_common.sh
+start ascend "${1:-.}"
 
 # 1. the plugin on this device, first
 say "# device: $(npu-smi info 2>&1 | grep -m1 -E '910|310|Ascend' | tr -s ' ' || echo 'npu-smi not found')"
@@ -48,18 +37,9 @@ except Exception as err:
 open("ascend_check_plugin.txt", "w").write(line + "\n")
 sys.exit(code)
 EOF
-status=$?
-[ -f ascend_check_plugin.txt ] && sed 's/^/# /' ascend_check_plugin.txt | tee -a "$report" && rm -f ascend_check_plugin.txt
-if [ "$status" -ne 0 ]; then
-  say "ascend_check: MindSpore's Ascend plugin does not run here: nothing else was run (see $log)"
-  exit 1
-fi
+plugin_verdict ascend_check $? ascend_check_plugin.txt
 
-# 2. the census's configurations on the device, and the AICPU kernels of the executed graph
-configs="default,groups+schedule,nvlamb,loss_scale+exact_skip,mu_dtype=float16,float16_params"
-timeout 1200 python tools/op_census.py --device Ascend --graphs Ascend --configs "$configs" >> "$log" 2>&1 \
-    && say "# census on Ascend ($configs): every configuration ran, every operator has a native kernel" \
-    || say "# census on Ascend: FAILED or an operator without a native kernel (see $log)"
+# the AICPU kernels of the default configuration's executed graph
 irs="$(mktemp -d)"
 MS_DEV_SAVE_GRAPHS=2 MS_DEV_SAVE_GRAPHS_PATH="$irs" LAMB_CENSUS_DEVICE=Ascend \
     timeout 600 python tools/op_census.py --child default >> "$log" 2>&1
@@ -67,17 +47,6 @@ aicpu="$(grep -rhoE '[A-Za-z]+[^ ]*AICPU_KERNEL|AICPU[^ ,)]*' "$irs" 2>/dev/null
 say "# AICPU kernels in the executed graph (default): ${aicpu:-none found}"
 rm -rf "$irs"
 
-# 3. the reference tests of the composite path on the device
-LAMB_TEST_DEVICE=Ascend timeout 1800 python -m pytest -q -p no:cacheprovider tests/test_update_rule.py \
-    tests/test_nonfinite.py tests/test_float32_accuracy.py -k "composite or 16bit" >> "$log" 2>&1
-say "# tests on Ascend: $(grep -E 'passed|failed' "$log" | tail -1)"
-
-# 4. the composite step against composite AdamWeightDecay
-for mode in graph pynative; do
-  timeout 900 python benchmarks/bench_step.py --device Ascend --mode "$mode" --sets base \
-      --opts Lamb-composite,AdamWeightDecay-composite,Adam --repeats 20 >> "$log" 2>&1 \
-      || say "# bench_step $mode: FAILED"
-done
-grep -E "mode on|composite Lamb /|Lamb-composite|AdamWeightDecay-composite" "$log" >> "$report"
-echo "---- $report"
-cat "$report"
+# 2-4. the census's configurations on the device, the reference tests, timings
+device_checks Ascend
+finish

@@ -15,21 +15,12 @@
 # Usage: bash benchmarks/gpu_check.sh [output dir]     (about 10 minutes; writes gpu_check.txt and the report)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-.}"
-mkdir -p "$out"
-log="$out/gpu_check.txt"
-report="$out/gpu_check_report.txt"
-: > "$log"
-say() { echo "$*" | tee -a "$report"; }
-: > "$report"
-
-python3 -m venv .venv-gpu && . .venv-gpu/bin/activate || { say "gpu_check: no virtual environment"; exit 1; }
+. benchmarks/device_check_common.sh
+start gpu "${1:-.}"
 {
-  python -m pip install --quiet --upgrade pip
-  python -m pip install --quiet -e ".[test]"
   python -m pip install --quiet nvidia-cuda-runtime-cu11 nvidia-cublas-cu11 nvidia-cudnn-cu11 nvidia-cufft-cu11 \
       nvidia-curand-cu11 nvidia-cusolver-cu11 nvidia-cusparse-cu11 nvidia-cuda-nvrtc-cu11 nvidia-nccl-cu11
-} >> "$log" 2>&1 || say "gpu_check: installing the environment FAILED (see $log)"
+} >> "$log" 2>&1 || say "gpu_check: installing the CUDA 11 libraries FAILED (see $log)"
 LD_LIBRARY_PATH="$(python -c 'import glob, os, site; print(":".join(sorted(glob.glob(os.path.join(site.getsitepackages()[0], "nvidia", "*", "lib")))))'):${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH
 
@@ -62,30 +53,8 @@ for what, run in (("bfloat16 Cast", lambda: ops.cast(Tensor(np.ones(4, np.float3
         lines.append(f"{what}: no kernel ({str(err).splitlines()[0][:160]})")
 open("gpu_check_plugin.txt", "w").write("\n".join(lines) + "\n")
 EOF
-status=$?
-[ -f gpu_check_plugin.txt ] && sed 's/^/# /' gpu_check_plugin.txt | tee -a "$report" && rm -f gpu_check_plugin.txt
-if [ "$status" -ne 0 ]; then
-  say "gpu_check: MindSpore's GPU plugin does not run on this card: nothing else was run (see $log)"
-  exit 1
-fi
+plugin_verdict gpu_check $? gpu_check_plugin.txt
 
-# 2. the census's configurations on the device
-configs="default,groups+schedule,nvlamb,loss_scale+exact_skip,mu_dtype=float16,float16_params"
-timeout 900 python tools/op_census.py --device GPU --graphs GPU --configs "$configs" >> "$log" 2>&1 \
-    && say "# census on GPU ($configs): every configuration ran, every operator has a native kernel" \
-    || say "# census on GPU: FAILED or an operator without a native kernel (see $log)"
-
-# 3. the reference tests of the composite path on the device
-LAMB_TEST_DEVICE=GPU timeout 1800 python -m pytest -q -p no:cacheprovider tests/test_update_rule.py \
-    tests/test_nonfinite.py tests/test_float32_accuracy.py -k "composite or 16bit" >> "$log" 2>&1
-say "# tests on GPU: $(grep -E '^[0-9]+ (passed|failed)|passed|failed' "$log" | tail -1)"
-
-# 4. the composite step against composite AdamWeightDecay
-for mode in graph pynative; do
-  timeout 900 python benchmarks/bench_step.py --device GPU --mode "$mode" --sets base \
-      --opts Lamb-composite,AdamWeightDecay-composite,Adam --repeats 20 >> "$log" 2>&1 \
-      || say "# bench_step $mode: FAILED"
-done
-grep -E "mode on|composite Lamb /|Lamb-composite|AdamWeightDecay-composite" "$log" >> "$report"
-echo "---- $report"
-cat "$report"
+# 2-4. the census's configurations on the device (one GPU: not the sharded one), the reference tests, timings
+device_checks GPU
+finish
