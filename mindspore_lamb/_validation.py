@@ -468,7 +468,8 @@ def _check_order(order, grouped, prim):
 
 
 def check_param_dtypes(params, device_target, prim="Lamb"):
-    """Floating parameters only; bfloat16 not on CPU (MindSpore 2.10's CPU Assign has no bfloat16 kernel)."""
+    """Floating parameters only; bfloat16 not on CPU (MindSpore 2.10's CPU Assign has no bfloat16 kernel) nor on
+    GPU (its GPU plugin has no bfloat16 kernel)."""
     for param in params:
         if 0 in param.shape:
             raise ValueError(f"For '{prim}', parameter '{param.name}' has no element (shape {param.shape}); "
@@ -476,10 +477,13 @@ def check_param_dtypes(params, device_target, prim="Lamb"):
         if param.dtype not in (mstype.float16, mstype.float32, mstype.float64, mstype.bfloat16):
             raise TypeError(f"For '{prim}', parameter '{param.name}' must be float16, float32, float64 or "
                             f"bfloat16, but got {param.dtype}.")
-        if param.dtype == mstype.bfloat16 and device_target == "CPU":
-            raise TypeError(f"For '{prim}', parameter '{param.name}' is bfloat16, which MindSpore 2.10 cannot "
-                            f"write on CPU (its CPU Assign kernel has no bfloat16); use float16 or float32 "
-                            f"on CPU, bfloat16 on GPU/Ascend.")
+        if param.dtype == mstype.bfloat16 and device_target in ("CPU", "GPU"):
+            why = ("MindSpore 2.10 cannot write on CPU (its CPU Assign kernel has no bfloat16)"
+                   if device_target == "CPU" else
+                   "MindSpore 2.10's GPU plugin has no kernel for (its CUDA library has no bfloat16 kernel, "
+                   "docs/operators.md)")
+            raise TypeError(f"For '{prim}', parameter '{param.name}' is bfloat16, which {why}; use float16 or "
+                            f"float32 on {device_target}, bfloat16 on Ascend.")
 
 
 def check_dtype(name, value, dtypes, prim="Lamb"):

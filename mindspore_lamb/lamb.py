@@ -18,7 +18,7 @@ from mindspore.ops.primitive import _primexpr
 from . import _validation as V
 from . import backends, presets
 from ._options import Options
-from ._step import centralize, expm1, global_norm_factor
+from ._step import centralize, expm1, global_norm_factor, schedule_step
 from .backends import contract
 from .backends.contract import per_parameter
 from .state import check_state, declare
@@ -246,7 +246,8 @@ class Lamb(Optimizer):
             float16 stores an :math:`|m|` above 65504 as Inf, which the next step makes NaN: that parameter
             is frozen from then on (see Outputs).
             bfloat16 on CPU needs the fused CPU backend (MindSpore 2.10 cannot write a bfloat16 Parameter
-            on CPU). Default: ``None`` (float32).
+            on CPU); it is refused on GPU (no bfloat16 kernel in MindSpore 2.10's GPU plugin).
+            Default: ``None`` (float32).
         backend (str): keyword-only; the backend of the update, ``"fused_cpu"`` (one C++ kernel: CPU,
             float32 parameters, a C++ compiler) or ``"composite"`` (primitive operators: every device and
             dtype); ``None`` takes the first that can run, which ``MINDSPORE_LAMB_FUSED`` can steer (see
@@ -311,7 +312,7 @@ class Lamb(Optimizer):
         ValueError: If `backend` is not None, ``"fused_cpu"`` or ``"composite"``.
         RuntimeError: If the backend asked for cannot run the parameters here (the message says why).
         TypeError: If no backend can run the parameters with the state asked for (a bfloat16 `mu_dtype` on
-            CPU without the fused CPU backend).
+            GPU, or on CPU without the fused CPU backend).
 
     Supported Platforms:
         ``CPU`` (tested). ``GPU`` ``Ascend``: the composite backend, made of primitive operators for them, has not
@@ -519,24 +520,26 @@ class Lamb(Optimizer):
         """lr_s: the learning rate of each parameter group at this step (a Cell's value checked to be a scalar)."""
         if not self.dynamic_lr:
             return self.learning_rate
+        step = schedule_step(self.global_step)
         if self.is_group_lr:
             lr = ()
             for schedule in self.learning_rate:
-                lr += (_scalar("learning rate", schedule(self.global_step)),)
+                lr += (_scalar("learning rate", schedule(step)),)
             return lr
-        return _scalar("learning rate", self.learning_rate(self.global_step))
+        return _scalar("learning rate", self.learning_rate(step))
 
     def get_weight_decay(self):
         """lambda_s: the weight decay of each parameter group at this step (a Cell's value checked to be a
         scalar)."""
         if not self.dynamic_weight_decay:
             return self.weight_decay
+        step = schedule_step(self.global_step)
         if self.is_group:
             weight_decay = ()
             for value, dynamic in zip(self.weight_decay, self.dynamic_decay_flags):
-                weight_decay += (_scalar("weight decay", value(self.global_step)) if dynamic else value,)
+                weight_decay += (_scalar("weight decay", value(step)) if dynamic else value,)
             return weight_decay
-        return _scalar("weight decay", self.weight_decay(self.global_step))
+        return _scalar("weight decay", self.weight_decay(step))
 
     def _valid_step(self, t, lr, weight_decay):
         """False when this step must not be applied: the step counter is negative (a damaged checkpoint), or a

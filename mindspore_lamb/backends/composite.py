@@ -11,26 +11,31 @@ sharded backend applies its `moments_and_update`, `trust_ratio` and `step` to a 
 
 Few parameter-sized temporaries (docs/architecture.md, "The composite graph"): the terms of options held at
 a neutral value are left out of the graph (`contract.terms`), the bias corrections are one factor per step
-(`rescale`), a skipped step multiplies the moments' change by 0 instead of selecting element by element,
-and the trust ratios of all parameters are computed at once, between a pass that writes the moments and
-returns each u' and a pass that writes the weights.
+(`rescale`), a skipped step multiplies the moments' change by 0 (MulNoNan; on Ascend, where MulNoNan is
+AICPU only, it selects: `SELECT_SKIP`, docs/operators.md), and the trust ratios of all parameters are computed
+at once, between a pass that writes the moments and returns each u' and a pass that writes the weights.
 """
 import numpy as np
 
+import mindspore as ms
 import mindspore.common.dtype as mstype
 from mindspore import Tensor, nn
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
+from .._ops import Unstack, assign, assign_sub, broadcast_to, cast, lerp, nan_to_zero, where
 from .contract import INDEX, dtype_name, parameter_state, per_parameter, terms
 
 _reduce_sum = P.ReduceSum(keep_dims=False)
 _stack = P.Stack()
 _isfinite = P.IsFinite()
 _mul_no_nan = P.MulNoNan()
-_assign_sub = P.AssignSub()
+# the devices whose graph selects where the others use MulNoNan: MindSpore's Ascend libraries hold only an AICPU
+# MulNoNan (docs/operators.md); CPU and GPU have native ones, faster than the selects on CPU
+SELECT_SKIP = ("Ascend",)
 _ZERO = Tensor(0.0, mstype.float32)
+_NAN = Tensor(float("nan"), mstype.float32)
 (_OMB1, _OMB2, _M_GRAD_SCALE, _EPS, _EPS_ROOT, _INV_BC1, _INV_BC2, _GRAD_SCALE, _IN_GRAD, _IN_UPDATE, _OUTSIDE,
  _W_NORM_MAX, _LO, _HI, _PROCEED) = (INDEX[name] for name in (
     "one_minus_beta1", "one_minus_beta2", "m_grad_scale", "eps", "eps_root", "inv_bias_c1", "inv_bias_c2",
@@ -51,7 +56,7 @@ def _sum_of_squares(x):
     as one reduction over all axes, about 8x faster on CPU.
     Not SquareSumAll/L2Loss/LpNorm, which lose 2-5 % on large tensors on CPU.
     """
-    sq = F.square(F.cast(x, mstype.float32))
+    sq = F.square(cast(x, mstype.float32))
     if F.rank(x) > 1:
         sq = _reduce_sum(sq, -1)
     return _reduce_sum(sq)
@@ -60,15 +65,27 @@ def _sum_of_squares(x):
 def stored(x, dtype):
     """float32 `x` as stored in `dtype` (a name: ``float32``, ``float16``, ``bfloat16``): rounded to nearest."""
     if dtype == "float16":
-        return F.cast(x, mstype.float16)
+        return cast(x, mstype.float16)
     if dtype == "bfloat16":
-        return F.cast(x, mstype.bfloat16)
+        return cast(x, mstype.bfloat16)
     return x
 
 
 def as_float32(x, dtype):
     """`x`, stored in `dtype` (a name), as float32 (no operation for float32)."""
-    return x if dtype == "float32" else F.cast(x, mstype.float32)
+    return x if dtype == "float32" else cast(x, mstype.float32)
+
+
+def times(u, lr_q, masked):
+    """u * lr_q for a float32 0-D `lr_q`, exactly 0 where lr_q is 0 even where u is NaN or Inf (0 * NaN is 0).
+
+    MulNoNan where it has a native kernel (CPU, GPU). `masked` (the devices of SELECT_SKIP: Ascend has only an
+    AICPU MulNoNan, docs/operators.md): NanToNum of the product, for the u and lr q of `trust_ratio`, where lr q
+    is 0 wherever u holds a NaN or Inf (||u|| is not finite): every NaN of the product is a 0 * NaN or 0 * Inf,
+    made 0, and elsewhere the product is untouched."""
+    if masked:
+        return nan_to_zero(u * lr_q)
+    return _mul_no_nan(u, lr_q)
 
 
 def rescale(scalars, terms):
@@ -92,11 +109,12 @@ def rescale(scalars, terms):
     return c, e
 
 
-def rates(scalars, applied):
-    """(gate (1 - b1), gate (1 - b2)): the moments' rates of this step, with gate 1 when the step is `applied`,
-    0 when it is not (the caller's verdict, or a NaN/Inf in the gradients: G not finite). Once per step."""
-    gate = F.cast(applied, mstype.float32)
-    return scalars[_OMB1] * gate, scalars[_OMB2] * gate
+def rates(scalars, applied, masked):
+    """(gate (1 - b1), gate (1 - b2), applied, masked): the moments' rates of this step, with gate 1 when the step
+    is `applied`, 0 when it is not (the caller's verdict, or a NaN/Inf in the gradients: G not finite); `masked`
+    (a bool): the graph selects instead of using MulNoNan (SELECT_SKIP). Once per step."""
+    gate = cast(applied, mstype.float32)
+    return scalars[_OMB1] * gate, scalars[_OMB2] * gate, applied, masked
 
 
 def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradient, m_dtype):
@@ -106,17 +124,24 @@ def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradie
     graph computes; `rescaled`: (c, e) of `rescale`; `wd`: lambda, None when w is not decayed.
 
     `step_rates` (`rates`): each moment moves by gate (1 - b) (x - moment), and MulNoNan makes 0 (x - moment)
-    exactly 0 even where x is NaN or Inf: a skipped step leaves both moments exactly as they were.
+    exactly 0 even where x is NaN or Inf: a skipped step leaves both moments exactly as they were. Masked
+    (Ascend, SELECT_SKIP): each moment is Lerp(moment, x, gate (1 - b)) (the same float32 operations), selected
+    against the moment as it was with the step's verdict, broadcast to the moment's shape first (on CPU a
+    Select of a 0-D mask takes several times the tensor's memory): the same moments, bit for bit.
     """
     c, e = rescaled
-    g = F.cast(gradient, mstype.float32)
+    g = cast(gradient, mstype.float32)
     if terms[_GRAD_SCALE]:
         g = g * scalars[_GRAD_SCALE]                                      # unscale (+ NVLAMB pre-normalisation)
     if wd is not None and terms[_IN_GRAD]:
         g = g + (wd * scalars[_IN_GRAD]) * w                              # L2 mode: g + lambda w
-    # v = v + (1 - b2) (g^2 - v): the exact 1 - b only
-    v_t = v + _mul_no_nan(F.square(g) - v, step_rates[1])
-    v_t = F.depend(v_t, F.assign(v, v_t))
+    # v = v + (1 - b2) (g^2 - v): the exact 1 - b only; v as it was when the step is not applied
+    applied = broadcast_to(step_rates[2], F.shape(v)) if step_rates[3] else None
+    if step_rates[3]:
+        v_t = where(applied, lerp(v, F.square(g), step_rates[1]), v)
+    else:
+        v_t = v + _mul_no_nan(F.square(g) - v, step_rates[1])
+    v_t = F.depend(v_t, assign(v, v_t))
     # den = sqrt(v) + e, or sqrt(v^ + eps_root) (see `rescale`)
     if terms[_EPS_ROOT]:
         den = F.sqrt((v_t * scalars[_INV_BC2] if terms[_INV_BC2] else v_t) + scalars[_EPS_ROOT])
@@ -128,8 +153,12 @@ def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradie
     if terms[_M_GRAD_SCALE]:
         g = g * scalars[_M_GRAD_SCALE]
     m32 = as_float32(m, m_dtype)
-    m_t = stored(m32 + _mul_no_nan(g - m32, step_rates[0]), m_dtype)    # m as stored (rounded)
-    m_t = F.depend(m_t, F.assign(m, m_t))
+    if step_rates[3]:
+        m_t = where(applied, lerp(m32, g, step_rates[0]), m32)
+    else:
+        m_t = m32 + _mul_no_nan(g - m32, step_rates[0])
+    m_t = stored(m_t, m_dtype)                                            # m as stored (rounded)
+    m_t = F.depend(m_t, assign(m, m_t))
     # u' = m / den + (lambda / c) w
     u = as_float32(m_t, m_dtype) / den
     if wd is not None and terms[_IN_UPDATE]:
@@ -150,7 +179,7 @@ def trust_ratio(scalars, terms, applied, lr, w_norm, u_norm, keep, adapt):
     """
     w_used = F.minimum(w_norm, scalars[_W_NORM_MAX]) if terms[_W_NORM_MAX] else w_norm   # ||w|| clamped
     # q = 1 when either norm is 0 (zero-initialised layer, or zero update: no NaN)
-    q = F.select(F.logical_and(w_used > 0.0, u_norm > 0.0), w_used / u_norm, F.ones_like(w_used))
+    q = where(F.logical_and(w_used > 0.0, u_norm > 0.0), w_used / u_norm, F.ones_like(w_used))
     if terms[_LO]:
         q = F.maximum(q, scalars[_LO])                                    # q = clip(q, lo, hi)
     if terms[_HI]:
@@ -159,19 +188,19 @@ def trust_ratio(scalars, terms, applied, lr, w_norm, u_norm, keep, adapt):
         if not adapt:
             q = F.ones_like(q)                                            # excluded from layer adaptation
     else:
-        q = F.select(adapt, q, F.ones_like(q))
+        q = where(adapt, q, F.ones_like(q))
     finite = F.logical_and(_isfinite(w_norm), _isfinite(u_norm))
-    reported_q = F.select(finite, q, F.fill(mstype.float32, F.shape(q), float("nan")))
+    reported_q = where(finite, q, _NAN)
     layer_applied = F.logical_and(applied, finite)
     if keep is not None:
-        keep = F.select(layer_applied, keep, F.ones_like(keep))
-    return F.select(layer_applied, lr * q, F.zeros_like(q)), reported_q, keep
+        keep = where(layer_applied, keep, F.ones_like(keep))
+    return where(layer_applied, lr * q, F.zeros_like(q)), reported_q, keep
 
 
-def step(keep, w, lr_q, u):
+def step(keep, w, lr_q, u, masked):
     """w = keep w - lr q u (`keep` None: 1), where lr q = 0 leaves w exactly as it is even where u is NaN or Inf
-    (MulNoNan: 0 * NaN is 0): a skipped step (its hyper-parameters may be NaN) or a layer with damaged moments."""
-    return (w if keep is None else keep * w) - _mul_no_nan(u, lr_q)
+    (`times`: 0 * NaN is 0): a skipped step (its hyper-parameters may be NaN) or a layer with damaged moments."""
+    return (w if keep is None else keep * w) - times(u, lr_q, masked)
 
 
 @lamb_moments.register("Tuple", "Tuple", "Tuple", "Tuple", "String", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
@@ -188,7 +217,7 @@ def _lamb_moments(scalars, terms, rescaled, step_rates, m_dtype, weight_decay, p
     if not owned:
         return _ZERO                                                      # another rank updates it
     wd = weight_decay if decay_flag else None                             # lambda_s, None if w is not decayed
-    return moments_and_update(scalars, terms, rescaled, step_rates, wd, F.cast(param, mstype.float32), m, v,
+    return moments_and_update(scalars, terms, rescaled, step_rates, wd, cast(param, mstype.float32), m, v,
                               gradient, m_dtype)
 
 
@@ -198,22 +227,23 @@ def _param_sum_of_squares(param, owned):
     return _sum_of_squares(param) if owned else _ZERO
 
 
-@lamb_apply.register("Tensor", "Tensor", "Tensor", "Tensor", "Bool")
-def _lamb_apply(keep, lr_q, param, u, owned):
-    """Pass 2 for one parameter: w = keep w - (lr q) u', written back in the parameter's dtype."""
+@lamb_apply.register("Bool", "Tensor", "Tensor", "Tensor", "Tensor", "Bool")
+def _lamb_apply(masked, keep, lr_q, param, u, owned):
+    """Pass 2 for one parameter: w = keep w - (lr q) u', written back in the parameter's dtype (`masked`: see
+    `times`)."""
     if not owned:
         return u                                                          # broadcast afterwards
-    return F.assign(param, F.cast(step(keep, F.cast(param, mstype.float32), lr_q, u), F.dtype(param)))
+    return assign(param, cast(step(keep, cast(param, mstype.float32), lr_q, u, masked), F.dtype(param)))
 
 
-@lamb_apply.register("Tensor", "Tensor", "Tensor", "Bool")
-def _lamb_apply_no_keep(lr_q, param, u, owned):
+@lamb_apply.register("Bool", "Tensor", "Tensor", "Tensor", "Bool")
+def _lamb_apply_no_keep(masked, lr_q, param, u, owned):
     """Pass 2 without weight decay outside the trust ratio: w = w - (lr q) u' (in place for float32 w)."""
     if not owned:
         return u
     if F.dtype(param) == mstype.float32:
-        return _assign_sub(param, _mul_no_nan(u, lr_q))                   # see `step`
-    return F.assign(param, F.cast(step(None, F.cast(param, mstype.float32), lr_q, u), F.dtype(param)))
+        return assign_sub(param, times(u, lr_q, masked))                  # see `step`
+    return assign(param, cast(step(None, cast(param, mstype.float32), lr_q, u, masked), F.dtype(param)))
 
 
 def unavailable(params, slots, device_target):
@@ -222,6 +252,9 @@ def unavailable(params, slots, device_target):
         if slot.dtype == mstype.bfloat16 and device_target == "CPU":
             return (f"MindSpore 2.10 cannot write a bfloat16 Parameter on CPU (its Assign has no bfloat16 kernel), "
                     f"and the {slot.title} are bfloat16"), True
+        if slot.dtype == mstype.bfloat16 and device_target == "GPU":
+            return (f"MindSpore 2.10's GPU plugin has no bfloat16 kernel (its CUDA library has none, "
+                    f"docs/operators.md), and the {slot.title} are bfloat16"), True
     return None, False
 
 
@@ -253,6 +286,7 @@ class CompositeBackend(nn.Cell):
         self.slots = slots
         self.state = parameter_state(params, slots)
         self.m_dtype = dtype_name(slots[0].dtype)
+        self.masked = ms.get_context("device_target") in SELECT_SKIP     # selects instead of MulNoNan
         self.decay_flags = tuple(decay_flags)
         self.owned_flags = tuple(owned_flags)
         self.decay_mask = Tensor(np.array(decay_flags, np.float32))
@@ -262,7 +296,7 @@ class CompositeBackend(nn.Cell):
         self.hyper_map = C.HyperMap()
         self.stack = P.Stack()
         self.stack1 = P.Stack(axis=1)
-        self.unstack = P.Unstack()
+        self.unstack = Unstack()
         self.isfinite = P.IsFinite()
 
     def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):
@@ -275,9 +309,9 @@ class CompositeBackend(nn.Cell):
         # pass 1: the moments, and u' = u / c; the state slot by slot, (m, v) in the order of state.SLOTS
         m, v = self.state[:self.n], self.state[self.n:]
         rescaled = rescale(scalars, self.terms)
-        u = self.hyper_map(F.partial(lamb_moments, scalars, self.terms, rescaled, rates(scalars, applied),
-                                     self.m_dtype), per_param_wd, params, m, v, gradients, self.decay_flags,
-                           self.owned_flags)
+        step_rates = rates(scalars, applied, self.masked)
+        u = self.hyper_map(F.partial(lamb_moments, scalars, self.terms, rescaled, step_rates, self.m_dtype),
+                           per_param_wd, params, m, v, gradients, self.decay_flags, self.owned_flags)
         # the trust ratios of all parameters at once
         w_norm = F.sqrt(self.stack(self.hyper_map(_owned_sum_of_squares, params, self.owned_flags)))
         u_norm = F.sqrt(self.stack(self.hyper_map(sum_of_squares, u)))
@@ -292,7 +326,9 @@ class CompositeBackend(nn.Cell):
         lr_q, reported_q, keep = trust_ratio(scalars, self.terms, applied, lr, w_norm, u_norm, keep, self.adapt)
         # pass 2: the weights
         if keep is None:
-            done = self.hyper_map(lamb_apply, self.unstack(lr_q), params, u, self.owned_flags)
+            done = self.hyper_map(F.partial(lamb_apply, self.masked), self.unstack(lr_q), params, u,
+                                  self.owned_flags)
         else:
-            done = self.hyper_map(lamb_apply, self.unstack(keep), self.unstack(lr_q), params, u, self.owned_flags)
+            done = self.hyper_map(F.partial(lamb_apply, self.masked), self.unstack(keep), self.unstack(lr_q), params,
+                                  u, self.owned_flags)
         return F.depend(self.stack1((reported_q, w_norm, u_norm)), done), grad_sq, applied

@@ -49,6 +49,8 @@ from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
+from .._ops import cast
+
 
 def pack(*, one_minus_beta1, one_minus_beta2, m_grad_scale, eps, eps_root, inv_bias_c1, inv_bias_c2, grad_scale,
          decay_in_grad, decay_in_update, decay_outside, w_norm_max, trust_lo, trust_hi, proceed):
@@ -114,7 +116,7 @@ def _number_to_float32(x):
 @to_float32.register("Tensor")
 def _tensor_to_float32(x):
     """A 0-D or (1,) Tensor (lr, schedules, flags) as a float32 0-D Tensor."""
-    return F.reshape(F.cast(x, mstype.float32), ())
+    return F.reshape(cast(x, mstype.float32), ())
 
 
 def per_parameter(value, ones):

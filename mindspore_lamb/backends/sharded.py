@@ -6,26 +6,29 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
 
 1. updates the moments of its piece and computes the update u there, with the composite rule
    (``composite.moments_and_update``) or the fused CPU kernel's first pass;
-2. sums ||w||^2 and ||u||^2 of each parameter over its piece (accumulated in float64), and ONE all-reduce of that
-   (n, 2) array gives every worker the norms of whole layers, so the trust ratios are exact;
+2. sums ||w||^2 and ||u||^2 of each parameter over its piece (float32 ReduceSums over the slices of the piece
+   that each parameter covers, known when the backend is built), and ONE all-reduce of that (n, 2) array gives
+   every worker the norms of whole layers, so the trust ratios are exact;
 3. applies w = keep w - lr q u to its piece, and ONE all-gather of the pieces gives every worker the full
    weights after the step.
 
-The graph is the same on every worker (which piece is a worker's own is data, not graph structure), so
-every worker issues the same collectives in the same order. The state is one Parameter of L elements per
-slot of ``state.SLOTS``, in the slot's dtype: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names``
-(the parameter names, UTF-8) and ``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds)
-let ``mindspore_lamb.sharding`` merge the workers' checkpoints into a full one, checking that they fit
-together, and cut a full one for another number of workers. docs/distributed.md has the figures.
+Every worker issues the same collectives in the same order (its piece only changes which slices it sums).
+The state is one Parameter of L elements per slot of ``state.SLOTS``, in the slot's dtype: ``lamb_m.shard``
+and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and ``lamb_shard_rank`` (int32
+[rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding`` merge the workers' checkpoints
+into a full one, checking that they fit together, and cut a full one for another number of workers.
+docs/distributed.md has the figures.
 """
 import numpy as np
 
+import mindspore as ms
 import mindspore.common.dtype as mstype
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
+from .._ops import assign, cast, gather
 from . import composite, fused_cpu
 from .composite import moments_and_update, rates, rescale, step, trust_ratio
 from .contract import INDEX, dtype_name, per_parameter, terms, to_float32
@@ -52,9 +55,22 @@ def piece(sizes, rank, world):
     return clamped.astype(np.int32), valid.astype(np.float32), np.where(valid, owner, len(sizes)).astype(np.int32)
 
 
+def local_slices(sizes, rank, world):
+    """((i, a, b), ...): the run of parameters i from the first to the last whose elements lie in worker `rank`'s
+    piece, each with the slice [a, b) of the piece it covers (empty for a parameter of no elements)."""
+    width = piece_length(sum(sizes), world)
+    start, end = rank * width, min((rank + 1) * width, sum(sizes))
+    offsets = np.cumsum([0] + list(sizes))
+    inside = [i for i in range(len(sizes)) if max(offsets[i], start) < min(offsets[i + 1], end)]
+    if not inside:
+        return ()
+    def local(x):                                                   # a flat position, in the piece
+        return int(min(max(x, start), end) - start)
+    return tuple((i, local(offsets[i]), local(offsets[i + 1])) for i in range(inside[0], inside[-1] + 1))
+
+
 def data_parallel_group(parallel_optimizer):
     """(rank, world size) of this data-parallel worker; a clear error where sharding cannot run."""
-    import mindspore as ms
     if parallel_optimizer:
         raise ValueError("For 'Lamb', the argument 'shard_state' cannot be True under MindSpore's parallel "
                          "optimizer, which shards the state itself.")
@@ -122,6 +138,14 @@ class ShardedBackend(nn.Cell):
             # each element (three arrays of L elements; the fused kernels take the bounds only)
             positions, valid, owner = piece(sizes, rank, world)
             self.positions, self.valid, self.segments = Tensor(positions), Tensor(valid), Tensor(owner)
+            self.pad0, self.pad1 = Tensor(np.zeros(1, np.float32)), Tensor(np.ones(1, np.float32))
+            # the slices [a, b) of the piece that parameters first .. first + len - 1 cover (the others: 0)
+            self.slices = local_slices(sizes, rank, world)
+            self.first = self.slices[0][0] if self.slices else 0
+            self.before = Tensor(np.zeros((self.first, 2), np.float32)) if self.first else None
+            rest = self.n - self.first - len(self.slices)
+            self.after = Tensor(np.zeros((rest, 2), np.float32)) if rest else None
+            self.zeros2 = Tensor(np.zeros(2, np.float32))
         else:
             n = self.n
             self.shard_sums = ops.Custom(fused_cpu.library_path() + ":LambShardSums",
@@ -133,13 +157,14 @@ class ShardedBackend(nn.Cell):
                                           func_type="aot")
             self.hyper_map = C.HyperMap()
         self.terms = terms(constants)      # the composite rule leaves out the terms of neutral constants
+        self.masked = ms.get_context("device_target") in composite.SELECT_SKIP   # selects instead of MulNoNan
         self.decay_mask = Tensor(np.array(decay_flags, np.float32))
         self.adapt = Tensor(np.array(adapt_flags, np.bool_))
         self.ones = Tensor(np.ones(self.n, np.float32))
         self.sum_of_squares = composite.SumOfSquares()
         self.all_reduce = P.AllReduce()
         self.all_gather = P.AllGather()
-        self.segment_sum = P.UnsortedSegmentSum()
+        self.reduce_sum = P.ReduceSum(keep_dims=False)
         self.isfinite = P.IsFinite()
         self.concat = P.Concat()
         self.stack = P.Stack(axis=1)
@@ -149,12 +174,28 @@ class ShardedBackend(nn.Cell):
         """All tensors flattened and concatenated, in float32 (E,)."""
         parts = ()
         for x in tensors:
-            parts += (F.reshape(F.cast(x, mstype.float32), (-1,)),)
+            parts += (F.reshape(cast(x, mstype.float32), (-1,)),)
         return self.concat(parts)
 
     def _per_element(self, per_param, pad):
-        """The value of each element's parameter (`pad` for padding), from a float32 (n,) vector."""
-        return F.gather(self.concat((per_param, F.fill(mstype.float32, (1,), pad))), self.segments, 0)
+        """The value of each element's parameter (`pad`, a float32 (1,) Tensor, for padding), from a float32 (n,)
+        vector."""
+        return gather(self.concat((per_param, pad)), self.segments, 0)
+
+    def _piece_sums(self, squares):
+        """float32 (n, 2): the sums of the (L, 2) `squares` over each parameter's slice of the piece (0 for the
+        parameters outside it)."""
+        parts = ()
+        if self.before is not None:
+            parts += (self.before,)
+        if self.slices:
+            sums = ()
+            for _, a, b in self.slices:
+                sums += (self.reduce_sum(squares[a:b], 0) if b > a else self.zeros2,)
+            parts += (self.stack0(sums),)
+        if self.after is not None:
+            parts += (self.after,)
+        return parts[0] if len(parts) == 1 else self.concat(parts)
 
     def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):
         if grad_sq is None:
@@ -171,16 +212,15 @@ class ShardedBackend(nn.Cell):
             sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, *self.state, *gradients)
         else:
             m, v = self.state                               # this worker's piece of each slot (state.SLOTS)
-            w = F.gather(self._flat(params), self.positions, 0) * self.valid
-            g = F.gather(self._flat(gradients), self.positions, 0) * self.valid
+            w = gather(self._flat(params), self.positions, 0) * self.valid
+            g = gather(self._flat(gradients), self.positions, 0) * self.valid
             rescaled = rescale(scalars, self.terms)         # u = c u'
             c = rescaled[0]
             # the moments assigned; G is known first here, so a skipped step changes nothing (the composite rule)
-            u = moments_and_update(scalars, self.terms, rescaled, rates(scalars, applied),
-                                   self._per_element(wd_vec, 0.0), w, m, v, g, self.m_dtype)
-            squares = self.stack((F.square(F.cast(w, mstype.float64)), F.square(F.cast(u, mstype.float64))))
-            sums = F.cast(self.segment_sum(squares, self.segments, self.n + 1)[:self.n], mstype.float32)
-        # 2. one all-reduce (float32: AllReduce has no float64): the norms of whole layers on every worker
+            u = moments_and_update(scalars, self.terms, rescaled, rates(scalars, applied, self.masked),
+                                   self._per_element(wd_vec, self.pad0), w, m, v, g, self.m_dtype)
+            sums = self._piece_sums(self.stack((F.square(w), F.square(u))))
+        # 2. one all-reduce: the norms of whole layers on every worker
         sums = self.all_reduce(sums)
         keep = 1.0 - lr_vec * wd_vec * scalars[_OUTSIDE]
         w_norm = F.sqrt(sums[:, 0]) * keep
@@ -192,12 +232,12 @@ class ShardedBackend(nn.Cell):
         if self.fused:
             piece = self.shard_apply(packed, lr_q, keep, wd_vec, self.bounds, *params, *self.state)
         else:
-            keep = self._per_element(keep, 1.0) if self.terms[_OUTSIDE] else None
-            piece = step(keep, w, self._per_element(lr_q, 0.0), u)
+            keep = self._per_element(keep, self.pad1) if self.terms[_OUTSIDE] else None
+            piece = step(keep, w, self._per_element(lr_q, self.pad0), u, self.masked)
         flat = self.all_gather(piece)
         done = ()
         for i in range(self.n):
             full = F.reshape(flat[self.offsets[i]:self.offsets[i + 1]], self.shapes[i])
-            done += (F.assign(params[i], F.cast(full, F.dtype(params[i]))),)
+            done += (assign(params[i], cast(full, F.dtype(params[i]))),)
         layer_stats = F.depend(self.stack((reported_q, w_norm, u_norm)), done)
         return layer_stats, grad_sq, applied
