@@ -306,7 +306,7 @@ def _damage(opt, kind):
         return "'lamb_v.fc.weight' holds 1 negative value(s) (a second moment is a mean of squares), the first at " \
                "index (3, 1): -0.5"
     opt.global_step.set_data(Tensor(np.array([-1], np.int32)))
-    return "'global_step' must be one integer >= 0 (the number of steps taken), but it is [-1]"
+    return "'global_step' must be one integer from 0 to 2147483647 (the number of steps taken, held in int32), but it is [-1]"
 
 
 @pytest.mark.parametrize("kind", ["nan in m", "negative v", "negative global_step"])

@@ -1,7 +1,8 @@
 """The examples of the README and the guides run (README.md's quickstart, docs/index.md, migration.md,
 choosing_a_preset.md, functional_loop.md, mixed_precision.md): each ```python block runs on its own, in a
 fresh namespace, as a reader pasting only that block would run it (what MindSpore keeps per process, the
-context and the device, is shared: the blocks set the same). The guides' blocks hold their own asserts
+context and the device, is shared: the blocks set the same, and setting the device it already has is a no-op
+here). The guides' blocks hold their own asserts
 about the outcome (the same rule as nn.AdamWeightDecay, a loss that falls, what CPU refuses); the
 quickstarts print, and their output is checked here: the loss falls and each layer's trust ratio is shown."""
 import ast
@@ -31,6 +32,14 @@ def _run_block(name, index, tmp_path, monkeypatch):
     (tmp_path / f"{module}.py").write_text(f"# {name}, block {index + 1}\n{blocks[index]}", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    # A reader's script sets the device first thing; in this process the runtime may be up already (other
+    # tests ran), where MindSpore refuses to set it again, even to the device it has: the same one is a no-op.
+    set_device = ms.set_device
+
+    def same_device_once(device_target, *args, **kwargs):
+        if device_target != ms.get_context("device_target"):
+            set_device(device_target, *args, **kwargs)
+    monkeypatch.setattr(ms, "set_device", same_device_once)
     try:
         importlib.import_module(module)
     finally:
