@@ -2,7 +2,8 @@
 
 The API pages are generated from the docstrings (autodoc, importing the package: MindSpore must be installed);
 the guides are the Markdown pages of this directory (MyST). Built with warnings as errors (-W) and nitpicky
-cross-references; .ci/docs.sh also checks every relative link of the built pages.
+cross-references; docs/build.sh (what CI runs) then checks the built pages with docs/check_links.py: every
+relative link resolves, no page loads anything from the network, the Chinese pages say lang="zh".
 """
 import os
 import sys
@@ -17,7 +18,9 @@ author = "mindspore_lamb contributors"
 copyright = "2026, mindspore_lamb contributors"  # noqa: A001  (Sphinx's name)
 release = version = mindspore_lamb.__version__
 
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax", "myst_parser"]
+# sphinx-mathjax-offline (the `docs` extra) copies MathJax 3 into _static/mathjax: the maths renders offline
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax", "sphinx-mathjax-offline",
+              "myst_parser"]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
 exclude_patterns = ["_build", "**/_build", "api/_generated"]
@@ -35,6 +38,9 @@ autodoc_inherit_docstrings = False        # MindSpore's Callback hooks are not p
 # headings get anchors, so the guides' links to sections (page.md#section) resolve
 myst_heading_anchors = 4
 myst_enable_extensions = ["dollarmath"]
+mathjax_path = "mathjax/tex-chtml.js"     # in _static, as sphinx-mathjax-offline copies it
+# \text{loss\_scale} in the docstrings: MathJax 3 reads macros inside \text only with textmacros
+mathjax3_config = {"loader": {"load": ["[tex]/textmacros"]}, "tex": {"packages": {"[+]": ["textmacros"]}}}
 
 nitpicky = True
 # names the docstrings mention that are not documented here (MindSpore's own classes, builtins in prose)
@@ -42,7 +48,8 @@ nitpick_ignore_regex = [(r"py:.*", r"(mindspore|ms|nn|np|numpy|os)\..*"), (r"py:
 
 html_theme = "furo"
 html_title = f"mindspore_lamb {release}"
-html_static_path = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]       # the presets table fits the page (docs/_static/custom.css)
 html_show_sourcelink = False
 
 
@@ -67,6 +74,13 @@ def _class_signature(app, what, name, obj, options, signature, return_annotation
     return None
 
 
+def _page_language(app, pagename, templatename, context, doctree):
+    """The Chinese API pages (*.zh) say so in <html lang>: the site's language is English."""
+    if pagename.endswith(".zh"):
+        context["language"] = "zh"
+
+
 def setup(app):
     app.connect("builder-inited", _write_generated)
+    app.connect("html-page-context", _page_language)
     app.connect("autodoc-process-signature", _class_signature)

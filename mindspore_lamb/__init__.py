@@ -8,4 +8,4 @@ from .train_step import LossScaleTrainStep
 
 __all__ = ["Lamb", "LossScaleTrainStep", "TrustRatioMonitor", "WarmupPolynomialDecayLR", "bert_param_groups",
            "check_state"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -82,7 +82,7 @@ class Options:
 
 
 def _groups(params):
-    """(the parameters or groups for nn.Optimizer, {parameter name: its group's layout_adaptation}): the group
+    """(the parameters or groups for nn.Optimizer, {parameter name: its group's layer_adaptation}): the group
     key ``layer_adaptation`` is this package's, so it is taken out; a group's per-step ``lr`` sequence holds its
     last value (schedules.py)."""
     adapt_by_name = {}

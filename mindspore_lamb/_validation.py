@@ -32,6 +32,22 @@ def describe(value):
     return f"{type(value).__name__} {text}"
 
 
+# other libraries' names for Lamb's keywords (PyTorch's lr and betas, Keras' epsilon, TF's weight_decay_rate)
+KEYWORD_ALIASES = {"lr": ("learning_rate",), "betas": ("beta1", "beta2"), "epsilon": ("eps",),
+                   "weight_decay_rate": ("weight_decay",)}
+
+
+def _keyword_hint(name, valid):
+    """'did you mean ...? ' for an unknown keyword: another library's name for it, else the closest one."""
+    alias = KEYWORD_ALIASES.get(name, ())
+    if alias and all(a in valid for a in alias):
+        if len(alias) == 1:
+            return f"did you mean '{alias[0]}'? "
+        return f"did you mean {' and '.join(repr(a) for a in alias)} (one number each, not a tuple)? "
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
 def check_keywords(owner, function, args, kwargs):
     """Bind `args`, `kwargs` to `function`'s signature (`args` with ``self`` for a method) as Python would, but
     name `owner` and, for an unknown keyword, the closest valid one; a TypeError either way."""
@@ -43,9 +59,7 @@ def check_keywords(owner, function, args, kwargs):
              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in positional]
     for name in kwargs:
         if name not in valid:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise TypeError(f"For '{owner}', {name!r} is not a keyword argument: {hint}"
+            raise TypeError(f"For '{owner}', {name!r} is not a keyword argument: {_keyword_hint(name, valid)}"
                             f"the keywords are {', '.join(valid)}.")
     try:
         signature.bind(*args, **kwargs)
@@ -166,10 +180,20 @@ def check_beta(name, value, prim="Lamb"):
     return value
 
 
+EPS_MAX = 1.0
+
+
 def check_eps(name, value, prim="Lamb"):
-    """A float > 0 that float32 keeps > 0 (sqrt(0) + eps must not be 0: 0 / 0 is NaN)."""
+    """A float in (0, EPS_MAX] that float32 keeps > 0 (sqrt(0) + eps must not be 0: 0 / 0 is NaN). Above 1 it
+    outweighs sqrt(v^) for every gradient below 1, and r = m^ / eps shrinks with it until r^2 underflows
+    float32 in ||u|| (eps=1e30: ||u|| = 0, so q = 1 and w moves by lr * 1e-30 * m^): the update is erased."""
     check_float(name, value, prim)
-    return check_number(name, value, prim, normal=True)
+    value = check_number(name, value, prim, normal=True)
+    if value > EPS_MAX:
+        raise ValueError(f"For '{prim}', the argument '{name}' must be at most {EPS_MAX} (a larger eps outweighs "
+                         f"sqrt(v) and shrinks the update m / eps until float32 loses it; typical values are "
+                         f"1e-8 to 1e-6), but got {value}.")
+    return value
 
 
 def check_positive_float(name, value, prim="Lamb"):
@@ -191,10 +215,41 @@ def check_max_grad_norm(name, value, prim="Lamb"):
     return check_number(name, value, prim, allow_none=True, normal=True)
 
 
+def _takes_one_input(cell):
+    """Whether `cell` can be called with one positional input, the step (None when its signature is unknown)."""
+    try:
+        signature = inspect.signature(cell.construct)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind(None)
+    except TypeError:
+        return False
+    return True
+
+
+def check_schedule(name, value, prim="Lamb"):
+    """A Cell given as a learning rate or weight decay: the optimizer calls it with the step (a 0-D int32 Tensor)
+    and uses the scalar it returns. It must take that one input; a Cell that is not a LearningRateSchedule must
+    also hold no trainable Parameter (a layer such as nn.Dense(1, 1) would fail inside the step's graph with a
+    MatMul error that names neither the argument nor the Cell)."""
+    if _takes_one_input(value) is False:
+        raise TypeError(f"For '{prim}', the argument '{name}' as a Cell is called with the step as its only input, "
+                        f"but the construct of {type(value).__name__} has the signature "
+                        f"{inspect.signature(value.construct)}; give it construct(self, global_step).")
+    if not isinstance(value, LearningRateSchedule):
+        layers = [p.name for p in value.trainable_params()]
+        if layers:
+            raise TypeError(f"For '{prim}', the argument '{name}' as a Cell must be a schedule of the step (a "
+                            f"LearningRateSchedule, or a Cell whose construct(global_step) returns a scalar), but "
+                            f"got {type(value).__name__}, a layer with trainable parameters {layers[:3]}.")
+    return value
+
+
 def check_weight_decay(name, value, prim="Lamb"):
     """float or int >= 0 (finite in float32), or a Cell called with the step (dynamic weight decay)."""
     if isinstance(value, Cell):
-        return value
+        return check_schedule(name, value, prim)
     if not is_number(value):
         raise TypeError(f"For '{prim}', the argument '{name}' must be float, int or Cell, "
                         f"but got {describe(value)}.")
@@ -213,29 +268,42 @@ def _check_sequence_values(name, values, prim):
     return values.astype(np.float32)
 
 
+def _is_real(dtype):
+    """An integer or floating NumPy dtype (not bool, not complex: a rate of True or 1+2j is a mistake)."""
+    return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+
+
 def check_learning_rate(name, value, prim="Lamb"):
-    """float/int >= 0, Tensor (0-D: fixed, 1-D: per step), Iterable of numbers, or LearningRateSchedule.
+    """float/int >= 0, Tensor or NumPy array of an int or float dtype (0-D: fixed, 1-D: per step), Iterable of
+    numbers, or LearningRateSchedule (whose construct takes the step).
 
     Returned as a float, a 0-D float32 Tensor, a float32 NumPy array (a per-step sequence: Lamb holds its
     last value once the steps run past its end), or the schedule."""
     if isinstance(value, LearningRateSchedule):
-        return value
+        return check_schedule(name, value, prim)
     if isinstance(value, bool):
         raise TypeError(f"For '{prim}', the argument '{name}' must be int, float, Tensor, Iterable or "
                         f"LearningRateSchedule, but got {describe(value)}.")
+    if isinstance(value, np.generic) and _is_real(value.dtype):
+        value = value.item()            # a NumPy scalar (np.float32(0.1)) as the Python number it holds
     if is_number(value):
         return check_number(name, value, prim, inclusive=True)
-    if isinstance(value, Tensor):
-        if value.ndim > 1:
-            raise ValueError(f"For '{prim}', the argument '{name}' must be a 0-D or 1-D Tensor, "
-                             f"but got a Tensor of shape {value.shape}.")
-        values = _check_sequence_values(name, value.asnumpy(), prim)
-        return Tensor(values[0], mstype.float32) if value.ndim == 0 else values
+    if isinstance(value, (Tensor, np.ndarray)):
+        kind = "Tensor" if isinstance(value, Tensor) else "NumPy array"
+        array = value.asnumpy() if isinstance(value, Tensor) else value
+        if not _is_real(array.dtype):
+            raise TypeError(f"For '{prim}', the argument '{name}' as a {kind} must hold real numbers (an int or "
+                            f"float dtype), but got a {kind} of dtype {value.dtype}.")
+        if array.ndim > 1:
+            raise ValueError(f"For '{prim}', the argument '{name}' must be a 0-D or 1-D {kind}, "
+                             f"but got a {kind} of shape {tuple(array.shape)}.")
+        values = _check_sequence_values(name, array, prim)
+        return Tensor(values[0], mstype.float32) if array.ndim == 0 else values
     if isinstance(value, Cell):
         raise TypeError(f"For '{prim}', the argument '{name}' must be a LearningRateSchedule when it is a Cell, "
                         f"but got {describe(value)}.")
     if isinstance(value, Iterable) and not isinstance(value, (str, bytes, dict)):
-        values = list(value)
+        values = [v.item() if isinstance(v, np.generic) and _is_real(v.dtype) else v for v in value]
         if not values or not all(is_number(v) for v in values):
             raise TypeError(f"For '{prim}', the argument '{name}' as an Iterable must hold numbers, "
                             f"but got {describe(values)}.")
@@ -268,7 +336,8 @@ def check_decay_outside(learning_rate, weight_decay, params, prim="Lamb"):
 
 
 def check_trust_ratio_clip(value, prim="Lamb"):
-    """None, or (lo, hi) with 0 <= lo <= hi, lo finite in float32 (hi may be inf: no upper bound)."""
+    """None, or (lo, hi) with 0 <= lo <= hi, lo finite in float32 (hi may be inf: no upper bound) and hi a
+    normal float32 > 0 (q <= 0 would leave every weight where it is while the steps count as applied)."""
     if value is None:
         return None
     if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(is_number(v) for v in value)):
@@ -278,6 +347,10 @@ def check_trust_ratio_clip(value, prim="Lamb"):
     if not (0.0 <= lo <= hi) or math.isnan(hi) or as_float32(lo) > FLOAT32_MAX:
         raise ValueError(f"For '{prim}', the argument 'trust_ratio_clip' must satisfy 0 <= lo <= hi with lo "
                          f"finite in float32, but got {value}.")
+    if as_float32(hi) < FLOAT32_TINY:
+        raise ValueError(f"For '{prim}', the argument 'trust_ratio_clip' must have an upper bound hi of at least "
+                         f"{FLOAT32_TINY:.4g} (the smallest normal float32): the trust ratio q is clipped to at "
+                         f"most hi, and q = 0 never moves the weights; use None for no clip, but got {value}.")
     return lo, hi
 
 
@@ -309,7 +382,8 @@ def check_params(params, prim="Lamb"):
     the grouped parameters.
     """
     if isinstance(params, (Parameter, dict)) or not isinstance(params, Iterable):
-        raise TypeError(f"For '{prim}', the argument 'params' must be a list of Parameter or of dict, "
+        wrap = " (wrap it in a list: [param])" if isinstance(params, (Parameter, dict)) else ""
+        raise TypeError(f"For '{prim}', the argument 'params' must be a list of Parameter or of dict{wrap}, "
                         f"but got {describe(params)}.")
     params = list(params)
     if not params:
@@ -342,7 +416,8 @@ def check_params(params, prim="Lamb"):
             raise KeyError(f"For '{prim}', group {index} of 'params' has no 'params' key; got keys {list(group)}.")
         members = group["params"]
         if isinstance(members, Parameter) or not isinstance(members, Iterable):
-            raise TypeError(f"For '{prim}', 'params' of group {index} must be a list of Parameter, "
+            wrap = " (wrap it in a list: [param])" if isinstance(members, Parameter) else ""
+            raise TypeError(f"For '{prim}', 'params' of group {index} must be a list of Parameter{wrap}, "
                             f"but got {describe(members)}.")
         group = dict(group, params=parameter_list(members, f"'params' of group {index}", prim))
         if "lr" in group:
@@ -363,8 +438,12 @@ def check_params(params, prim="Lamb"):
 
 
 def check_unique(params, prim):
+    """Each parameter once, and named on one line (the sharded state records the names one per line)."""
     seen = set()
     for param in params:
+        if param.name and param.name.splitlines() != [param.name]:
+            raise ValueError(f"For '{prim}', the parameter name {param.name!r} holds a line break, which "
+                             f"checkpoints of the sharded state cannot record; rename the parameter.")
         if param.name in seen:
             raise ValueError(f"For '{prim}', the parameter '{param.name}' appears more than once in 'params'.")
         seen.add(param.name)

@@ -57,7 +57,12 @@ class TrustRatioMonitor(Callback):
     the step: the number of applied updates, so it lags ``step`` after overflow-skipped steps),
     ``name``, ``trust_ratio``, ``w_norm``, ``u_norm`` and ``grad_norm`` (the same :math:`G` on every
     row of a step). The stats are those of the last *applied* update: after a skipped step (NaN/Inf
-    gradients) they repeat the previous one, which ``global_step`` shows.
+    gradients) they repeat the previous one, which ``global_step`` shows; before the first applied update
+    they are NaN.
+
+    It checks the optimizer's state before the first step (:meth:`mindspore_lamb.Lamb.check_state`), warns
+    and stops training when a layer's norms are NaN or Inf or steps were invalid, and at the end of training
+    warns once, with the counts, if the optimizer skipped steps (every step skipped: nothing was trained).
 
     In a custom loop, call :meth:`record` yourself after a step.
 
@@ -110,6 +115,8 @@ class TrustRatioMonitor(Callback):
         self.path = path
         self.records = []
         self._invalid = 0          # the optimizer's invalid_steps when last looked at
+        self._at_begin = (0, 0)    # the optimizer's skipped_steps and invalid_steps when training began
+        self._first_step = 0       # Model's cur_step_num when training began
 
     # ---- recording ----
 
@@ -130,16 +137,37 @@ class TrustRatioMonitor(Callback):
         if check is not None:
             check()
         self._invalid = self._invalid_steps()
+        self._at_begin = (getattr(self.optimizer, "skipped_steps", 0), self._invalid)
+        self._first_step = run_context.original_args().cur_step_num
 
     def _invalid_steps(self):
         return getattr(self.optimizer, "invalid_steps", 0)
+
+    def _warn_skipped(self, run_context):
+        """One warning at the end of training when the optimizer skipped steps: how many, of how many."""
+        skipped = getattr(self.optimizer, "skipped_steps", 0) - self._at_begin[0]
+        if skipped <= 0:
+            return
+        invalid = self._invalid_steps() - self._at_begin[1]
+        calls = run_context.original_args().cur_step_num - self._first_step
+        whole = (f"every step of this run ({calls}) was skipped: nothing was trained (is the loss NaN? "
+                 f"Lamb.check_state() and nonfinite_parameters() name damaged state)"
+                 if skipped >= calls else
+                 f"{skipped} of the {calls} steps of this run were skipped, the weights left as they were "
+                 f"(with dynamic loss scaling a few skips while the scale settles are expected)")
+        warnings.warn(f"{_NAME}: {whole}. The optimizer skipped {skipped} step(s) in this run: {invalid} "
+                      f"invalid (a learning-rate or weight-decay Cell's value), {skipped - invalid} with a NaN or "
+                      f"Inf gradient or a loss-scale overflow (Lamb.skipped_steps, Lamb.invalid_steps).",
+                      RuntimeWarning, stacklevel=2)
 
     def on_train_step_end(self, run_context):
         step = run_context.original_args().cur_step_num
         if step % self.every == 0:
             self.record(step)
+            # before the first applied step every stat is NaN (and so is G): nothing is damaged yet
             bad = sorted({row["name"] for row in self.records[-len(self.optimizer.param_names):]
-                          if not (math.isfinite(row["w_norm"]) and math.isfinite(row["u_norm"]))})
+                          if math.isfinite(row["grad_norm"])
+                          and not (math.isfinite(row["w_norm"]) and math.isfinite(row["u_norm"]))})
             if bad:
                 warnings.warn(f"{_NAME}: step {step}: parameter(s) {bad} or their moments hold NaN or Inf values "
                               f"(their trust ratio reads NaN; Lamb leaves them as they are; the optimizer's "
@@ -157,6 +185,8 @@ class TrustRatioMonitor(Callback):
                 run_context.request_stop()
 
     def on_train_end(self, run_context):
+        """Warn once if the optimizer skipped steps during training (with the counts); save to `path`."""
+        self._warn_skipped(run_context)
         if self.path is not None:
             self.save(self.path)
 
@@ -234,7 +264,8 @@ class TrustRatioMonitor(Callback):
         names = list(series)
         if top_k is not None:
             def spread(name):
-                return max(abs(math.log(q)) if q > 0 else math.inf for q in series[name][1])
+                return max((abs(math.log(q)) if q > 0 else math.inf for q in series[name][1] if not math.isnan(q)),
+                           default=0.0)
             names = sorted(names, key=spread, reverse=True)[:top_k]
         outside = len(names) > 8                 # a long legend goes beside the axes, not over the curves
         fig = Figure(figsize=(13 if outside else 8, 5))
@@ -243,7 +274,7 @@ class TrustRatioMonitor(Callback):
         for name in names:
             steps, ratios = series[name]
             axes.plot(steps, ratios, marker=".", label=name)
-        if all(q > 0 for name in names for q in series[name][1]):
+        if all(q > 0 for name in names for q in series[name][1] if not math.isnan(q)):
             axes.set_yscale("log")
         axes.set_xlabel("step")
         axes.set_ylabel("trust ratio  ||w|| / ||u||")

@@ -6,7 +6,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 
 import mindspore.common.dtype as mstype
-from mindspore import Parameter, Tensor, jit
+from mindspore import Parameter, ParameterTuple, Tensor, jit
 from mindspore.nn import Cell
 from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 from mindspore.nn.optim.optimizer import Optimizer, opt_init_args_register
@@ -187,13 +187,15 @@ class Lamb(Optimizer):
             ``params`` (required), ``lr``, ``weight_decay`` (number or Cell), ``grad_centralization``
             (bool), ``layer_adaptation`` (bool, default True; False gives the group AdamW-style steps,
             :math:`q = 1`) and ``order_params`` (alone in its dict).
-        learning_rate (Union[float, int, Tensor, Iterable, LearningRateSchedule]): fixed (number >= 0 or
-            0-D Tensor), per step (1-D Tensor or Iterable: element i at step i), or a schedule called with
-            the step.
+        learning_rate (Union[float, int, Tensor, Iterable, LearningRateSchedule]): fixed (number >= 0, or
+            0-D Tensor or NumPy array), per step (1-D Tensor, NumPy array or Iterable: element i at step i),
+            or a schedule called with the step. Tensors and arrays must have an int or float dtype.
         beta1 (float): decay rate of the first moment, in (0, 1). Default: ``0.9``.
         beta2 (float): decay rate of the second moment, in (0, 1). Default: ``0.999``.
-        eps (float): added to :math:`\sqrt{\hat v}`, > 0. Default: ``1e-6``.
-        weight_decay (Union[float, int, Cell]): :math:`\lambda`, >= 0, or a Cell called with the step.
+        eps (float): added to :math:`\sqrt{\hat v}`, in (0, 1] (a larger one erases the update). Default:
+            ``1e-6``.
+        weight_decay (Union[float, int, Cell]): :math:`\lambda`, >= 0, or a Cell called with the step (a
+            LearningRateSchedule, or a Cell without trainable parameters whose construct takes the step).
             Without groups it applies to parameters whose names contain neither ``beta`` nor ``gamma``.
             It is decoupled: never multiplied by ``loss_scale``. Default: ``0.0``.
         loss_scale (float): keyword-only; gradients are divided by it (use with
@@ -201,7 +203,8 @@ class Lamb(Optimizer):
         max_grad_norm (float): keyword-only; NVLAMB pre-normalisation: gradients are scaled by
             :math:`\min(1, \text{max\_grad\_norm} / G)`, :math:`G` the global L2 norm of all unscaled
             gradients of the call. Default: ``None`` (off).
-        trust_ratio_clip (tuple[float, float]): keyword-only; ``(lo, hi)`` clamps :math:`q`;
+        trust_ratio_clip (tuple[float, float]): keyword-only; ``(lo, hi)``, ``0 <= lo <= hi``, ``hi > 0``,
+            clamps :math:`q`;
             ``(0.0, 10.0)`` reproduces MindSpore's GPU kernel. Default: ``None`` (off).
         exact_skip (bool): keyword-only; what a call with a NaN or Inf gradient leaves behind (it never
             touches the parameters or ``global_step``, and it counts in :attr:`skipped_steps`).
@@ -240,6 +243,8 @@ class Lamb(Optimizer):
             ``None`` or ``"float32"``, ``"float16"`` or ``"bfloat16"`` (or the mindspore dtype), as optax's
             ``mu_dtype``. It is computed in float32, rounded to nearest when stored, and the step uses it as
             stored; checkpoints hold it in this dtype. A 16-bit one saves 2 bytes per parameter element.
+            float16 stores an :math:`|m|` above 65504 as Inf, which the next step makes NaN: that parameter
+            is frozen from then on (see Outputs).
             bfloat16 on CPU needs the fused CPU backend (MindSpore 2.10 cannot write a bfloat16 Parameter
             on CPU); it is refused on GPU (no bfloat16 kernel in MindSpore 2.10's GPU plugin).
             Default: ``None`` (float32).
@@ -262,7 +267,8 @@ class Lamb(Optimizer):
         So is a call whose learning-rate or weight-decay Cell returns NaN, Inf or a negative value, or whose
         ``global_step`` is negative (:attr:`invalid_steps`). A parameter that already holds a NaN or Inf, in
         its weights or its moments, is left as it is; its trust ratio reads NaN (:meth:`nonfinite_parameters`
-        names it, :meth:`check_state` names damaged moments).
+        names it, :meth:`check_state` names damaged moments). Such a call still counts as applied for the
+        other parameters (``global_step`` advances), so that parameter stays frozen until its state is repaired.
 
     Raises:
         TypeError: If `learning_rate` is not one of int, float, Tensor, Iterable, LearningRateSchedule.
@@ -270,7 +276,11 @@ class Lamb(Optimizer):
         TypeError: If `beta1`, `beta2` or `eps` is not a float.
         TypeError: If `weight_decay` is neither float, int nor Cell.
         TypeError: If `loss_scale` or `max_grad_norm` is not a float or int.
-        ValueError: If `eps` is less than or equal to 0.
+        ValueError: If `eps` is less than or equal to 0, or greater than 1.
+        TypeError: If a learning-rate Tensor or NumPy array has a bool or complex dtype.
+        TypeError: If a Cell given as `learning_rate` or `weight_decay` cannot take the step as its only input,
+            or is not a LearningRateSchedule and has trainable parameters (a layer, not a schedule).
+        ValueError: If `trust_ratio_clip` is not ``0 <= lo <= hi`` with ``hi`` a normal float32 > 0.
         ValueError: If `beta1`, `beta2` is not in range (0.0, 1.0).
         ValueError: If `weight_decay` is less than 0.
         ValueError: If `loss_scale` or `max_grad_norm` is less than or equal to 0.
@@ -287,6 +297,7 @@ class Lamb(Optimizer):
         ValueError: If a parameter has no element.
         TypeError: If a gradient is not a floating Tensor.
         ValueError: If a parameter appears twice, or the gradients do not match the parameters.
+        ValueError: If a parameter name holds a line break.
         ValueError: If `finite` is a Tensor of more than one element.
         TypeError: If `finite` is neither None, a bool nor a Tensor, or a gradient is None.
         ValueError: If a learning-rate or weight-decay Cell returns a Tensor of more than one element.
@@ -349,6 +360,7 @@ class Lamb(Optimizer):
         self._keep(options)
         self._resolve_flags(options)
         self._add_diagnostics()
+        self._add_step_helpers()
         # the backend of the update, chosen once; it allocates the declared state (backends/__init__.py)
         self.backend = backends.create(self.params, declare({"m": self.mu_dtype}), decay_flags=self.decay_flags,
                                        adapt_flags=self.adapt_flags, owned_flags=self.optim_filter,
@@ -376,8 +388,21 @@ class Lamb(Optimizer):
             self.constants["grad_scale"] = 1.0 / self.loss_scale
         if self.bias_correction is not True:
             self.constants.update(inv_bias_c1=1.0, inv_bias_c2=1.0)
-        for name, value in options.constants().items():
-            setattr(self, name, f32(value))
+        # the step's fixed scalars (contract.pack's fields that never change), each a float32 Tensor
+        fixed = {name: f32(value) for name, value in options.constants().items()}
+        self.one_minus_beta1, self.one_minus_beta2 = fixed.pop("one_minus_beta1"), fixed.pop("one_minus_beta2")
+        self.m_grad_scale = fixed.pop("m_grad_scale")                  # 1, or 1 / (1 - b1) without averaging
+        # r = m^ / (sqrt(v^ + eps_root) + eps_outside): one of the two is eps, the other 0 (eps_inside_sqrt)
+        self.eps_outside, self.eps_root = fixed.pop("eps"), fixed.pop("eps_root")
+        self.decay_in_grad, self.decay_in_update, self.decay_outside = (
+            fixed.pop("decay_in_grad"), fixed.pop("decay_in_update"), fixed.pop("decay_outside"))  # 0 or 1 each
+        self.w_norm_max = fixed.pop("w_norm_max")                      # ||w|| clipped at this (inf: none)
+        self.trust_lo, self.trust_hi = fixed.pop("trust_lo"), fixed.pop("trust_hi")   # q clipped to [lo, hi]
+        assert not fixed, f"Options.constants() has fields the step does not read: {sorted(fixed)}"
+        # nn.Lamb's attributes, with its types: the arguments as 1-element float32 Tensors, the device flag
+        self.beta1, self.beta2, self.eps = (Tensor(np.array([x], np.float32)) for x in (options.beta1,
+                                                                                        options.beta2, options.eps))
+        self.device_ascend = self._target == "Ascend"
         self.inv_loss_scale = f32(1.0 / self.loss_scale)
         self.max_grad_norm_t = f32(self.max_grad_norm if self.max_grad_norm is not None else 1.0)
         self.one = f32(1.0)
@@ -397,11 +422,15 @@ class Lamb(Optimizer):
 
     def _add_diagnostics(self):
         """The diagnostics of the last applied step, written inside the graph (no host sync in the step). They
-        are runtime state, left out of checkpoints (which keep nn.Lamb's layout: docs/api/lamb.md)."""
-        self.layer_stats = _runtime_state(np.zeros((self.param_length, 3), np.float32), "lamb_layer_stats")
-        self.last_grad_norm = _runtime_state(np.float32(0.0), "lamb_grad_norm")
+        are runtime state, left out of checkpoints (which keep nn.Lamb's layout: docs/api/lamb.md). NaN until
+        the first applied step: 0.0 would read as "no update" (an applied step always has a finite G)."""
+        self.layer_stats = _runtime_state(np.full((self.param_length, 3), np.nan, np.float32), "lamb_layer_stats")
+        self.last_grad_norm = _runtime_state(np.float32(np.nan), "lamb_grad_norm")
         self.skipped = _runtime_state(np.int32(0), "lamb_skipped_steps")
         self.invalid = _runtime_state(np.int32(0), "lamb_invalid_steps")
+
+    def _add_step_helpers(self):
+        """Constant tensors and operators the step uses (one per parameter where it says so)."""
         self.ones = Tensor(np.ones(self.param_length, np.float32))
         self.zeros = Tensor(np.zeros(self.param_length, np.float32))
         self.decay_mask = Tensor(np.array(self.decay_flags, np.bool_))
@@ -410,15 +439,15 @@ class Lamb(Optimizer):
         self.isfinite = P.IsFinite()
 
     @property
-    def moments1(self) -> Tuple[Parameter, ...]:
-        """tuple[Parameter]: the first moments (``lamb_m.<name>``, one per parameter; ``lamb_m.shard`` with
+    def moments1(self) -> ParameterTuple:
+        """ParameterTuple: the first moments (``lamb_m.<name>``, one per parameter; ``lamb_m.shard`` with
         ``shard_state=True``), stored in `mu_dtype`."""
-        return contract.slot_state(self.backend, "m")
+        return ParameterTuple(contract.slot_state(self.backend, "m"))
 
     @property
-    def moments2(self) -> Tuple[Parameter, ...]:
-        """tuple[Parameter]: the second moments (``lamb_v.<name>``; ``lamb_v.shard``), float32."""
-        return contract.slot_state(self.backend, "v")
+    def moments2(self) -> ParameterTuple:
+        """ParameterTuple: the second moments (``lamb_v.<name>``; ``lamb_v.shard``), float32."""
+        return ParameterTuple(contract.slot_state(self.backend, "v"))
 
     def _check_state_names(self):
         """The optimizer's own state (moments, schedules' values, diagnostics) named like a parameter."""
@@ -477,7 +506,7 @@ class Lamb(Optimizer):
             grad_scale = grad_scale * global_norm_factor(F.sqrt(grad_sq) * self.inv_loss_scale,
                                                          self.max_grad_norm_t)
         scalars = contract.pack(one_minus_beta1=self.one_minus_beta1, one_minus_beta2=self.one_minus_beta2,
-                                m_grad_scale=self.m_grad_scale, eps=self.eps, eps_root=self.eps_root,
+                                m_grad_scale=self.m_grad_scale, eps=self.eps_outside, eps_root=self.eps_root,
                                 inv_bias_c1=inv_bias_c1, inv_bias_c2=inv_bias_c2, grad_scale=grad_scale,
                                 decay_in_grad=self.decay_in_grad,
                                 decay_in_update=self.decay_in_update, decay_outside=self.decay_outside,
@@ -568,7 +597,9 @@ class Lamb(Optimizer):
         """list[str]: parameters whose ||w|| or ||u|| was NaN or Inf at the last applied step (a NaN/Inf inside
         the weights, or inside their moments, e.g. from a bad checkpoint: :meth:`check_state` says which): Lamb
         leaves them as they are and reports their trust ratio as NaN; :class:`mindspore_lamb.TrustRatioMonitor`
-        warns and stops training when it sees one."""
+        warns and stops training when it sees one. Empty before the first applied step."""
+        if math.isnan(self.global_grad_norm):
+            return []                   # no step applied yet: the stats are NaN by construction
         stats = self.layer_stats.asnumpy()
         return [name for name, row in zip(self.param_names, stats[:, 1:].tolist()) if not all(map(math.isfinite, row))]
 
@@ -594,16 +625,18 @@ class Lamb(Optimizer):
         return tuple(name for name, adapt in zip(self.param_names, self.adapt_flags) if adapt)
 
     def trust_ratios(self) -> Dict[str, float]:
-        """dict: parameter name -> trust ratio q applied at the last step."""
+        """dict: parameter name -> trust ratio q applied at the last applied step; NaN before the first one (in
+        this process: the diagnostics are not checkpointed)."""
         return dict(zip(self.param_names, self.layer_stats.asnumpy()[:, 0].tolist()))
 
     def layer_norms(self) -> Dict[str, Tuple[float, float, float]]:
-        """dict: parameter name -> (q, ||w||, ||u||) of the last step; ||w|| is before the update."""
+        """dict: parameter name -> (q, ||w||, ||u||) of the last applied step; ||w|| is before the update. NaN
+        before the first applied step (in this process)."""
         stats = self.layer_stats.asnumpy().copy()
         return {name: tuple(row.tolist()) for name, row in zip(self.param_names, stats)}
 
     @property
     def global_grad_norm(self) -> float:
         """float: :math:`G` of the last applied (not skipped) call, the global L2 norm of the unscaled gradients (before
-        max_grad_norm)."""
+        max_grad_norm); NaN before the first applied call (in this process)."""
         return float(self.last_grad_norm.asnumpy())

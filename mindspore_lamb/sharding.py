@@ -25,6 +25,7 @@ import numpy as np
 from mindspore import Parameter, Tensor
 from mindspore.nn import Cell
 
+from ._files import CheckpointError, load
 from .backends.sharded import NAMES_PARAMETER, RANK_PARAMETER, names_record, piece, piece_length, shard_record
 from .state import PREFIXES, SLOTS
 
@@ -51,12 +52,14 @@ def _weight_key(state, name):
 
 
 def _load(shards):
-    """[(label, state)]: state dicts as they are, paths loaded with ``ms.load_checkpoint`` (label: the path)."""
+    """[(label, state)]: state dicts as they are, paths loaded with their CRC checked (label: the path)."""
     out = []
     for index, shard in enumerate(shards):
         if isinstance(shard, (str, os.PathLike)):
-            import mindspore as ms
-            out.append((os.fspath(shard), ms.load_checkpoint(os.fspath(shard))))
+            try:
+                out.append((os.fspath(shard), load(os.fspath(shard))))
+            except CheckpointError as err:
+                raise ValueError(f"For 'sharding.merge', {err}.") from None
         else:
             out.append((f"shards[{index}]", shard))
     return out
@@ -197,8 +200,10 @@ def main(argv=None):
     except ValueError as err:           # nothing is written
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    ms.save_checkpoint(list(merged.values()), args.out)
-    print(f"merged {len(args.shards)} worker checkpoints into {args.out}")
+    # ms.save_checkpoint adds .ckpt to a name without it: say the path it writes
+    out = args.out if args.out.endswith(".ckpt") else args.out + ".ckpt"
+    ms.save_checkpoint(list(merged.values()), out)
+    print(f"merged {len(args.shards)} worker checkpoints into {out}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import numpy as np
 import mindspore.common.dtype as mstype
 
 STEP = "global_step"
+STEP_MAX = 2 ** 31 - 1        # the step counter is an int32 Parameter: a larger step would wrap to a negative one
 # the dtypes a first moment may be stored in (Lamb's mu_dtype), the default first
 MU_DTYPES = (mstype.float32, mstype.float16, mstype.bfloat16)
 
@@ -82,9 +83,9 @@ def _problems(name, slot, value):
     """What is wrong with one entry of the optimizer's state (a list of str); `slot` None: the step counter."""
     if slot is None:
         step = _values(value).reshape(-1)
-        if step.size != 1 or not np.issubdtype(step.dtype, np.integer) or step[0] < 0:
-            return [f"'{name}' must be one integer >= 0 (the number of steps taken), but it is "
-                    f"{step.tolist()} ({_dtype(value)})"]
+        if step.size != 1 or not np.issubdtype(step.dtype, np.integer) or not 0 <= step[0] <= STEP_MAX:
+            return [f"'{name}' must be one integer from 0 to {STEP_MAX} (the number of steps taken, held in "
+                    f"int32), but it is {step.tolist()} ({_dtype(value)})"]
         return []
     allowed = [str(dtype).lower() for dtype in slot.dtypes]
     if _dtype(value) not in allowed:
@@ -112,7 +113,7 @@ def _slot_of(name):
 def check_state(state: Mapping[str, object], source: str = "the optimizer state") -> None:
     """Raise ValueError naming every damaged entry of LAMB's state in `state`.
 
-    Checked: ``global_step`` is one integer >= 0; every ``lamb_m.*`` / ``lamb_v.*`` entry is finite and stored
+    Checked: ``global_step`` is one integer from 0 to 2**31 - 1 (it is held in int32); every ``lamb_m.*`` / ``lamb_v.*`` entry is finite and stored
     in a dtype LAMB stores it in (``lamb_v.*``: float32; ``lamb_m.*``: float32, float16 or bfloat16, see
     `mu_dtype`), and the second moments are >= 0. Other entries (the weights, a loss scale) are not looked at.
 
@@ -123,6 +124,7 @@ def check_state(state: Mapping[str, object], source: str = "the optimizer state"
         source (str): what `state` is, for the message (e.g. the checkpoint's path).
 
     Raises:
+        TypeError: If `state` is not a dict (a Mapping).
         ValueError: If an entry is damaged; the message names each one and what is wrong with it.
 
     Examples:
@@ -130,6 +132,9 @@ def check_state(state: Mapping[str, object], source: str = "the optimizer state"
         >>> from mindspore_lamb import check_state
         >>> check_state({"global_step": np.array([3], np.int32), "lamb_v.w": np.ones(2, np.float32)})
     """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"For 'check_state', the argument 'state' must be a dict of name -> Parameter, Tensor or "
+                        f"array (what mindspore.load_checkpoint returns), but got {type(state).__name__}.")
     problems = [problem for name, value in state.items()
                 if name == STEP or _slot_of(name) is not None
                 for problem in _problems(name, _slot_of(name), value)]

@@ -34,6 +34,14 @@ def _raise_on_loss_type(length):
                     f"the gradients are taken of one loss.")
 
 
+@_primexpr
+def _raise_on_loss_shape(shape):
+    if len(shape) > 1 or (len(shape) == 1 and shape[0] != 1):
+        raise ValueError(f"For '{_NAME}', the network must return a scalar loss (shape () or (1,)), but it "
+                         f"returned a Tensor of shape {tuple(shape)}: the gradients would be those of its sum. "
+                         f"Reduce it in the network, e.g. loss.mean() (nn.MSELoss(reduction='mean')).")
+
+
 @_unscale.register("Tensor", "Tensor")
 def _unscale_one(inv_scale, grad):
     """float32 gradient divided by the loss scale."""
@@ -127,6 +135,8 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
             or `max_grad_norm` is not > 0.
         ValueError: If the optimizer has a ``loss_scale`` other than 1.0, or a ``max_grad_norm`` of its own
             while `max_grad_norm` is set here too.
+        ValueError: If the network returns a loss of more than one element (at the first call: reduce it,
+            e.g. with ``mean``).
 
     Supported Platforms:
         ``CPU`` (tested). ``GPU`` ``Ascend``: the composite backend, made of primitive operators for them, has not
@@ -218,6 +228,7 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         loss = self.network(*inputs)
         if isinstance(loss, (tuple, list)):
             _raise_on_loss_type(len(loss))
+        _raise_on_loss_shape(F.shape(loss))
         sens = F.ones_like(loss) * F.cast(scale, F.dtype(loss))
         grads = self.grad(self.network, self.weights)(*inputs, sens)
         grads = self.hyper_map(F.partial(_unscale, 1.0 / scale), grads)

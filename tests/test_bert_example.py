@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
+from mindspore_lamb import resume as resumable
+
 BERT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_zoo_examples", "bert")
 sys.path.insert(0, BERT_DIR)
 
@@ -154,6 +156,12 @@ def test_smoke_train_checkpoint_resume(smoke_config, tmp_path, capsys):
     assert len(records) == 8 and all(math.isfinite(r["loss"]) for r in records)
     assert train.latest_checkpoint(os.path.join(out, "checkpoints"))[1] == 8
     assert 0.5 <= second["nsp_majority"] <= 1.0
+    # refused before anything is trained or deleted: a fresh run over these checkpoints, a changed batch size
+    with pytest.raises(SystemExit, match=r"already holds checkpoints .*steps \[4, 8\].*--resume.*--overwrite"):
+        train.main(common + ["--epochs", "2"])
+    with pytest.raises(SystemExit, match=r"batch_size: 8 in the checkpoint, 4 now"):
+        train.main(common + ["--epochs", "2", "--resume", "--batch_size", "4"])
+    assert sorted(resumable.checkpoints(os.path.join(out, "checkpoints"), "bert")) == [4, 8]
 
     # a second phase: the weights (not the optimizer state) and the vocab of the run directory, same data
     phase2 = str(tmp_path / "phase2")
@@ -165,6 +173,16 @@ def test_smoke_train_checkpoint_resume(smoke_config, tmp_path, capsys):
     assert third["steps"] == 4
     with pytest.raises(SystemExit, match="no such file"):
         train.main(common[:2] + ["--output_dir", phase2, "--init_checkpoint", str(tmp_path / "nowhere")] + common[4:])
+    # a bit flipped in a weight: the CRC tells (without it the run would train from a damaged embedding)
+    ckpt = train.latest_checkpoint(os.path.join(out, "checkpoints"))[0]
+    data = bytearray(open(ckpt, "rb").read())
+    weight = next(v for k, v in resumable.load(ckpt).items() if k.startswith("network."))
+    data[bytes(data).index(weight.asnumpy().tobytes()[:16]) + 3] ^= 0x40
+    flipped = tmp_path / "flipped.ckpt"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match="CRC32 does not match"):
+        train.main(common[:2] + ["--output_dir", str(tmp_path / "p3"), "--init_checkpoint", str(flipped),
+                                 "--vocab", third["vocab"]] + common[4:])
 
 
 @pytest.mark.distributed

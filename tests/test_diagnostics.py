@@ -1,6 +1,7 @@
 """TrustRatioMonitor: records, files and plot, on a loss-scaled, clipped run through Model.train."""
 import csv
 import json
+import re
 import sys
 
 import mindspore as ms
@@ -172,6 +173,24 @@ def test_global_grad_norm(mode, path, exact_skip, loss_scale, rng):
     assert opt.global_grad_norm == pytest.approx(want_g, rel=1e-6)
 
 
+def test_readers_are_nan_before_the_first_applied_step(mode, path, rng):
+    """0.0 would read as "no update": before any applied step (and after a skipped one) the trust ratios, the
+    norms and G are NaN, and no parameter is called non-finite; the first applied step fills them in."""
+    net = Block()
+    opt = Lamb(net.trainable_params(), learning_rate=0.1, backend=path)
+    shapes = [p.shape for p in net.trainable_params()]
+    nan_grads = tuple(ms.Tensor(np.full(shape, np.nan, np.float32)) for shape in shapes)
+    for step in range(2):
+        assert np.isnan(list(opt.trust_ratios().values())).all()
+        assert np.isnan(list(opt.layer_norms().values())).all()
+        assert np.isnan(opt.global_grad_norm) and opt.nonfinite_parameters() == []
+        opt(nan_grads)                              # skipped: still nothing applied
+    assert opt.skipped_steps == 2
+    opt(tuple(ms.Tensor(rng.standard_normal(shape).astype(np.float32)) for shape in shapes))
+    assert np.isfinite(list(opt.layer_norms().values())).all() and np.isfinite(opt.global_grad_norm)
+    assert opt.nonfinite_parameters() == []
+
+
 def test_missing_matplotlib_is_a_clear_error(monkeypatch, tmp_path):
     opt = Lamb(Block().trainable_params(), learning_rate=0.1)
     monitor = TrustRatioMonitor(opt)
@@ -211,3 +230,22 @@ def test_bad_save_and_plot_arguments(tmp_path):
         monitor.plot(tmp_path / "x.png", top_k=0)
     with pytest.raises(TypeError, match="'top_k'.*'2'"):
         monitor.plot(tmp_path / "x.png", top_k="2")
+
+
+def test_skipped_steps_are_reported_once_at_the_end(rng):
+    """Model.train on a NaN loss at every step: every step is skipped, and the monitor says so once, with the
+    counts; a run with some skipped steps says how many of how many."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    for nan_rows, words in ((slice(None), r"every step of this run \(6\) was skipped.*skipped 6 step"),
+                            (slice(13, 14), r"1 of the 6 steps of this run were skipped.*0 invalid.*1 with a NaN")):
+        net = Block()
+        opt = Lamb(net.trainable_params(), learning_rate=0.05)
+        x = rng.standard_normal((24, 4)).astype(np.float32)
+        x[nan_rows, 0] = np.nan
+        data = ds.NumpySlicesDataset({"x": x, "t": np.zeros((24, 2), np.float32)}, shuffle=False).batch(4)
+        monitor = TrustRatioMonitor(opt, every=100)
+        with pytest.warns(RuntimeWarning) as caught:
+            ms.train.Model(net, nn.MSELoss(), opt).train(1, data, callbacks=[monitor], dataset_sink_mode=False)
+        messages = [str(w.message) for w in caught if "TrustRatioMonitor" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert re.search(words, messages[0]), messages[0]

@@ -1,8 +1,9 @@
 """The documentation site's sources kept in step with the code: each Chinese API page (docs/api/*.zh.rst, MindSpore's
 format) has the signature, the arguments and the defaults of the object it documents (inspect.signature), every
-public object has an English and a Chinese page, the hand-written signature of docs/api/lamb.md is the code's, and
-the internal-link check of the built site (docs/check_links.py) finds broken links. Building the site itself is
-docs/build.sh (CI runs it)."""
+public object has an English and a Chinese page, the hand-written signature of docs/api/lamb.md is the code's, the
+pages have distinct titles and plain Markdown links, the CHANGELOG tags the version, and the check of the built
+site (docs/check_links.py) finds broken links, resources loaded from the network and a wrong <html lang>.
+Building the site itself is docs/build.sh (CI runs it)."""
 import ast
 import glob
 import importlib
@@ -23,7 +24,8 @@ DIRECTIVE = re.compile(r"^(?P<indent> *)\.\. py:(?P<kind>class|function|method|a
 SECTIONS = ("参数:", "输入:", "输出:", "返回:", "异常:", "支持平台:", "样例:")
 # the public API beyond mindspore_lamb.__all__: the modules users call directly (docs/api/index.rst)
 PUBLIC_MODULES = {"mindspore_lamb.sharding": ["merge", "cut"],
-                  "mindspore_lamb.resume": ["resume", "StepCheckpoint", "GlobalStep", "newest", "save", "checkpoints"]}
+                  "mindspore_lamb.resume": ["resume", "StepCheckpoint", "GlobalStep", "newest", "save", "checkpoints",
+                                            "load", "lock", "release", "run_id"]}
 
 
 def _resolve(dotted):
@@ -166,12 +168,126 @@ def _check_links():
 
 def test_link_check_finds_broken_internal_links(tmp_path):
     (tmp_path / "api").mkdir()
-    (tmp_path / "index.html").write_text('<a href="api/page.html#args">ok</a> <a href="missing.html">x</a> '
+    (tmp_path / "index.html").write_text('<html lang="en"><a href="api/page.html#args">ok</a> <a href="missing.html">x</a> '
                                          '<a href="api/page.html#nowhere">y</a> <a href="https://example.org/z">z</a>'
                                          '<img src="_static/logo.png">')
-    (tmp_path / "api" / "page.html").write_text('<h2 id="args">Args</h2><a href="../index.html">up</a>')
+    (tmp_path / "api" / "page.html").write_text('<html lang="en"><h2 id="args">Args</h2><a href="../index.html">up</a>')
     broken, pages = _check_links().broken_links(str(tmp_path))
     assert pages == 2
     assert sorted((link, why.split(" ")[0]) for _, link, why in broken) == [
         ("_static/logo.png", "no"), ("api/page.html#nowhere", "no"), ("missing.html", "no")]
     assert any("no id 'nowhere'" in why for _, _, why in broken)
+
+
+def test_site_check_finds_resources_from_the_network(tmp_path):
+    """The site must work offline: a script, stylesheet or image from http(s) or // is reported (MathJax from a CDN
+    left the update rule as raw TeX without the network); plain links to other sites are not."""
+    (tmp_path / "index.html").write_text(
+        '<html lang="en"><script defer src="https://cdn.jsdelivr.net/npm/mathjax@4/tex-mml-chtml.js"></script>'
+        '<link rel="stylesheet" href="//fonts.example.org/a.css"><img src="http://example.org/i.png">'
+        '<link rel="shortcut icon" href="https://example.org/favicon.ico">'
+        '<script src="_static/local.js"></script><a href="https://arxiv.org/abs/1904.00962">paper</a></html>')
+    (tmp_path / "_static").mkdir()
+    (tmp_path / "_static" / "local.js").write_text("")
+    broken, _ = _check_links().broken_links(str(tmp_path))
+    assert sorted(link for _, link, _ in broken) == [
+        "//fonts.example.org/a.css", "http://example.org/i.png", "https://cdn.jsdelivr.net/npm/mathjax@4/tex-mml-chtml.js",
+        "https://example.org/favicon.ico"]
+    assert all("network" in why for _, _, why in broken)
+
+
+def test_site_check_wants_lang_zh_on_the_chinese_pages(tmp_path):
+    (tmp_path / "Lamb.zh.html").write_text('<html lang="en"></html>')
+    (tmp_path / "Lamb.html").write_text('<html lang="en"></html>')
+    (tmp_path / "index.zh.html").write_text('<html class="no-js" lang="zh"></html>')
+    broken, pages = _check_links().broken_links(str(tmp_path))
+    assert pages == 3 and [(os.path.basename(page), why) for page, _, why in broken] == [
+        ("Lamb.zh.html", "lang='en', expected 'zh'")]
+
+
+def _conf():
+    """docs/conf.py as a module (it imports mindspore_lamb, as the build does)."""
+    spec = importlib.util.spec_from_file_location("docs_conf", os.path.join(ROOT, "docs", "conf.py"))
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    return conf
+
+
+def test_conf_marks_the_chinese_pages_lang_zh():
+    conf = _conf()
+    contexts = {page: {"language": "en"} for page in ("api/mindspore_lamb.Lamb.zh", "api/index.zh", "api/lamb")}
+    for page, context in contexts.items():
+        conf._page_language(None, page, "page.html", context, None)
+    assert {page: c["language"] for page, c in contexts.items()} == {
+        "api/mindspore_lamb.Lamb.zh": "zh", "api/index.zh": "zh", "api/lamb": "en"}
+
+
+def _markdown_pages():
+    return [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+
+
+def test_markdown_pages_read_on_their_own():
+    """Links are plain Markdown ([text](page.md), which MyST resolves too), not MyST roles such as {doc}`page`
+    that show raw where the file is read alone (on GitHub); each relative .md link names a file."""
+    for path in _markdown_pages():
+        text = open(path, encoding="utf-8").read()
+        assert not re.findall(r"\{(?:doc|ref|any)\}`", text), f"{path}: a MyST role; use [text](page.md)"
+        for target in re.findall(r"\]\(([^)#:\s]+\.md)(?:#[^)]*)?\)", text):
+            assert os.path.isfile(os.path.join(os.path.dirname(path), target)), f"{path}: no {target}"
+
+
+def test_examples_use_set_device():
+    """MindSpore 2.5+ (so 2.7.1, the oldest supported) chooses the device with ms.set_device; the device_target
+    argument of set_context is deprecated."""
+    for path in _markdown_pages():
+        text = open(path, encoding="utf-8").read()
+        assert not re.search(r"set_context\([^)]*device_target", text), f"{path}: use ms.set_device(...)"
+
+
+def _page_title(path):
+    """The title of a page of the site: a Markdown page's first '# ' heading, an rST page's first underlined line."""
+    lines = open(path, encoding="utf-8").read().splitlines()
+    if lines[0].startswith("```{include} "):                   # a page that shows another file (the changelog)
+        return _page_title(os.path.join(os.path.dirname(path), lines[0].split(" ", 1)[1]))
+    if path.endswith(".md"):
+        return next(line[2:] for line in lines if line.startswith("# "))
+    return next(line for line, under in zip(lines, lines[1:]) if under and set(under) <= set("=-~^") and line)
+
+
+def test_pages_have_distinct_titles():
+    """The sidebar and the search results tell the pages apart (the in-depth guide, the English and the Chinese
+    API page of Lamb were all "mindspore_lamb.Lamb")."""
+    pages = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")) + glob.glob(os.path.join(API, "*.md")) +
+                   glob.glob(os.path.join(API, "*.rst")))
+    titles = {}
+    for path in pages:
+        titles.setdefault(_page_title(path).replace("`", ""), []).append(os.path.relpath(path, ROOT))
+    assert len(pages) > 30 and {title: paths for title, paths in titles.items() if len(paths) > 1} == {}
+
+
+def test_changelog_tags_the_version():
+    """CHANGELOG.md: an [Unreleased] section on top, then the current version's release, dated; every release
+    below it older and dated."""
+    with open(os.path.join(ROOT, "CHANGELOG.md"), encoding="utf-8") as handle:
+        headings = re.findall(r"^## (.*)$", handle.read(), re.M)
+    assert headings[0] == "[Unreleased]"
+    releases = [re.fullmatch(r"\[(\d+)\.(\d+)\.(\d+)\] - (\d{4}-\d{2}-\d{2})", heading) for heading in headings[1:]]
+    assert releases and all(releases), headings
+    assert ".".join(releases[0].groups()[:3]) == mindspore_lamb.__version__
+    versions = [tuple(int(part) for part in match.groups()[:3]) for match in releases]
+    assert versions == sorted(versions, reverse=True) and len(set(versions)) == len(versions)
+    dates = [match.group(4) for match in releases]
+    assert dates == sorted(dates, reverse=True)
+
+
+def test_presets_table_is_laid_out_to_fit():
+    """The generated presets table has five columns; furo scrolls a table wider than the page, which hid two of
+    them at 1280 px. The page gives it a class that docs/_static/custom.css lays out within the page's width
+    (checked in a browser at 1280 px; a test cannot measure the layout)."""
+    with open(os.path.join(API, "mindspore_lamb.presets.rst"), encoding="utf-8") as handle:
+        assert ".. rst-class:: presets-table\n\n.. include:: _generated/presets_table.md" in handle.read()
+    with open(os.path.join(ROOT, "docs", "_static", "custom.css"), encoding="utf-8") as handle:
+        css = handle.read()
+    assert re.search(r"table\.presets-table \{[^}]*table-layout: fixed; width: 100%", css)
+    conf = _conf()
+    assert "_static" in conf.html_static_path and "custom.css" in conf.html_css_files

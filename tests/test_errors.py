@@ -1,5 +1,7 @@
 """Every documented error (docs/api/lamb.md, "Raises"): raised in the constructor (gradient mismatches at
 the first call), with a message naming the argument and the value received."""
+import re
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,18 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
 from mindspore_lamb import Lamb
+
+
+class _TwoInputSchedule(nn.learning_rate_schedule.LearningRateSchedule):
+    """A schedule whose construct does not take the step alone."""
+    def construct(self, global_step, scale):
+        return global_step * scale
+
+
+class _DecaySchedule(nn.Cell):
+    """A weight-decay schedule written as a plain Cell (MindSpore's documented form): no trainable parameter."""
+    def construct(self, global_step):
+        return ms.ops.cast(global_step, ms.float32) * 0.0 + 0.01
 
 
 def _params():
@@ -45,6 +59,19 @@ BAD_ARGUMENTS = [
     (dict(trust_ratio_clip=10.0), TypeError, ["trust_ratio_clip", "10.0"]),
     (dict(trust_ratio_clip=(2.0, 1.0)), ValueError, ["trust_ratio_clip", "(2.0, 1.0)"]),
     (dict(trust_ratio_clip=(-1.0, 1.0)), ValueError, ["trust_ratio_clip", "(-1.0, 1.0)"]),
+    (dict(trust_ratio_clip=(0, 0)), ValueError, ["trust_ratio_clip", "(0, 0)", "upper bound"]),
+    (dict(trust_ratio_clip=(0.0, 1e-45)), ValueError, ["trust_ratio_clip", "1e-45", "upper bound"]),
+    (dict(eps=1e30), ValueError, ["eps", "1e+30", "at most 1.0"]),
+    (dict(eps=1.5), ValueError, ["eps", "1.5", "at most 1.0"]),
+    (dict(learning_rate=Tensor(True)), TypeError, ["learning_rate", "Bool"]),
+    (dict(learning_rate=Tensor(np.array([True, False]))), TypeError, ["learning_rate", "Bool"]),
+    (dict(learning_rate=Tensor(np.array([0.1 + 2j], np.complex64))), TypeError, ["learning_rate", "Complex64"]),
+    (dict(learning_rate=np.array([0.1 + 2j])), TypeError, ["learning_rate", "NumPy array", "complex128"]),
+    (dict(learning_rate=np.array([True])), TypeError, ["learning_rate", "NumPy array", "bool"]),
+    (dict(learning_rate=np.ones((2, 2), np.float32)), ValueError, ["learning_rate", "NumPy array", "(2, 2)"]),
+    (dict(learning_rate=_TwoInputSchedule()), TypeError, ["learning_rate", "_TwoInputSchedule", "global_step"]),
+    (dict(weight_decay=_TwoInputSchedule()), TypeError, ["weight_decay", "_TwoInputSchedule", "global_step"]),
+    (dict(weight_decay=nn.Dense(1, 1)), TypeError, ["weight_decay", "Dense", "trainable parameters"]),
     (dict(exact_skip=1), TypeError, ["exact_skip", "1"]),
     (dict(exact_skip="yes"), TypeError, ["exact_skip", "'yes'"]),
     (dict(bias_correction=0), ValueError, ["bias_correction", "int 0", "step_size"]),
@@ -83,6 +110,9 @@ def _group_cases():
         ("group member", [{"params": [a, 3]}], TypeError, ["group 0", "int 3", "index 1"]),
         ("group duplicate", [{"params": [a]}, {"params": [a, b]}], ValueError, ["dense.weight", "more than once"]),
         ("group lr", [{"params": [a], "lr": "x"}], TypeError, ["lr (group 0)", "'x'"]),
+        ("group lr bool", [{"params": [a], "lr": Tensor(True)}], TypeError, ["lr (group 0)", "Bool"]),
+        ("group weight_decay layer", [{"params": [a], "weight_decay": nn.Dense(2, 2)}], TypeError,
+         ["weight_decay (group 0)", "Dense"]),
         ("group weight_decay", [{"params": [a], "weight_decay": -1.0}], ValueError,
          ["weight_decay (group 0)", "-1.0"]),
         ("group layer_adaptation", [{"params": [a], "layer_adaptation": 1}], TypeError,
@@ -143,3 +173,47 @@ def test_finite_flag_must_be_a_scalar(mode):
     opt(grads, False)
     np.testing.assert_array_equal(params[0].asnumpy(), before)
     assert opt.skipped_steps == 2
+
+
+def test_numpy_learning_rates_train_as_numbers_and_lists_do():
+    """A float32 NumPy array of per-step rates is the list of them; a NumPy scalar is the number."""
+    grads = tuple(Tensor(np.full(p.shape, 0.5, np.float32)) for p in _params())
+    for numpy_rate, python_rate in ((np.array([0.1, 0.01], np.float32), [0.1, 0.01]),
+                                    (np.float32(0.25), 0.25), (np.array(0.25), 0.25)):
+        trained = []
+        for rate in (numpy_rate, python_rate):
+            params = _params()
+            opt = Lamb(params, rate)
+            opt(grads)
+            opt(grads)
+            trained.append([p.asnumpy() for p in params])
+        for got, want in zip(*trained):
+            np.testing.assert_array_equal(got, want)
+        assert not np.array_equal(trained[0][0], np.ones((2, 3), np.float32))
+
+
+def test_weight_decay_schedule_cell_is_accepted_and_applied():
+    """A plain Cell taking the step (no trainable parameter) is a weight-decay schedule: the same step as the
+    number it returns; a layer is refused (test_bad_argument)."""
+    rng = np.random.default_rng(0)
+    start = [rng.standard_normal(p.shape).astype(np.float32) for p in _params()]
+    grads = tuple(Tensor(rng.standard_normal(w.shape).astype(np.float32)) for w in start)
+    trained = []
+    for weight_decay in (_DecaySchedule(), 0.01, 0.0):
+        params = _params()
+        for param, value in zip(params, start):
+            param.set_data(Tensor(value))
+        Lamb(params, 0.1, weight_decay=weight_decay)(grads)
+        trained.append(params[0].asnumpy())
+    np.testing.assert_allclose(trained[0], trained[1], rtol=1e-6)
+    assert np.abs(trained[0] - trained[2]).max() > 1e-4      # the decay is applied
+
+
+@pytest.mark.parametrize("name", ["dense\nweight", "dense\rweight", "a\u2028b"])
+def test_parameter_name_with_a_line_break_is_refused(name):
+    """The sharded state records the names one per line: such a name could not be merged back."""
+    a, b = _params()
+    a.name = name
+    for params in ([a, b], [{"params": [a]}, {"params": [b]}]):
+        with pytest.raises(ValueError, match=rf"'Lamb'.*{re.escape(repr(name))}.*line break.*rename"):
+            Lamb(params, 0.1)

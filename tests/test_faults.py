@@ -2,6 +2,7 @@
 behaviour (docs/api/lamb.md, "What can go wrong"), with nothing already trained lost."""
 import logging
 import os
+import re
 import warnings
 
 import numpy as np
@@ -271,7 +272,7 @@ def test_decay_outside_the_trust_ratio_beyond_one_is_refused_or_skipped(mode, pa
     for p, b in zip(params, before):
         np.testing.assert_array_equal(p.asnumpy(), b)
     assert opt.invalid_steps == 1
-    assert all(w_norm >= 0 for _, w_norm, _ in opt.layer_norms().values())
+    assert np.isnan(list(opt.layer_norms().values())).all()     # nothing recorded: no step applied yet
 
 
 def test_monitor_stops_training_on_invalid_steps():
@@ -327,6 +328,10 @@ def test_damaged_state_is_named_and_never_reaches_the_weights(mode, path, kind, 
         assert opt.nonfinite_parameters() == ["fc.weight"]
         assert np.isnan(opt.trust_ratios()["fc.weight"])
         assert not np.array_equal(params[1].asnumpy(), bias)
+        # the step counts as applied (the documented behaviour): the layer stays frozen, the state stays named
+        assert int(opt.global_step.asnumpy()[0]) == 1 and opt.skipped_steps == 0
+        with pytest.raises(ValueError, match=re.escape(message.split(": -")[0])):   # v moved, still < 0
+            opt.check_state()
 
 
 def test_damaged_checkpoint_is_named_before_it_is_loaded(tmp_path):
@@ -544,3 +549,24 @@ def test_fused_path_can_be_required(no_compiler, monkeypatch):
     monkeypatch.setenv("MINDSPORE_LAMB_FUSED", "require")
     with pytest.raises(RuntimeError, match="require.*no C\\+\\+ compiler"):
         Lamb(_params(), learning_rate=0.1)
+
+
+def test_float16_first_moment_overflow_freezes_the_layer_and_is_named(path):
+    """mu_dtype="float16" with a gradient of 7e5: m = 7e4 is stored as Inf, and the next step makes it NaN
+    (Inf - Inf); that layer is left as it is from then on while the step counts as applied for the others.
+    nonfinite_parameters() and check_state() name it (docs/api/lamb.md, mu_dtype)."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    big, small = _params()
+    opt = Lamb([big, small], 0.01, mu_dtype="float16", backend=path)
+    grads = (Tensor(np.full(big.shape, 7e5, np.float32)), Tensor(np.ones(small.shape, np.float32)))
+    before, moved = big.asnumpy().copy(), small.asnumpy().copy()
+    for step, kind in ((1, np.isposinf), (2, np.isnan), (3, np.isnan)):
+        opt(grads)
+        assert kind(opt.moments1[0].asnumpy()).all(), step
+        np.testing.assert_array_equal(big.asnumpy(), before)          # frozen, no NaN in the weights
+        assert not np.array_equal(small.asnumpy(), moved)              # the other layer trains
+        moved = small.asnumpy().copy()
+        assert int(opt.global_step.asnumpy()[0]) == step and opt.skipped_steps == 0
+        assert opt.nonfinite_parameters() == ["fc.weight"]
+    with pytest.raises(ValueError, match=r"'lamb_m.fc.weight' holds 24 NaN or Inf"):
+        opt.check_state()

@@ -219,7 +219,7 @@ def test_directory_at_the_library_name_falls_back_to_a_private_directory(cache, 
     with pytest.warns(RuntimeWarning, match="kernel cache") as record:
         lib = fused_cpu.library_path()
     assert len(record) == 1 and str(cache) in str(record[0].message)
-    assert "Is a directory" in str(record[0].message)
+    assert f"Is a directory: '{cache / name}'" in str(record[0].message)
     assert not lib.startswith(str(cache)) and _build._verified(lib)
     assert sorted(os.listdir(cache)) == [name]                  # no temporary file left behind
 
@@ -269,3 +269,56 @@ def test_unknown_fused_setting_is_an_error_naming_the_variable_and_the_value(fre
     monkeypatch.setenv("MINDSPORE_LAMB_FUSED", "maybe")
     with pytest.raises(ValueError, match="MINDSPORE_LAMB_FUSED.*'maybe'"):
         Lamb(_params(), learning_rate=0.1)
+
+
+# ---- the compiler's environment and output ----
+
+@pytest.mark.parametrize("variable", ["CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH", "LIBRARY_PATH",
+                                      "GCC_EXEC_PREFIX", "COMPILER_PATH", "LD_RUN_PATH"])
+def test_the_compilers_search_paths_are_part_of_the_cache_key(monkeypatch, tmp_path, variable):
+    """Each setting of a variable the compiler or linker reads (unset, empty, a path) names another library."""
+    def name():
+        return _build.library_name(fused_cpu.SRC, b"source", fused_cpu.FLAGS, b"test", shutil.which("g++"))
+    monkeypatch.delenv(variable, raising=False)
+    names = [name()]
+    for value in ("", str(tmp_path / "planted")):
+        monkeypatch.setenv(variable, value)
+        names.append(name())
+    monkeypatch.delenv(variable)
+    assert len(set(names)) == 3 and name() == names[0]
+
+
+def test_a_header_planted_through_cpath_is_not_reused_without_it(cache, tmp_path, monkeypatch):
+    """A library built while CPATH led to a planted header is not the one a clean run loads."""
+    monkeypatch.delenv("CPATH", raising=False)
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "cfloat").write_text("#include_next <cfloat>\n#define LAMB_PLANTED 1\n")   # compiles, but is not ours
+    monkeypatch.setenv("CPATH", str(planted))
+    with_cpath = _build_kernel()
+    monkeypatch.delenv("CPATH")
+    clean = _build_kernel()
+    assert clean != with_cpath and _build._verified(clean)
+
+
+def test_a_compiler_that_writes_no_library_is_named(cache, tmp_path, monkeypatch):
+    """CXX=/bin/true succeeds and writes nothing: an error naming CXX, not a 0-byte library; nothing is left
+    in the cache, and the fused backend's warning (the composite graph) quotes it."""
+    monkeypatch.setenv("CXX", "/bin/true")
+    with pytest.raises(_build.BuildError, match=r"CXX='/bin/true'.*no shared library.*0-byte.*g\+\+"):
+        _build_kernel()
+    assert os.listdir(cache) == []
+    monkeypatch.setenv("MINDSPORE_LAMB_FUSED", "1")
+    with pytest.warns(RuntimeWarning, match=r"CXX='/bin/true'"):
+        assert not Lamb(_params(), learning_rate=0.1).fused
+
+
+def test_a_verified_library_that_is_not_a_shared_object_is_rebuilt(cache):
+    """A library and manifest that match but hold no ELF image (built by a non-compiler earlier) are rebuilt."""
+    lib = _build_kernel()
+    with open(lib, "wb"):
+        pass
+    with open(lib + ".json", "w", encoding="utf-8") as handle:
+        json.dump({"size": 0, "sha256": _build.hashlib.sha256(b"").hexdigest()}, handle)
+    assert not _build._verified(lib)
+    assert _build_kernel() == lib and os.path.getsize(lib) > 0 and _build._verified(lib)

@@ -108,6 +108,7 @@ def test_bert_example_killed_in_its_last_epoch(tmp_path):
     """train.py killed with SIGKILL in epoch 3 (after step 12 of 15), then run again with --resume: the final
     checkpoint equals the uninterrupted run's in every tensor and loss.jsonl numbers each step once."""
     import mindspore as ms
+    from mindspore_lamb.resume import RUN
     config, data_dir = _bert_config(tmp_path), str(tmp_path / "data")
     env = dict(os.environ, GLOG_v="3")
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
@@ -127,6 +128,8 @@ def test_bert_example_killed_in_its_last_epoch(tmp_path):
         return {k: v.asnumpy() for k, v in ms.load_checkpoint(os.path.join(out, "checkpoints", "bert-15.ckpt")).items()}
     want, got = final(full), final(killed)
     assert sorted(got) == sorted(want)
+    # the run id differs by design: the uninterrupted run and the killed one are two runs
+    assert got.pop(RUN).tobytes() != want.pop(RUN).tobytes()
     differ = [k for k in want if got[k].tobytes() != want[k].tobytes()]
     assert not differ, f"{len(differ)} of {len(want)} tensors differ: {differ[:5]}"
     records = [json.loads(line) for line in open(log)]

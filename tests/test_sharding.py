@@ -123,6 +123,9 @@ def test_merge_command_line_any_order_and_refusals(rng, tmp_path, capsys):
     rank0, rank1 = (_save(shard, tmp_path / f"rank{r}.ckpt") for r, shard in enumerate(_shards(full, 2)))
     sharding.main(["merge", str(tmp_path / "merged.ckpt"), rank1, rank0])
     _assert_merged_is(ms.load_checkpoint(str(tmp_path / "merged.ckpt")), full)
+    sharding.main(["merge", str(tmp_path / "bare"), rank0, rank1])     # MindSpore adds .ckpt: the path printed
+    assert capsys.readouterr().out.strip().endswith(f"into {tmp_path / 'bare.ckpt'}")
+    _assert_merged_is(ms.load_checkpoint(str(tmp_path / "bare.ckpt")), full)
     with pytest.raises(SystemExit) as exit_info:
         sharding.main(["merge", str(tmp_path / "twice.ckpt"), rank0, rank0])
     assert exit_info.value.code != 0 and not (tmp_path / "twice.ckpt").exists()

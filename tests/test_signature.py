@@ -89,3 +89,50 @@ def test_py_typed_ships_in_the_package():
     cfg.read(os.path.join(ROOT, "setup.cfg"))
     assert cfg["options.package_data"]["mindspore_lamb"].split() == ["py.typed"]
     assert os.path.isfile(os.path.join(ROOT, "mindspore_lamb", "py.typed"))
+
+
+def _public(obj):
+    return {name for name in dir(obj) if not name.startswith("_")}
+
+
+def test_every_public_attribute_of_nn_lamb_is_there_with_its_type():
+    """Code written for nn.Lamb reads its attributes: our Lamb has every public one, with nn.Lamb's types
+    (beta1, beta2 and eps as 1-element float32 Tensors, the state as ParameterTuples) and values."""
+    import numpy as np
+    from mindspore import ParameterTuple, Tensor
+    params = _params()
+    theirs = nn.Lamb(params, 0.1, beta1=0.8, beta2=0.99, eps=1e-7, weight_decay=0.01)
+    ours = Lamb(params, 0.1, beta1=0.8, beta2=0.99, eps=1e-7, weight_decay=0.01, eps_inside_sqrt=True)
+    assert _public(theirs) - _public(ours) == set()
+    for name in ("beta1", "beta2", "eps"):
+        mine, reference = getattr(ours, name), getattr(theirs, name)
+        assert isinstance(mine, Tensor) and mine.dtype == reference.dtype and mine.shape == reference.shape, name
+        np.testing.assert_array_equal(mine.asnumpy(), reference.asnumpy())
+    for name in ("params", "moments1", "moments2"):
+        mine, reference = getattr(ours, name), getattr(theirs, name)
+        assert isinstance(mine, ParameterTuple), name
+        assert [p.name for p in mine] == [p.name for p in reference], name
+    assert ours.device_ascend is theirs.device_ascend is False
+
+
+@pytest.mark.parametrize("keyword, value, hint", [
+    ("lr", 1e-3, r"did you mean 'learning_rate'\?"),
+    ("betas", (0.9, 0.999), r"did you mean 'beta1' and 'beta2' \(one number each, not a tuple\)\?"),
+    ("epsilon", 1e-6, r"did you mean 'eps'\?"),
+], ids=["lr", "betas", "epsilon"])
+def test_other_libraries_keywords_suggest_ours(keyword, value, hint):
+    """PyTorch's lr and betas, Keras' epsilon: the error says which of Lamb's keywords they are."""
+    with pytest.raises(TypeError, match=rf"For 'Lamb', '{keyword}' is not a keyword argument: {hint}"):
+        Lamb(_params(), **{keyword: value})
+    if keyword != "lr":                 # preset takes learning_rate positionally
+        with pytest.raises(TypeError, match=rf"For 'Lamb.preset', '{keyword}' is not a keyword argument: {hint}"):
+            Lamb.preset("timm", _params(), 1e-3, **{keyword: value})
+
+
+def test_a_bare_parameter_is_to_be_wrapped_in_a_list():
+    param = _params()[0]
+    with pytest.raises(TypeError, match=r"'params' must be a list of Parameter or of dict \(wrap it in a list: "
+                                        r"\[param\]\), but got Parameter"):
+        Lamb(param, 1e-3)
+    with pytest.raises(TypeError, match=r"'params' of group 0 must be a list of Parameter \(wrap it in a list"):
+        Lamb([{"params": param}], 1e-3)

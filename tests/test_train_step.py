@@ -344,3 +344,18 @@ def test_overflow_is_a_non_finite_sum_of_squares(mode, path, scale):
     assert (opt.skipped_steps, int(opt.global_step.asnumpy()[0])) == ((1, 0) if scale > 1e19 else (0, 1))
     moved = not np.array_equal(net.w.asnumpy(), np.ones(4, np.float32))
     assert moved == (scale < 1e19)
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_loss_of_more_than_one_element_is_refused(mode, rng, accumulation_steps):
+    """A loss of shape (batch,) (nn.MSELoss(reduction='none') averaged over one axis only) would train on
+    the gradients of its sum: an error naming the shape and saying to reduce it; nothing changes."""
+    net = make_dense(rng)
+    opt = Lamb(net.trainable_params(), 0.1)
+    per_sample = nn.WithLossCell(net, nn.MSELoss(reduction="none"))
+    cell = LossScaleTrainStep(per_sample, opt, accumulation_steps=accumulation_steps)
+    before = state(net, opt)
+    x, t = batch(rng)
+    with pytest.raises(ValueError, match=r"'LossScaleTrainStep'.*scalar loss.*shape \(4, 2\).*mean"):
+        cell(ms.Tensor(x), ms.Tensor(t))
+    assert_same_state(state(net, opt), before)

@@ -126,16 +126,18 @@ def last_step(out):
 
 
 def final_state(out):
-    """({rank dir/file: {name: array}} of the newest checkpoint per directory, {log name: lines})."""
+    """({rank dir/file: {name: array}} of the newest checkpoint per directory, {log name: lines}). The run id
+    (``resume_run``) is left out: the uninterrupted and the resumed run are two runs."""
     import mindspore as ms
-    from mindspore_lamb.resume import checkpoints
+    from mindspore_lamb.resume import RUN, checkpoints
     state = {}
     ckpt_root = os.path.join(out, "ckpt")
     for rank_dir in sorted(os.listdir(ckpt_root)) if os.path.isdir(ckpt_root) else []:
         found = checkpoints(os.path.join(ckpt_root, rank_dir), "ckpt")
         if found:
             step = max(found)
-            state[f"{rank_dir}/ckpt-{step}"] = {k: v.asnumpy() for k, v in ms.load_checkpoint(found[step]).items()}
+            state[f"{rank_dir}/ckpt-{step}"] = {k: v.asnumpy() for k, v in ms.load_checkpoint(found[step]).items()
+                                                if k != RUN}
     logs = {name: open(os.path.join(out, name)).read().splitlines() for name in sorted(os.listdir(out))
             if name.startswith("loss_rank") and name.endswith(".jsonl")}
     return state, logs

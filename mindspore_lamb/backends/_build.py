@@ -6,8 +6,10 @@ The cache is held to the standard of the JIT caches users already trust (torch e
   ``~/.cache/mindspore_lamb`` (``~`` expanded, a relative path taken from the working directory when the
   library is built); created with mode 0700;
 * ``$CXX`` (default ``g++``, one executable looked up on ``PATH``) is the compiler that is run; its resolved
-  path and its ``--version`` output are part of the library's name, with the source, the flags and the
-  CPU, so a library is never reused for another compiler, source, flags or CPU;
+  path and its ``--version`` output are part of the library's name, with the source, the flags, the CPU
+  and the environment the compiler reads (``COMPILER_ENVIRONMENT``: ``CPATH`` and the other search
+  paths), so a library is never reused for another compiler, source, flags, CPU or search path; its
+  output must be a shared library (an ELF header), else :class:`BuildError` names ``CXX``;
 * a directory or library that is not owned by the current user, or that group or others can write, is
   never loaded (a library that someone else can replace could run code in our process);
 * each library has a manifest (size and SHA-256, written when it was built); a library that does not
@@ -30,6 +32,7 @@ lists what each failure does.
 """
 import atexit
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -41,6 +44,13 @@ import warnings
 
 _MANIFEST_SUFFIX = ".json"
 _private_dir = None
+# the environment the compiler and linker read (header and library search paths, where the compiler finds
+# its own programs, the linked library's run path): part of the library's name, so a header planted once
+# through CPATH is never reused by a later run without it
+COMPILER_ENVIRONMENT = ("CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH", "LIBRARY_PATH", "GCC_EXEC_PREFIX",
+                        "COMPILER_PATH", "LD_RUN_PATH")
+# the first bytes of a shared library: ELF (Linux), Mach-O 64-bit (macOS)
+_LIBRARY_MAGIC = (b"\x7fELF", b"\xcf\xfa\xed\xfe")
 
 
 class BuildError(RuntimeError):
@@ -109,17 +119,25 @@ def _private_cache():
 
 def _read_private(path):
     """The bytes of `path` when it is a regular file of ours that group and others cannot write (checked
-    on the open file; a symbolic link is not followed), else None."""
+    on the open file, before reading it: a directory is never read; a symbolic link is not followed), else
+    None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
-    with os.fdopen(fd, "rb") as handle:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or \
                 info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             return None
-        return handle.read()
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    finally:
+        os.close(fd)
+
+
+def _is_library(data):
+    return data[:4] in _LIBRARY_MAGIC
 
 
 def _verified(lib):
@@ -129,7 +147,8 @@ def _verified(lib):
         return False
     try:
         record = json.loads(manifest)
-        return len(data) == record["size"] and hashlib.sha256(data).hexdigest() == record["sha256"]
+        return _is_library(data) and len(data) == record["size"] and \
+            hashlib.sha256(data).hexdigest() == record["sha256"]
     except (ValueError, KeyError, TypeError):
         return False
 
@@ -149,6 +168,10 @@ def _compile(cxx, setting, flags, src, directory, lib):
         os.chmod(tmp, 0o700)
         with open(tmp, "rb") as handle:
             data = handle.read()
+        if not _is_library(data):
+            raise BuildError(f"the compiler CXX={setting!r} ({cxx}) succeeded but wrote no shared library (the "
+                             f"{len(data)}-byte output has no ELF header): set CXX to a C++ compiler such as "
+                             f"g++ or clang++")
         record = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "flags": flags}
         fd, tmp_manifest = tempfile.mkstemp(suffix=_MANIFEST_SUFFIX, dir=directory)
         temporary.append(tmp_manifest)
@@ -173,11 +196,22 @@ def _compiler_identity(cxx):
 
 def _build_in(directory, name, cxx, setting, flags, src):
     lib = os.path.join(directory, name)
+    if os.path.isdir(lib) and not os.path.islink(lib):      # named by its path (reading it names a descriptor)
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), lib)
     if not _verified(lib):
         _compile(cxx, setting, flags, src, directory, lib)
         if not _verified(lib):
             raise BuildError(f"the library built at {lib} does not verify (was it replaced while building?)")
     return lib
+
+
+def library_name(src, source, flags, key_extra, cxx):
+    """The library's file name: a hash of everything that goes into it (the source, the flags, `key_extra`,
+    the compiler and its version, the environment it reads)."""
+    environment = "\0".join(f"{var}={os.environ.get(var)!r}" for var in COMPILER_ENVIRONMENT).encode()
+    key = hashlib.sha256(b"\0".join([source, "\0".join(flags).encode(), key_extra, _compiler_identity(cxx),
+                                     environment]))
+    return f"{os.path.splitext(os.path.basename(src))[0]}_{key.hexdigest()[:16]}.so"
 
 
 def build(src, flags, key_extra=b""):
@@ -196,8 +230,7 @@ def build(src, flags, key_extra=b""):
     except OSError as error:
         raise BuildError(f"the kernel source {src} is missing from the installed package ({error.strerror})") \
             from error
-    key = hashlib.sha256(b"\0".join([source, "\0".join(flags).encode(), key_extra, _compiler_identity(cxx)]))
-    name = f"{os.path.splitext(os.path.basename(src))[0]}_{key.hexdigest()[:16]}.so"
+    name = library_name(src, source, flags, key_extra, cxx)
 
     directory = cache_dir()
     real, reason = _usable_dir(directory)

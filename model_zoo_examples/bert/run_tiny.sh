@@ -3,7 +3,8 @@
 # phase 1 on 32-token sequences (batch 128), phase 2 on 64-token sequences from phase 1's weights.
 # Usage (from anywhere): bash model_zoo_examples/bert/run_tiny.sh [more train.py options, e.g. --resume]
 # Writes everything under runs/bert_tiny/phase1 and runs/bert_tiny/phase2 at the repository root;
-# a second run reuses the data caches.
+# a second run reuses the data caches, and needs --resume (continue; after a complete run: evaluate only)
+# or --overwrite (train again, deleting the first run's checkpoints).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"

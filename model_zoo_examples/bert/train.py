@@ -14,6 +14,7 @@ import sys
 import time
 
 import mindspore as ms
+import numpy as np
 import yaml
 from mindspore.train import LossMonitor, Model, TimeMonitor
 
@@ -48,7 +49,15 @@ def parse_args(argv=None):
                                       "the same corpus, vocab and data config share a cache there")
     p.add_argument("--vocab", help="a BERT vocab.txt to use instead of training one on the corpus")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in output_dir, at its step (docs/resume.md)")
+                   help="continue from the newest complete checkpoint in output_dir, at its step (docs/resume.md); "
+                        "refused if the batch size, workers, seed, data or model differ from the checkpoint's run, "
+                        "and a changed learning rate, schedule or epochs is said and applied")
+    p.add_argument("--resume_foreign", action="store_true",
+                   help="with --resume: also take checkpoints another user owns, or another run wrote (refused "
+                        "by default)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output_dir that holds an earlier run's checkpoints, deleting them "
+                        "(refused by default)")
     p.add_argument("--phase", type=int, choices=(1, 2), default=1,
                    help="2: apply the config's `phase2:` overrides (BERT's second phase: longer sequences); "
                         "start it from phase 1 with --init_checkpoint")
@@ -227,9 +236,17 @@ def init_vocab(args):
 
 
 def load_init_weights(args, train_cell):
-    """--init_checkpoint: the network's weights only (names `network.*` in the train cell's checkpoints)."""
+    """--init_checkpoint: the network's weights only (names `network.*` in the train cell's checkpoints), from a
+    checkpoint whose CRC matches and whose weights are finite."""
     path, _ = init_checkpoint_path(args.init_checkpoint)
-    weights = {k: v for k, v in ms.load_checkpoint(path).items() if k.startswith("network.")}
+    try:
+        loaded = resumable.load(path)
+    except ValueError as err:
+        raise SystemExit(f"--init_checkpoint: {err}")
+    weights = {k: v for k, v in loaded.items() if k.startswith("network.")}
+    bad = [k for k, v in weights.items() if not np.isfinite(v.asnumpy()).all()]
+    if bad:
+        raise SystemExit(f"--init_checkpoint {path}: {len(bad)} weights hold NaN or Inf, e.g. {bad[:3]}")
     missing = [p.name for p in train_cell.network.trainable_params() if p.name not in weights]
     if missing:
         raise SystemExit(f"--init_checkpoint {path}: no weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -248,14 +265,26 @@ def checkpoint_dirs(out, rank, world, shard_state):
     return dirs[rank], dirs[:rank] + dirs[rank + 1:]
 
 
-def resume(args, train_cell, train_ds, ckpt_dir, peers):
+def run_config(args, cfg):
+    """(settings, hyperparameters) recorded in every checkpoint and compared on --resume: what must not change
+    (the data position and global batch depend on it; the model's shapes) and what may (said, then applied)."""
+    tcfg = cfg["train"]
+    fixed = ("batch_size", "accumulation_steps", "seed", "shard_state")
+    settings = {"data": cfg["data"], "model": cfg["model"], "corpus": args.corpus,
+                "max_steps_per_epoch": args.max_steps_per_epoch, **{key: tcfg.get(key) for key in fixed}}
+    return settings, {key: value for key, value in tcfg.items() if key not in fixed}
+
+
+def resume(args, train_cell, train_ds, ckpt_dir, peers, config):
     """--resume: load the newest checkpoint that verifies (on every worker) into `train_cell`, start `train_ds`
     at its step; returns the step (0: none, or no --resume)."""
     if not args.resume:
         return 0
+    settings, hyperparameters = config
     try:
-        step = resumable.resume(train_cell, ckpt_dir, CKPT_PREFIX, train_ds, peers)
-    except RuntimeError as err:
+        step = resumable.resume(train_cell, ckpt_dir, CKPT_PREFIX, train_ds, peers, settings=settings,
+                                hyperparameters=hyperparameters, allow_foreign=args.resume_foreign)
+    except (RuntimeError, ValueError) as err:
         raise SystemExit(f"--resume: {err}")
     if step:
         print(f"resumed from {os.path.join(ckpt_dir, f'{CKPT_PREFIX}-{step}.ckpt')}: step {step}", flush=True)
@@ -319,22 +348,28 @@ def run(argv=None):
     model = Model(train_cell, eval_network=BertPretrainEval(net), metrics=metrics(info["most_frequent_id"]))
     ckpt_dir, peers = checkpoint_dirs(out, rank, args.num_shards or 1, tcfg.get("shard_state"))
     loss_log = os.path.join(out, "loss.jsonl")
-    step = resume(args, train_cell, train_ds, ckpt_dir, peers)
+    # data parallel: every rank holds the same weights, rank 0 saves them; with shard_state every rank saves
+    # its own piece of the moments. Either way every rank numbers the steps from the resumed one.
+    writer = rank == 0 or tcfg.get("shard_state")
+    config = run_config(args, cfg)
+    try:
+        if writer:                                 # one writer per directory: refused before anything loads
+            resumable.lock(ckpt_dir, CKPT_PREFIX)
+        step = resume(args, train_cell, train_ds, ckpt_dir, peers, config)
+        checkpointing = (resumable.StepCheckpoint(ckpt_dir, CKPT_PREFIX, every, keep=tcfg["keep_checkpoint_max"],
+                                                  initial_step=step, settings=config[0],
+                                                  hyperparameters=config[1], overwrite=args.overwrite)
+                         if writer else resumable.GlobalStep(step))
+    except (RuntimeError, ValueError) as err:
+        raise SystemExit(f"{err}")
     if args.init_checkpoint and step == 0:
         load_init_weights(args, train_cell)
     if rank == 0:                                  # the steps after the checkpoint are done again: not twice
         keep_loss_log(loss_log, step)
 
     results = {"before": evaluate(model, eval_ds, "before training" if step == 0 else "at resume")}
-    callbacks = [LossMonitor(tcfg["log_every"]), TimeMonitor(steps_per_epoch)]
+    callbacks = [LossMonitor(tcfg["log_every"]), TimeMonitor(steps_per_epoch), checkpointing]
     trust = TrustRatioMonitor(optimizer, every=tcfg["trust_ratio_every"]) if isinstance(optimizer, Lamb) else None
-    # data parallel: every rank holds the same weights, rank 0 saves them; with shard_state every rank saves
-    # its own piece of the moments. Either way every rank numbers the steps from the resumed one.
-    if rank == 0 or tcfg.get("shard_state"):
-        callbacks.append(resumable.StepCheckpoint(ckpt_dir, CKPT_PREFIX, every, keep=tcfg["keep_checkpoint_max"],
-                                                  initial_step=step))
-    else:
-        callbacks.append(resumable.GlobalStep(step))
     if rank == 0:
         # a tqdm bar over all steps with ETA, loss and lr, only when stderr is a terminal
         callbacks.append(ProgressBar(total_steps, step, optimizer.learning_rate, tcfg["accumulation_steps"]))
