@@ -132,6 +132,11 @@ def dtype_name(dtype):
     return str(dtype).lower()
 
 
+def slot_dtype(slots, role):
+    """The stored dtype of slot `role` (``"m"``, ``"v"``) among `slots`."""
+    return next(slot.dtype for slot in slots if slot.role == role)
+
+
 def _zeros_like(param, slot):
     """The zero state of `slot` for `param`, named ``<prefix>.<param name>``: the parameter's clone (its
     parallel layout follows it) when the dtypes agree."""
