@@ -93,6 +93,6 @@ def create(params, slots, *, decay_flags, adapt_flags, owned_flags, constants, s
 
 
 def sum_of_squares_cell(device_target=None):
-    """A Cell computing sum(g^2) over a tuple of float32 gradients, from the backend ``select()`` picks
+    """A Cell computing ``grad_sq`` = sum(g^2) over a tuple of float32 gradients, from the backend ``select()`` picks
     (the loss-scale cell's overflow test and clipping use it)."""
     return select(None, device_target=device_target).SumOfSquares()
