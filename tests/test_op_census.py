@@ -1,7 +1,8 @@
 """The operator census of the composite graph (tools/op_census.py, docs/operators.md): every operator and dtype the
 graph compiles to has a native kernel in MindSpore's installed GPU and Ascend libraries (or a written reason in
-op_census.EXCEPTIONS); and what the census found fixed stays fixed: the skip without MulNoNan, the sharded
-path's per-layer sums without float64 or UnsortedSegmentSum, a negative step's per-step rate read at step 0."""
+op_census.EXCEPTIONS); and what the census found fixed stays fixed: Ascend's graph without MulNoNan and bit for
+bit the same, the sharded path's per-layer sums without float64 or UnsortedSegmentSum, a negative step's
+per-step rate read at step 0, bfloat16 refused on GPU."""
 import os
 import sys
 
