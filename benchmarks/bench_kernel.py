@@ -85,7 +85,7 @@ class Arrays:
                                             trust_lo=0.0, trust_hi=np.inf, proceed=1.0), np.float32)
         self.lrs = np.full(n_tensors, 1e-7, np.float32)
         self.wds = np.full(n_tensors, 0.01, np.float32)
-        self.flags = np.ones(n_tensors, np.float32)
+        self.layer_codes = np.ones(n_tensors, np.float32)
         self.w = [rng.standard_normal(numel).astype(np.float32) for _ in range(n_tensors)]
         self.m = [np.zeros(numel, np.float32) for _ in range(n_tensors)]
         self.v = [np.zeros(numel, np.float32) for _ in range(n_tensors)]
@@ -95,7 +95,7 @@ class Arrays:
         self.stats = np.zeros((n_tensors + 1, 3), np.float32)
 
     def lamb_args(self, nan):
-        arrs = [self.hyper, self.lrs, self.wds, self.flags, *self.w, *self.m, *self.v,
+        arrs = [self.hyper, self.lrs, self.wds, self.layer_codes, *self.w, *self.m, *self.v,
                 *(self.g_nan if nan else self.g), self.stats]
         n = len(arrs)
         shapes = [np.array(a.shape, np.int64) for a in arrs]

@@ -52,12 +52,12 @@ class ElementWise(nn.Cell):
 class Overflow(nn.Cell):
     """The loss-scale cell's test: the sum of squares of all gradients is not finite."""
 
-    def __init__(self, sum_of_squares):
+    def __init__(self, grad_sq_cell):
         super().__init__()
-        self.sum_of_squares = sum_of_squares
+        self.grad_sq_cell = grad_sq_cell
 
     def construct(self, grads):
-        return F.logical_not(P.IsFinite()(self.sum_of_squares(grads)))
+        return F.logical_not(P.IsFinite()(self.grad_sq_cell(grads)))
 
 
 def main():

@@ -486,7 +486,7 @@ class Lamb(Optimizer):
         grad_sq = None
         if self.norm_first:
             # G = ||g|| / loss_scale, before the update; not finite <=> a NaN/Inf gradient: skip exactly
-            grad_sq = self.backend.sum_of_squares(gradients)
+            grad_sq = self.backend.grad_sq_cell(gradients)
             proceed = F.logical_and(proceed, self.isfinite(grad_sq))
 
         s = self.global_step                                # 0-based step before this call
@@ -553,7 +553,7 @@ class Lamb(Optimizer):
             each = F.logical_and(self.isfinite(lr_vec), lr_vec >= 0.0)
             each = F.logical_and(each, F.logical_and(self.isfinite(wd_vec), wd_vec >= 0.0))
             if self.weight_decay_mode == "decoupled_outside":
-                each = F.logical_and(each, lr_vec * wd_vec <= 1.0)    # keep = 1 - lr lambda >= 0
+                each = F.logical_and(each, lr_vec * wd_vec <= 1.0)    # decay_factor = 1 - lr lambda >= 0
             valid = F.logical_and(valid, self.reduce_all(each))
         return valid
 
@@ -567,9 +567,10 @@ class Lamb(Optimizer):
 
     def _record(self, layer_stats, grad_sq, applied, valid):
         """Count the step (or the skip, and why) and keep the diagnostics of an applied step."""
-        step = F.cast(applied, mstype.int32)
-        layer_stats = F.depend(layer_stats, self.assignadd(self.global_step, self.global_step_increase_tensor * step))
-        layer_stats = F.depend(layer_stats, F.assign_add(self.skipped, 1 - step))
+        applied_count = F.cast(applied, mstype.int32)                       # 1, or 0 for a skipped call
+        increase = self.global_step_increase_tensor * applied_count
+        layer_stats = F.depend(layer_stats, self.assignadd(self.global_step, increase))
+        layer_stats = F.depend(layer_stats, F.assign_add(self.skipped, 1 - applied_count))
         layer_stats = F.depend(layer_stats, F.assign_add(self.invalid, 1 - F.cast(valid, mstype.int32)))
         if self.use_parallel:
             layer_stats = F.depend(layer_stats, self.broadcast_params(layer_stats))

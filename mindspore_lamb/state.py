@@ -21,7 +21,7 @@ import mindspore.common.dtype as mstype
 
 STEP = "global_step"
 STEP_MAX = 2 ** 31 - 1        # the step counter is an int32 Parameter: a larger step would wrap to a negative one
-# the dtypes a first moment may be stored in (Lamb's mu_dtype), the default first
+# the dtypes a first moment may be stored in (Lamb's mu_dtype), the default (float32) first
 MU_DTYPES = (mstype.float32, mstype.float16, mstype.bfloat16)
 
 

@@ -219,7 +219,7 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         # would pick for another optimizer (one fused kernel on CPU: benchmarks/README.md has what an IsFinite
         # per gradient costs instead)
         own = getattr(getattr(optimizer, "backend", None), "SumOfSquares", None)
-        self.sum_of_squares = own() if own is not None else backends.sum_of_squares()
+        self.grad_sq_cell = own() if own is not None else backends.sum_of_squares_cell()
         if self.reducer_flag:
             self.allreduce = P.AllReduce()
 
@@ -233,37 +233,37 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         grads = self.grad(self.network, self.weights)(*inputs, sens)
         grads = self.hyper_map(F.partial(_unscale, 1.0 / scale), grads)
         grads = self.grad_reducer(grads)
-        sum_sq = self.sum_of_squares(grads)
-        overflow = self._overflow(sum_sq)
+        grad_sq = self.grad_sq_cell(grads)
+        overflow = self._overflow(grad_sq)
         if self.accumulate:
             overflow = self._accumulate_step(grads, overflow)
         elif self.branch_free:
             # Lamb skips the call exactly when told, without a graph branch (a branch keeps stale parameter
             # memory after Parameter.set_data, e.g. load_param_into_net), and needs no pre-pass for it
-            loss = F.depend(loss, self.optimizer(self._clip(grads, sum_sq), F.logical_not(overflow)))
+            loss = F.depend(loss, self.optimizer(self._clip(grads, grad_sq), F.logical_not(overflow)))
             loss = F.depend(loss, self._update_scale(overflow, None))
         else:
             if not overflow:
-                loss = F.depend(loss, self.optimizer(self._clip(grads, sum_sq)))
+                loss = F.depend(loss, self.optimizer(self._clip(grads, grad_sq)))
             loss = F.depend(loss, self._update_scale(overflow, None))
         return loss, overflow, scale
 
-    def _overflow(self, sum_sq):
+    def _overflow(self, grad_sq):
         """bool scalar: the sum of squares is not finite (a NaN/Inf element, or a norm beyond float32),
         on some device in distributed mode."""
-        bad = F.cast(F.logical_not(self.isfinite(sum_sq)), mstype.float32)
+        bad = F.cast(F.logical_not(self.isfinite(grad_sq)), mstype.float32)
         if self.reducer_flag:
             bad = self.allreduce(bad)
         return bad > 0.5
 
-    def _clip(self, grads, sum_sq=None):
-        """g * c / max(||g||, c) over all gradients (no-op without max_grad_norm); `sum_sq` = sum of g^2 if
+    def _clip(self, grads, grad_sq=None):
+        """g * c / max(||g||, c) over all gradients (no-op without max_grad_norm); `grad_sq` = sum of g^2 if
         already known."""
         if not self.clip:
             return grads
-        if sum_sq is None:
-            sum_sq = self.sum_of_squares(grads)
-        factor = global_norm_factor(F.sqrt(sum_sq), self.clip_norm)
+        if grad_sq is None:
+            grad_sq = self.grad_sq_cell(grads)
+        factor = global_norm_factor(F.sqrt(grad_sq), self.clip_norm)
         return self.hyper_map(F.partial(_mul, factor), grads)
 
     def _accumulate_step(self, grads, overflow):

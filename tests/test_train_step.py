@@ -337,7 +337,7 @@ def test_overflow_is_a_non_finite_sum_of_squares(mode, path, scale):
     net = _Dot()
     opt = Lamb(net.trainable_params(), learning_rate=0.1, backend=path)
     cell = LossScaleTrainStep(net, opt, init_scale=1.0, min_scale=0.25)
-    assert isinstance(cell.sum_of_squares, fused_cpu.SumOfSquares) == (path == "fused_cpu")
+    assert isinstance(cell.grad_sq_cell, fused_cpu.SumOfSquares) == (path == "fused_cpu")
     _, overflow, _ = cell(ms.Tensor(np.full(4, scale, np.float32)))
     assert bool(overflow.asnumpy()) == (scale > 1e19)
     assert cell.get_loss_scale() == (0.5 if scale > 1e19 else 1.0)

@@ -85,14 +85,14 @@ def create(params, slots, *, decay_flags, adapt_flags, owned_flags, constants, s
     `name`: the backend asked for (``select()``); `shard_state`: each data-parallel worker keeps 1/N of the
     state (backends/sharded.py), the chosen backend's operators running that piece."""
     kernels = select(params, slots, name=name)
-    flags = dict(decay_flags=decay_flags, adapt_flags=adapt_flags, owned_flags=owned_flags, constants=constants)
+    build_args = dict(decay_flags=decay_flags, adapt_flags=adapt_flags, owned_flags=owned_flags, constants=constants)
     if shard_state:
         rank, world = sharded.data_parallel_group(parallel_optimizer)
-        return sharded.ShardedBackend(params, slots, kernels=kernels, rank=rank, world=world, **flags)
-    return kernels(params, slots, **flags)
+        return sharded.ShardedBackend(params, slots, kernels=kernels, rank=rank, world=world, **build_args)
+    return kernels(params, slots, **build_args)
 
 
-def sum_of_squares(device_target=None):
-    """A Cell computing sum(g^2) over a tuple of float32 gradients, from the backend ``select()`` picks
+def sum_of_squares_cell(device_target=None):
+    """A Cell computing ``grad_sq`` = sum(g^2) over a tuple of float32 gradients, from the backend ``select()`` picks
     (the loss-scale cell's overflow test and clipping use it)."""
     return select(None, device_target=device_target).SumOfSquares()

@@ -7,7 +7,7 @@ ratio, u = r + lambda*w the update, and q = ||w|| / ||u|| the layer-wise trust r
 
 Primitive operators only, so the same graph runs on CPU, GPU and Ascend, for float16 (and, off CPU,
 bfloat16) parameters and moments too. It is the reference the other backends are tested against; the
-sharded backend applies its `moments_and_update`, `trust_ratio` and `step` to a worker's piece.
+sharded backend applies its `moments_and_update`, `trust_ratio` and `new_weight` to a worker's piece.
 
 Few parameter-sized temporaries (docs/architecture.md, "The composite graph"): the terms of options held at
 a neutral value are left out of the graph (`contract.terms`), the bias corrections are one factor per step
@@ -25,7 +25,7 @@ from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
 from .._ops import Unstack, assign, assign_sub, broadcast_to, cast, lerp, nan_to_zero, where
-from .contract import INDEX, dtype_name, parameter_state, per_parameter, terms
+from .contract import INDEX, dtype_name, parameter_state, per_parameter, slot_dtype, terms
 
 _reduce_sum = P.ReduceSum(keep_dims=False)
 _stack = P.Stack()
@@ -42,14 +42,14 @@ _NAN = Tensor(float("nan"), mstype.float32)
     "grad_scale", "decay_in_grad", "decay_in_update", "decay_outside", "w_norm_max", "trust_lo", "trust_hi",
     "proceed"))
 
-sum_of_squares = C.MultitypeFuncGraph("lamb_sum_of_squares")
+tensor_sum_of_squares = C.MultitypeFuncGraph("lamb_tensor_sum_of_squares")
 lamb_moments = C.MultitypeFuncGraph("lamb_moments")
 lamb_apply = C.MultitypeFuncGraph("lamb_apply")
-_owned_sum_of_squares = C.MultitypeFuncGraph("lamb_owned_sum_of_squares")
+_owned_tensor_sum_of_squares = C.MultitypeFuncGraph("lamb_owned_tensor_sum_of_squares")
 
 
-@sum_of_squares.register("Tensor")
-def _sum_of_squares(x):
+@tensor_sum_of_squares.register("Tensor")
+def _tensor_sum_of_squares(x):
     """sum(x^2) in float32.
 
     A tensor of rank >= 2 is reduced over its last axis first: the same accuracy
@@ -88,7 +88,7 @@ def times(u, lr_q, masked):
     return _mul_no_nan(u, lr_q)
 
 
-def rescale(scalars, terms):
+def rescale(scalars, present_terms):
     """(c, e) of the update as the composite rule computes it: u = c u' and u' = m / (den + e) + (lambda / c) w,
     with den = sqrt(v) (eps outside the square root) or sqrt(v^ + eps_root); None where c is 1 or e is 0.
 
@@ -97,14 +97,15 @@ def rescale(scalars, terms):
     hence r = c m / (sqrt(v) + e) with c = (1 / bc1) / sqrt(1 / bc2) and e = eps / sqrt(1 / bc2) (a few float32
     roundings apart from the literal form). One pair per step, shared by every parameter.
     """
-    if terms[_EPS_ROOT]:                                                  # eps inside the square root
-        return (scalars[_INV_BC1] if terms[_INV_BC1] else None), (scalars[_EPS] if terms[_EPS] else None)
-    c, e = None, (scalars[_EPS] if terms[_EPS] else None)
-    if terms[_INV_BC2]:
+    if present_terms[_EPS_ROOT]:                                          # eps inside the square root
+        return ((scalars[_INV_BC1] if present_terms[_INV_BC1] else None),
+                (scalars[_EPS] if present_terms[_EPS] else None))
+    c, e = None, (scalars[_EPS] if present_terms[_EPS] else None)
+    if present_terms[_INV_BC2]:
         root = F.sqrt(scalars[_INV_BC2])
         c = 1.0 / root
         e = None if e is None else e / root
-    if terms[_INV_BC1]:
+    if present_terms[_INV_BC1]:
         c = scalars[_INV_BC1] if c is None else scalars[_INV_BC1] * c
     return c, e
 
@@ -117,11 +118,11 @@ def rates(scalars, applied, masked):
     return scalars[_OMB1] * gate, scalars[_OMB2] * gate, applied, masked
 
 
-def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradient, m_dtype):
+def moments_and_update(scalars, present_terms, rescaled, step_rates, wd, w, m, v, gradient, mu_dtype):
     """u' of this step (`rescale`: u = c u'), for float32 `w` and `v` of any shape (a parameter, or a shard of
-    one) and `m` stored in `m_dtype` (a name), after assigning the new moments to `m` and `v` (the new m rounded
-    to `m_dtype`; u' is computed from that stored m). `terms` (contract.terms): the scalars whose terms the
-    graph computes; `rescaled`: (c, e) of `rescale`; `wd`: lambda, None when w is not decayed.
+    one) and `m` stored in `mu_dtype` (a name), after assigning the new moments to `m` and `v` (the new m
+    rounded to `mu_dtype`; u' is computed from that stored m). `present_terms` (contract.terms): the scalars
+    whose terms the graph computes; `rescaled`: (c, e) of `rescale`; `wd`: lambda, None when w is not decayed.
 
     `step_rates` (`rates`): each moment moves by gate (1 - b) (x - moment), and MulNoNan makes 0 (x - moment)
     exactly 0 even where x is NaN or Inf: a skipped step leaves both moments exactly as they were. Masked
@@ -131,9 +132,9 @@ def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradie
     """
     c, e = rescaled
     g = cast(gradient, mstype.float32)
-    if terms[_GRAD_SCALE]:
+    if present_terms[_GRAD_SCALE]:
         g = g * scalars[_GRAD_SCALE]                                      # unscale (+ NVLAMB pre-normalisation)
-    if wd is not None and terms[_IN_GRAD]:
+    if wd is not None and present_terms[_IN_GRAD]:
         g = g + (wd * scalars[_IN_GRAD]) * w                              # L2 mode: g + lambda w
     # v = v + (1 - b2) (g^2 - v): the exact 1 - b only; v as it was when the step is not applied
     applied = broadcast_to(step_rates[2], F.shape(v)) if step_rates[3] else None
@@ -143,46 +144,46 @@ def moments_and_update(scalars, terms, rescaled, step_rates, wd, w, m, v, gradie
         v_t = v + _mul_no_nan(F.square(g) - v, step_rates[1])
     v_t = F.depend(v_t, assign(v, v_t))
     # den = sqrt(v) + e, or sqrt(v^ + eps_root) (see `rescale`)
-    if terms[_EPS_ROOT]:
-        den = F.sqrt((v_t * scalars[_INV_BC2] if terms[_INV_BC2] else v_t) + scalars[_EPS_ROOT])
+    if present_terms[_EPS_ROOT]:
+        den = F.sqrt((v_t * scalars[_INV_BC2] if present_terms[_INV_BC2] else v_t) + scalars[_EPS_ROOT])
     else:
         den = F.sqrt(v_t)
     if e is not None:
         den = den + e
     # m = m + (1 - b1) (g - m) (without gradient averaging m = b1 m + g, as m + (1 - b1) (g / (1 - b1) - m))
-    if terms[_M_GRAD_SCALE]:
+    if present_terms[_M_GRAD_SCALE]:
         g = g * scalars[_M_GRAD_SCALE]
-    m32 = as_float32(m, m_dtype)
+    m32 = as_float32(m, mu_dtype)
     if step_rates[3]:
         m_t = where(applied, lerp(m32, g, step_rates[0]), m32)
     else:
         m_t = m32 + _mul_no_nan(g - m32, step_rates[0])
-    m_t = stored(m_t, m_dtype)                                            # m as stored (rounded)
+    m_t = stored(m_t, mu_dtype)                                           # m as stored (rounded)
     m_t = F.depend(m_t, assign(m, m_t))
     # u' = m / den + (lambda / c) w
-    u = as_float32(m_t, m_dtype) / den
-    if wd is not None and terms[_IN_UPDATE]:
+    u = as_float32(m_t, mu_dtype) / den
+    if wd is not None and present_terms[_IN_UPDATE]:
         decay = wd * scalars[_IN_UPDATE]
         u = u + (decay if c is None else decay / c) * w
     return u
 
 
-def trust_ratio(scalars, terms, applied, lr, w_norm, u_norm, keep, adapt):
-    """(lr q to apply, q to report, keep to apply) from the norms; elementwise, so `lr`, `w_norm`, `u_norm`,
-    `keep` and `adapt` (bool, or a bool Tensor) may be vectors with one entry per parameter; `keep` None
-    (decay not outside the trust ratio) stays None.
+def trust_ratio(scalars, present_terms, applied, lr, w_norm, u_norm, decay_factor, adapt):
+    """(lr q to apply, q to report, decay_factor to apply) from the norms; elementwise, so `lr`, `w_norm`,
+    `u_norm`, `decay_factor` (1 - lr lambda) and `adapt` (bool, or a bool Tensor) may be vectors with one entry
+    per parameter; `decay_factor` None (decay not outside the trust ratio) stays None.
 
     q = ||w|| / ||u|| (||w|| clamped to weight_norm_clip), 1 when either norm is 0, clipped to
-    trust_ratio_clip, 1 without layer adaptation. Not applied (lr q = 0, keep = 1: w is written back as
-    it is, see `step`) when the step is not `applied`, or when ||w|| or ||u|| is not finite (a NaN/Inf inside
+    trust_ratio_clip, 1 without layer adaptation. Not applied (lr q = 0, decay_factor = 1: w is written back
+    as it is, see `new_weight`) when the step is not `applied`, or when ||w|| or ||u|| is not finite (a NaN/Inf inside
     w, or inside its moments: a damaged checkpoint), which reports q = NaN.
     """
-    w_used = F.minimum(w_norm, scalars[_W_NORM_MAX]) if terms[_W_NORM_MAX] else w_norm   # ||w|| clamped
+    w_used = F.minimum(w_norm, scalars[_W_NORM_MAX]) if present_terms[_W_NORM_MAX] else w_norm  # ||w|| clamped
     # q = 1 when either norm is 0 (zero-initialised layer, or zero update: no NaN)
     q = where(F.logical_and(w_used > 0.0, u_norm > 0.0), w_used / u_norm, F.ones_like(w_used))
-    if terms[_LO]:
+    if present_terms[_LO]:
         q = F.maximum(q, scalars[_LO])                                    # q = clip(q, lo, hi)
-    if terms[_HI]:
+    if present_terms[_HI]:
         q = F.minimum(q, scalars[_HI])
     if isinstance(adapt, bool):
         if not adapt:
@@ -192,58 +193,61 @@ def trust_ratio(scalars, terms, applied, lr, w_norm, u_norm, keep, adapt):
     finite = F.logical_and(_isfinite(w_norm), _isfinite(u_norm))
     reported_q = where(finite, q, _NAN)
     layer_applied = F.logical_and(applied, finite)
-    if keep is not None:
-        keep = where(layer_applied, keep, F.ones_like(keep))
-    return where(layer_applied, lr * q, F.zeros_like(q)), reported_q, keep
+    if decay_factor is not None:
+        decay_factor = where(layer_applied, decay_factor, F.ones_like(decay_factor))
+    return where(layer_applied, lr * q, F.zeros_like(q)), reported_q, decay_factor
 
 
-def step(keep, w, lr_q, u, masked):
-    """w = keep w - lr q u (`keep` None: 1), where lr q = 0 leaves w exactly as it is even where u is NaN or Inf
-    (`times`: 0 * NaN is 0): a skipped step (its hyper-parameters may be NaN) or a layer with damaged moments."""
-    return (w if keep is None else keep * w) - times(u, lr_q, masked)
+def new_weight(decay_factor, w, lr_q, u, masked):
+    """The new weight decay_factor w - lr q u (`decay_factor` None: 1), where lr q = 0 leaves w exactly as it is
+    even where u is NaN or Inf (`times`: 0 * NaN is 0): a skipped step (its hyper-parameters may be NaN) or a
+    layer with damaged moments."""
+    return (w if decay_factor is None else decay_factor * w) - times(u, lr_q, masked)
 
 
 @lamb_moments.register("Tuple", "Tuple", "Tuple", "Tuple", "String", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
                        "Bool", "Bool")
-def _lamb_moments(scalars, terms, rescaled, step_rates, m_dtype, weight_decay, param, m, v, gradient, decay_flag, owned):
+def _lamb_moments(scalars, present_terms, rescaled, step_rates, mu_dtype, weight_decay, param, m, v, gradient,
+                  decay_flag, owned):
     """Pass 1 for one parameter: assign its moments and return u' (see `rescale`), after the assignments.
 
-    Shared (bound with F.partial): `scalars`, the tuple of backends/contract.py; `terms`, which of them the
+    Shared (bound with F.partial): `scalars`, the tuple of backends/contract.py; `present_terms`, which of them the
     graph computes (contract.terms: the others are constants at a neutral value); `rescaled`, (c, e) of
-    `rescale`; the moments' `rates` of this step; `m_dtype`, the name of the first moment's stored dtype.
+    `rescale`; the moments' `rates` of this step; `mu_dtype`, the name of the first moment's stored dtype.
     Per parameter: lambda_s, w, m, v, g and the flags (decayed, owned by this rank under the parallel
     optimizer).
     """
     if not owned:
         return _ZERO                                                      # another rank updates it
     wd = weight_decay if decay_flag else None                             # lambda_s, None if w is not decayed
-    return moments_and_update(scalars, terms, rescaled, step_rates, wd, cast(param, mstype.float32), m, v,
-                              gradient, m_dtype)
+    return moments_and_update(scalars, present_terms, rescaled, step_rates, wd, cast(param, mstype.float32), m,
+                              v, gradient, mu_dtype)
 
 
-@_owned_sum_of_squares.register("Tensor", "Bool")
-def _param_sum_of_squares(param, owned):
+@_owned_tensor_sum_of_squares.register("Tensor", "Bool")
+def _owned_param_sum_of_squares(param, owned):
     """sum(w^2) of a parameter this rank updates, else 0."""
-    return _sum_of_squares(param) if owned else _ZERO
+    return _tensor_sum_of_squares(param) if owned else _ZERO
 
 
 @lamb_apply.register("Bool", "Tensor", "Tensor", "Tensor", "Tensor", "Bool")
-def _lamb_apply(masked, keep, lr_q, param, u, owned):
-    """Pass 2 for one parameter: w = keep w - (lr q) u', written back in the parameter's dtype (`masked`: see
-    `times`)."""
+def _lamb_apply(masked, decay_factor, lr_q, param, u, owned):
+    """Pass 2 for one parameter: w = decay_factor w - (lr q) u', written back in the parameter's dtype (`masked`:
+    see `times`)."""
     if not owned:
         return u                                                          # broadcast afterwards
-    return assign(param, cast(step(keep, cast(param, mstype.float32), lr_q, u, masked), F.dtype(param)))
+    w = new_weight(decay_factor, cast(param, mstype.float32), lr_q, u, masked)
+    return assign(param, cast(w, F.dtype(param)))
 
 
 @lamb_apply.register("Bool", "Tensor", "Tensor", "Tensor", "Bool")
-def _lamb_apply_no_keep(masked, lr_q, param, u, owned):
+def _lamb_apply_no_decay_factor(masked, lr_q, param, u, owned):
     """Pass 2 without weight decay outside the trust ratio: w = w - (lr q) u' (in place for float32 w)."""
     if not owned:
         return u
     if F.dtype(param) == mstype.float32:
-        return assign_sub(param, times(u, lr_q, masked))                  # see `step`
-    return assign(param, cast(step(None, cast(param, mstype.float32), lr_q, u, masked), F.dtype(param)))
+        return assign_sub(param, times(u, lr_q, masked))                  # see `new_weight`
+    return assign(param, cast(new_weight(None, cast(param, mstype.float32), lr_q, u, masked), F.dtype(param)))
 
 
 def unavailable(params, slots, device_target):
@@ -267,7 +271,7 @@ class SumOfSquares(nn.Cell):
         self.addn = P.AddN()
 
     def construct(self, gradients):
-        return self.addn(self.hyper_map(sum_of_squares, gradients))
+        return self.addn(self.hyper_map(tensor_sum_of_squares, gradients))
 
 
 class CompositeBackend(nn.Cell):
@@ -282,17 +286,17 @@ class CompositeBackend(nn.Cell):
     def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, constants):
         super().__init__()
         self.n = len(params)
-        self.terms = terms(constants)          # the graph leaves out the terms of constants at a neutral value
+        self.present_terms = terms(constants)  # the graph leaves out the terms of constants at a neutral value
         self.slots = slots
         self.state = parameter_state(params, slots)
-        self.m_dtype = dtype_name(slots[0].dtype)
+        self.mu_dtype = dtype_name(slot_dtype(slots, "m"))
         self.masked = ms.get_context("device_target") in SELECT_SKIP     # selects instead of MulNoNan
         self.decay_flags = tuple(decay_flags)
         self.owned_flags = tuple(owned_flags)
         self.decay_mask = Tensor(np.array(decay_flags, np.float32))
         self.adapt = Tensor(np.array(adapt_flags, np.bool_))
         self.ones = Tensor(np.ones(self.n, np.float32))
-        self.sum_of_squares = SumOfSquares()
+        self.grad_sq_cell = SumOfSquares()
         self.hyper_map = C.HyperMap()
         self.stack = P.Stack()
         self.stack1 = P.Stack(axis=1)
@@ -301,34 +305,36 @@ class CompositeBackend(nn.Cell):
 
     def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):
         if grad_sq is None:
-            grad_sq = self.sum_of_squares(gradients)
+            grad_sq = self.grad_sq_cell(gradients)
         # G is known before the update here: a skipped step (the caller's verdict, or a NaN/Inf gradient) changes
         # nothing, the moments included
         applied = F.logical_and(scalars[_PROCEED], self.isfinite(grad_sq))
         per_param_wd = weight_decay if isinstance(weight_decay, tuple) else (weight_decay,) * self.n
         # pass 1: the moments, and u' = u / c; the state slot by slot, (m, v) in the order of state.SLOTS
         m, v = self.state[:self.n], self.state[self.n:]
-        rescaled = rescale(scalars, self.terms)
+        rescaled = rescale(scalars, self.present_terms)
         step_rates = rates(scalars, applied, self.masked)
-        u = self.hyper_map(F.partial(lamb_moments, scalars, self.terms, rescaled, step_rates, self.m_dtype),
+        u = self.hyper_map(F.partial(lamb_moments, scalars, self.present_terms, rescaled, step_rates,
+                                     self.mu_dtype),
                            per_param_wd, params, m, v, gradients, self.decay_flags, self.owned_flags)
         # the trust ratios of all parameters at once
-        w_norm = F.sqrt(self.stack(self.hyper_map(_owned_sum_of_squares, params, self.owned_flags)))
-        u_norm = F.sqrt(self.stack(self.hyper_map(sum_of_squares, u)))
+        w_norm = F.sqrt(self.stack(self.hyper_map(_owned_tensor_sum_of_squares, params, self.owned_flags)))
+        u_norm = F.sqrt(self.stack(self.hyper_map(tensor_sum_of_squares, u)))
         lr = per_parameter(lr, self.ones)
-        keep = None
-        if self.terms[_OUTSIDE]:
-            keep = 1.0 - lr * per_parameter(weight_decay, self.ones) * self.decay_mask * scalars[_OUTSIDE]
-            w_norm = w_norm * keep                                        # ||w|| (of keep w)
+        decay_factor = None
+        if self.present_terms[_OUTSIDE]:
+            decay_factor = 1.0 - lr * per_parameter(weight_decay, self.ones) * self.decay_mask * scalars[_OUTSIDE]
+            w_norm = w_norm * decay_factor                                # ||w|| (of decay_factor w)
         c = rescaled[0]
         if c is not None:
             u_norm, lr = u_norm * c, lr * c                               # ||u|| = c ||u'||, lr q u = (lr c) q u'
-        lr_q, reported_q, keep = trust_ratio(scalars, self.terms, applied, lr, w_norm, u_norm, keep, self.adapt)
+        lr_q, reported_q, decay_factor = trust_ratio(scalars, self.present_terms, applied, lr, w_norm, u_norm,
+                                                     decay_factor, self.adapt)
         # pass 2: the weights
-        if keep is None:
+        if decay_factor is None:
             done = self.hyper_map(F.partial(lamb_apply, self.masked), self.unstack(lr_q), params, u,
                                   self.owned_flags)
         else:
-            done = self.hyper_map(F.partial(lamb_apply, self.masked), self.unstack(keep), self.unstack(lr_q), params,
-                                  u, self.owned_flags)
+            done = self.hyper_map(F.partial(lamb_apply, self.masked), self.unstack(decay_factor), self.unstack(lr_q),
+                                  params, u, self.owned_flags)
         return F.depend(self.stack1((reported_q, w_norm, u_norm)), done), grad_sq, applied

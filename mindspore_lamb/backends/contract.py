@@ -4,10 +4,13 @@ A backend is a Cell built once per optimizer with the static facts of each param
 (``state.SLOTS``, with the optimizer's dtypes), which it allocates itself, and called once per step, inside
 the optimizer's graph::
 
-    backend = Backend(params, slots, decay_flags=..., adapt_flags=..., owned_flags=...)
+    backend = Backend(params, slots, decay_flags=..., adapt_flags=..., owned_flags=..., constants=...)
     backend.slots        # `slots`, as given
     backend.state        # a ParameterTuple, slot by slot in the order of `slots` (see parameter_state)
     layer_stats, grad_sq, applied = backend(scalars, lr, weight_decay, params, gradients, grad_sq)
+
+``constants``: the scalars of :func:`pack` that never change, {name: value}; a backend may leave the terms of
+those at their :data:`NEUTRAL` value out of its graph (:func:`terms`).
 
 Inputs (the optimizer computes every one of them first; a backend computes no hyper-parameter):
 
@@ -17,7 +20,7 @@ Inputs (the optimizer computes every one of them first; a backend computes no hy
   parameter (parameter groups). A parameter whose ``decay_flags`` entry is False is never decayed.
 * ``params``: the optimizer's ParameterTuple (``w``), updated in place with the backend's own state;
   ``gradients``: the raw gradients, float32 for float32 parameters (multiplied by ``grad_scale`` inside).
-* ``grad_sq``: the sum of squares of every element of every (raw) gradient when the optimizer computed
+* ``grad_sq``: G^2, the sum of squares of every element of every (raw) gradient, when the optimizer computed
   it before the update (with ``max_grad_norm``, an exact skip, or the parallel optimizer), passed in as a
   named scalar, apex-style; ``None`` lets the backend take it from its own pass over the gradients.
 
@@ -130,6 +133,11 @@ def per_parameter(value, ones):
 def dtype_name(dtype):
     """``float32``, ``float16``, ``bfloat16``: a stored dtype as the kernels and the composite rule name it."""
     return str(dtype).lower()
+
+
+def slot_dtype(slots, role):
+    """The stored dtype of slot `role` (``"m"``, ``"v"``) among `slots`."""
+    return next(slot.dtype for slot in slots if slot.role == role)
 
 
 def _zeros_like(param, slot):

@@ -5,12 +5,12 @@
 //
 // LambSumSq(g_0 .. g_{n-1}) -> float32[1]: sum of g^2 over every gradient (double accumulators).
 //
-// LambStep(scalars, lrs, wds, flags, w_0..w_{n-1}, m_0..m_{n-1}, v_0..v_{n-1}, g_0..g_{n-1}) -> (n + 1, 3)
+// LambStep(scalars, lrs, wds, layer_codes, w_0..w_{n-1}, m_0..m_{n-1}, v_0..v_{n-1}, g_0..g_{n-1}) -> (n + 1, 3)
 //   scalars: float32[kScalarCount], laid out as mindspore_lamb/backends/contract.py's `pack`; the enum
 //   below is generated from it: fused_cpu.py compiles this file with -DLAMB_SCALARS(X)=X(one_minus_beta1)..
 //   and a library is never built without it. A wrong length is rejected (return code 3).
 //   lrs[i], wds[i]: learning rate and weight decay of parameter i (wds[i] = 0 when i is not decayed)
-//   flags[i]: 1 = layer-adapted, 0 = q forced to 1 (layer_adaptation=False), -1 = not updated here
+//   layer_codes[i]: 1 = layer-adapted, 0 = q forced to 1 (layer_adaptation=False), -1 = not updated here
 //   the state slots follow the weights, slot by slot in the order of mindspore_lamb/state.py's SLOTS
 //   (-DLAMB_SLOTS(X)=X(m) X(v), generated from it: kSlotCount, and the argument count, follow it);
 //   w_i, v_i are float32, m_i float32, float16 or bfloat16 (all alike: Lamb's mu_dtype); w, m, v are
@@ -77,7 +77,7 @@ struct Hyper {
 struct Decay {
   float in_grad;    // g += in_grad w            (L2 mode)
   float in_update;  // u = r + in_update w       (decoupled, the paper)
-  float keep;       // w = keep w - lr q u       (decoupled outside the trust ratio: keep = 1 - lr lambda)
+  float decay_factor;  // w = decay_factor w - lr q u  (decoupled outside the trust ratio: 1 - lr lambda)
 };
 
 // kGeneral false: the paper's rule only (no L2 term, grad averaging, eps outside the square root, decay
@@ -103,10 +103,10 @@ struct Chunk {
   int64_t lo, hi;
 };
 
-std::vector<Chunk> make_chunks(const std::vector<int64_t> &len, const float *flags) {
+std::vector<Chunk> make_chunks(const std::vector<int64_t> &len, const float *layer_codes) {
   std::vector<Chunk> chunks;
   for (int i = 0; i < static_cast<int>(len.size()); ++i) {
-    if (flags != nullptr && flags[i] < 0.0f) continue;  // another rank updates it (parallel optimizer)
+    if (layer_codes != nullptr && layer_codes[i] < 0.0f) continue;  // another rank updates it
     for (int64_t lo = 0; lo < len[i]; lo += kChunk) chunks.push_back({i, lo, std::min(len[i], lo + kChunk)});
   }
   return chunks;
@@ -193,8 +193,8 @@ void pass1(const Hyper &hyper, const Decay &decay, const float *w, MT *m, float 
            int64_t hi, double *sums) {
   const Hyper h = hyper;  // a local copy: the stores to m and v cannot alias it (else reloaded every element)
   const Decay d = decay;
-  double ws = 0.0, us = 0.0, gsq = 0.0;
-#pragma omp simd reduction(+ : ws, us, gsq)
+  double ws = 0.0, us = 0.0, grad_sq = 0.0;
+#pragma omp simd reduction(+ : ws, us, grad_sq)
   for (int64_t j = lo; j < hi; ++j) {
     const float graw = g[j], m0 = load(m[j]), v0 = v[j], wj = w[j];
     float gj = graw * h.gs;  // unscale (+ NVLAMB pre-normalisation)
@@ -212,23 +212,23 @@ void pass1(const Hyper &hyper, const Decay &decay, const float *w, MT *m, float 
     // `ok ? mn : m0`, GCC sinks the computation of mn into the `ok` branch, cannot if-convert it back (a
     // float operation may trap) and, without AVX-512's masked stores, leaves the whole loop scalar: 4-5x
     // slower with AVX2 or SSE. |vn| > FLT_MAX or NaN <=> its bits without the sign > those of FLT_MAX.
-    const int32_t keep = -static_cast<int32_t>((bits_of(vn) & 0x7fffffff) > 0x7f7fffff);  // 0, or all ones
-    const MT ms = stored<MT>(float_of((bits_of(mn) & ~keep) | (bits_of(m0) & keep)));
-    const float vj = float_of((bits_of(vn) & ~keep) | (bits_of(v0) & keep));
+    const int32_t mask = -static_cast<int32_t>((bits_of(vn) & 0x7fffffff) > 0x7f7fffff);  // 0, or all ones
+    const MT ms = stored<MT>(float_of((bits_of(mn) & ~mask) | (bits_of(m0) & mask)));
+    const float vj = float_of((bits_of(vn) & ~mask) | (bits_of(v0) & mask));
     m[j] = ms;
     v[j] = vj;
     const float uj = update_u<kGeneral>(h, load(ms), vj, wj, d);  // from m as stored
     ws = add_sq(ws, wj);
     us = add_sq(us, uj);
-    gsq = add_sq(gsq, graw);
+    grad_sq = add_sq(grad_sq, graw);
   }
   sums[0] = ws;
   sums[1] = us;
-  sums[2] = gsq;
+  sums[2] = grad_sq;
 }
 
 template <bool kGeneral, typename MT>
-void pass2(const Hyper &hyper, const Decay &decay, float step, const float *w, const MT *m, const float *v,
+void pass2(const Hyper &hyper, const Decay &decay, float lr_q, const float *w, const MT *m, const float *v,
            float *out, int64_t lo, int64_t hi) {  // out: w itself (in place), or a sharded piece
   const Hyper h = hyper;  // a local copy (see pass1)
   const Decay d = decay;
@@ -236,7 +236,7 @@ void pass2(const Hyper &hyper, const Decay &decay, float step, const float *w, c
   for (int64_t j = lo; j < hi; ++j) {
     float wj = w[j];
     const float uj = update_u<kGeneral>(h, load(m[j]), v[j], wj, d);
-    out[j] = (kGeneral ? d.keep * wj : wj) - step * uj;  // w = w - (lr q) u
+    out[j] = (kGeneral ? d.decay_factor * wj : wj) - lr_q * uj;  // w = w - (lr q) u
   }
 }
 
@@ -254,7 +254,7 @@ bool is_general(const float *hp) {
   return general;
 }
 
-// Where each tensor's weight decay lambda_i goes; keep_i = 1 - lr_i lambda_i outside the trust ratio.
+// Where each tensor's weight decay lambda_i goes; decay_factor_i = 1 - lr_i lambda_i outside the trust ratio.
 std::vector<Decay> decays(const float *hp, const float *lrs, const float *wds, int n) {
   std::vector<Decay> decay(n);
   for (int i = 0; i < n; ++i) {
@@ -286,10 +286,10 @@ bool all_stored_as(int from, int to, const char **dtypes, Stored want) {
 }
 bool all_float32(int from, int to, const char **dtypes) { return all_stored_as(from, to, dtypes, Stored::kFloat32); }
 
-// Runs body<MT>() for the storage type of dtype `m_dtype` (the first moment's); 2 (a wrong dtype) for others.
+// Runs body<MT>() for the storage type of dtype `mu_dtype` (the first moment's); 2 (a wrong dtype) for others.
 template <typename Body>
-int with_m_type(const char *m_dtype, Body body) {
-  switch (stored_as(m_dtype)) {
+int with_m_type(const char *mu_dtype, Body body) {
+  switch (stored_as(mu_dtype)) {
     case Stored::kFloat32: return body(static_cast<float *>(nullptr));
     case Stored::kFloat16: return body(static_cast<Half *>(nullptr));
     case Stored::kBfloat16: return body(static_cast<Bf16 *>(nullptr));
@@ -332,12 +332,12 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   if ((nparam - 5) % kPerParam != 0) return 1;
   const int n = (nparam - 5) / kPerParam;
   auto S = [&](int slot, int i) { return 4 + (1 + slot) * n + i; };  // index of slot `slot` of parameter i
-  const char *m_dtype = dtypes[S(kSlot_m, 0)];
+  const char *mu_dtype = dtypes[S(kSlot_m, 0)];
   if (!all_float32(0, S(kSlot_m, 0), dtypes) || !all_float32(S(kSlot_m, n), nparam, dtypes) ||
-      !all_stored_as(S(kSlot_m, 0), S(kSlot_m, n), dtypes, stored_as(m_dtype)))
+      !all_stored_as(S(kSlot_m, 0), S(kSlot_m, n), dtypes, stored_as(mu_dtype)))
     return 2;
   if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
-  return with_m_type(m_dtype, [&](auto *typed) {
+  return with_m_type(mu_dtype, [&](auto *typed) {
     using MT = std::remove_pointer_t<decltype(typed)>;
     const float *hp = static_cast<const float *>(params[0]);
     const Hyper h = read_hyper(hp);
@@ -350,7 +350,7 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
     if (hp[k_proceed] == 0.0f) return 0;  // the caller skips this step: w, m, v untouched
     const float *lrs = static_cast<const float *>(params[1]);
     const float *wds = static_cast<const float *>(params[2]);
-    const float *flags = static_cast<const float *>(params[3]);
+    const float *layer_codes = static_cast<const float *>(params[3]);
     auto W = [&](int i) { return static_cast<float *>(params[4 + i]); };
     auto M = [&](int i) { return static_cast<MT *>(params[S(kSlot_m, i)]); };
     auto V = [&](int i) { return static_cast<float *>(params[S(kSlot_v, i)]); };
@@ -359,10 +359,10 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
     std::vector<int64_t> len(n);
     int64_t total_len = 0;
     for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[4 + i], shapes[4 + i]));
-    std::vector<Chunk> chunks = make_chunks(len, flags);
+    std::vector<Chunk> chunks = make_chunks(len, layer_codes);
     const int64_t nc = static_cast<int64_t>(chunks.size());
-    std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, g_sq]
-    std::vector<float> step(n), keep(n);
+    std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, grad_sq]
+    std::vector<float> lr_q(n), decay_factor(n);
     const std::vector<Decay> decay = decays(hp, lrs, wds, n);
     bool applied = false;
 
@@ -377,43 +377,43 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 #pragma omp single
       {
         std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
-        double g_sq = 0.0;
+        double grad_sq = 0.0;
         for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
           w_sq[chunks[c].tensor] += part[3 * c];
           u_sq[chunks[c].tensor] += part[3 * c + 1];
-          g_sq += part[3 * c + 2];
+          grad_sq += part[3 * c + 2];
         }
-        const float g_sq_f = static_cast<float>(g_sq);
-        applied = std::isfinite(g_sq_f);  // a NaN/Inf gradient, or a norm beyond float32
-        stats[3 * n] = g_sq_f;
+        const float grad_sq_f = static_cast<float>(grad_sq);
+        applied = std::isfinite(grad_sq_f);  // a NaN/Inf gradient, or a norm beyond float32
+        stats[3 * n] = grad_sq_f;
         stats[3 * n + 1] = applied ? 1.0f : 0.0f;
         for (int i = 0; i < n && applied; ++i) {
-          if (flags[i] < 0.0f) continue;
+          if (layer_codes[i] < 0.0f) continue;
           float w_norm = std::sqrt(static_cast<float>(w_sq[i]));
-          if (general) w_norm = w_norm * decay[i].keep;  // the norm of keep w (decay outside the trust ratio)
+          if (general) w_norm = w_norm * decay[i].decay_factor;  // the norm of decay_factor w (outside q)
           float u_norm = std::sqrt(static_cast<float>(u_sq[i]));
           const float w_used = std::fmin(w_norm, hp[k_w_norm_max]);  // ||w|| clamped (inf when off)
           float q = (w_used > 0.0f && u_norm > 0.0f) ? w_used / u_norm : 1.0f;  // q = 1 if a norm is 0
           q = std::fmin(std::fmax(q, hp[k_trust_lo]), hp[k_trust_hi]);  // clip(q, lo, hi); (0, inf) when off
-          if (flags[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
-          step[i] = lrs[i] * q;
-          keep[i] = decay[i].keep;
+          if (layer_codes[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
+          lr_q[i] = lrs[i] * q;
+          decay_factor[i] = decay[i].decay_factor;
           if (!std::isfinite(w_norm) || !std::isfinite(u_norm)) {  // NaN/Inf in w, or in m, v (a damaged
             q = NAN;                                               // checkpoint): leave w, and say so
-            step[i] = 0.0f;
-            keep[i] = 1.0f;
+            lr_q[i] = 0.0f;
+            decay_factor[i] = 1.0f;
           }
           stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
         }
-      }  // implicit barrier: applied and step[] are ready
+      }  // implicit barrier: applied and lr_q[] are ready
       if (applied) {
 #pragma omp for schedule(dynamic)
         for (int64_t c = 0; c < nc; ++c) {  // pass 2
           const Chunk &k = chunks[c];
-          // lr q = 0 and keep = 1: w stays exactly as it is (also where w or u is NaN/Inf: 0 u is not 0 there)
-          if (step[k.tensor] == 0.0f && keep[k.tensor] == 1.0f) continue;
+          // lr_q = 0, decay_factor = 1: w stays exactly as it is (also where w or u is NaN/Inf: 0 u is not 0)
+          if (lr_q[k.tensor] == 0.0f && decay_factor[k.tensor] == 1.0f) continue;
           auto pass = general ? pass2<true, MT> : pass2<false, MT>;
-          pass(h, decay[k.tensor], step[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), W(k.tensor), k.lo, k.hi);
+          pass(h, decay[k.tensor], lr_q[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), W(k.tensor), k.lo, k.hi);
         }
       }
     }
@@ -428,9 +428,10 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 // LambShardSums(scalars, lrs, wds, bounds, w_0..w_{n-1}, m, v, g_0..g_{n-1}) -> (n, 2): pass 1 over the
 //   piece (m, v updated IN PLACE), and per tensor (||w||^2, ||u||^2) over the piece, summed in double in
 //   chunk order. bounds = int32 [start, end). proceed = 0: nothing touched, zeros returned.
-// LambShardApply(scalars, steps, keeps, wds, bounds, w_0..w_{n-1}, m, v) -> piece (L,): pass 2 into the
-//   output, keep_i w - step_i u for each element of the piece, 0 for the padding (the worker's L minus
-//   end - start). steps[i] = lr_i q_i, keeps[i] as in Decay (1 unless decay is outside the trust ratio).
+// LambShardApply(scalars, lr_qs, decay_factors, wds, bounds, w_0..w_{n-1}, m, v) -> piece (L,): pass 2 into
+//   the output, decay_factors[i] w - lr_qs[i] u for each element of the piece, 0 for the padding (the
+//   worker's L minus end - start). lr_qs[i] = lr_i q_i, decay_factors[i] as in Decay (1 unless decay is
+//   outside the trust ratio).
 extern "C" int LambShardSums(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
   if ((nparam - 5 - kSlotCount) % 2 != 0) return 1;
@@ -487,13 +488,13 @@ extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **s
   return with_m_type(dtypes[slots + kSlot_m], [&](auto *typed) {
     using MT = std::remove_pointer_t<decltype(typed)>;
     const float *hp = static_cast<const float *>(params[0]);
-    const float *steps = static_cast<const float *>(params[1]);
-    const float *keeps = static_cast<const float *>(params[2]);
+    const float *lr_qs = static_cast<const float *>(params[1]);
+    const float *decay_factors = static_cast<const float *>(params[2]);
     const int32_t *bounds = static_cast<const int32_t *>(params[4]);
     const Hyper h = read_hyper(hp);
     const bool general = is_general(hp);
-    std::vector<Decay> decay = decays(hp, steps, static_cast<const float *>(params[3]), n);
-    for (int i = 0; i < n; ++i) decay[i].keep = keeps[i];
+    std::vector<Decay> decay = decays(hp, lr_qs, static_cast<const float *>(params[3]), n);
+    for (int i = 0; i < n; ++i) decay[i].decay_factor = decay_factors[i];
     std::vector<int64_t> len(n), offset(n);
     for (int i = 0; i < n; ++i) len[i] = numel(ndims[5 + i], shapes[5 + i]);
     const int64_t start = bounds[0];
@@ -509,12 +510,12 @@ extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **s
       const Chunk &k = chunks[c];
       const int64_t shift = offset[k.tensor] - start;
       const float *w = static_cast<const float *>(params[5 + k.tensor]);
-      if (steps[k.tensor] == 0.0f && keeps[k.tensor] == 1.0f) {  // w as it is (u may be NaN/Inf: 0 u is not 0)
+      if (lr_qs[k.tensor] == 0.0f && decay_factors[k.tensor] == 1.0f) {  // w as it is (u may be NaN/Inf: 0 u is not 0)
         std::copy(w + k.lo, w + k.hi, out + shift + k.lo);
         continue;
       }
       auto pass = general ? pass2<true, MT> : pass2<false, MT>;
-      pass(h, decay[k.tensor], steps[k.tensor], w, m + shift, v + shift, out + shift, k.lo, k.hi);
+      pass(h, decay[k.tensor], lr_qs[k.tensor], w, m + shift, v + shift, out + shift, k.lo, k.hi);
     }
     return 0;
   });

@@ -110,23 +110,23 @@ class FusedCpuBackend(nn.Cell):
         self.n = n
         self.slots = slots
         self.state = contract.parameter_state(params, slots)
-        self.sum_of_squares = SumOfSquares()
-        self.step = ops.Custom(library_path() + ":LambStep", out_shape=lambda *shapes: (n + 1, 3),
-                               out_dtype=lambda *types: mstype.float32, func_type="aot")
-        self.step.add_prim_attr("side_effect_mem", True)   # in place: keep it ordered with other effects
+        self.grad_sq_cell = SumOfSquares()
+        self.update_kernel = ops.Custom(library_path() + ":LambStep", out_shape=lambda *shapes: (n + 1, 3),
+                                        out_dtype=lambda *types: mstype.float32, func_type="aot")
+        self.update_kernel.add_prim_attr("side_effect_mem", True)   # in place: ordered with other effects
         self.decay_mask = Tensor(np.array(decay_flags, np.float32))
         self.ones = Tensor(np.ones(n, np.float32))
         # 1: layer-adapted, 0: q = 1 (layer_adaptation=False), -1: another rank updates it
-        self.flags = Tensor(np.array([(1.0 if adapt else 0.0) if owned else -1.0
-                                      for adapt, owned in zip(adapt_flags, owned_flags)], np.float32))
+        self.layer_codes = Tensor(np.array([(1.0 if adapt else 0.0) if owned else -1.0
+                                            for adapt, owned in zip(adapt_flags, owned_flags)], np.float32))
         self.stack = P.Stack()
         self.hyper_map = C.HyperMap()
 
     def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):
         scalars = self.stack(self.hyper_map(contract.to_float32, scalars))
-        out = self.step(scalars, contract.per_parameter(lr, self.ones),
-                        contract.per_parameter(weight_decay, self.ones) * self.decay_mask,
-                        self.flags, *params, *self.state, *gradients)
+        out = self.update_kernel(scalars, contract.per_parameter(lr, self.ones),
+                                 contract.per_parameter(weight_decay, self.ones) * self.decay_mask,
+                                 self.layer_codes, *params, *self.state, *gradients)
         totals = out[self.n]                                   # (sum of g^2, applied, 0)
         if grad_sq is None:
             grad_sq = totals[0]

@@ -9,8 +9,8 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
 2. sums ||w||^2 and ||u||^2 of each parameter over its piece (float32 ReduceSums over the slices of the piece
    that each parameter covers, known when the backend is built), and ONE all-reduce of that (n, 2) array gives
    every worker the norms of whole layers, so the trust ratios are exact;
-3. applies w = keep w - lr q u to its piece, and ONE all-gather of the pieces gives every worker the full
-   weights after the step.
+3. applies w = decay_factor w - lr q u (decay_factor = 1 - lr lambda, or 1) to its piece, and ONE all-gather
+   of the pieces gives every worker the full weights after the step.
 
 Every worker issues the same collectives in the same order (its piece only changes which slices it sums).
 The state is one Parameter of L elements per slot of ``state.SLOTS``, in the slot's dtype: ``lamb_m.shard``
@@ -30,8 +30,8 @@ from mindspore.ops import operations as P
 
 from .._ops import assign, cast, gather
 from . import composite, fused_cpu
-from .composite import moments_and_update, rates, rescale, step, trust_ratio
-from .contract import INDEX, dtype_name, per_parameter, terms, to_float32
+from .composite import moments_and_update, new_weight, rates, rescale, trust_ratio
+from .contract import INDEX, dtype_name, per_parameter, slot_dtype, terms, to_float32
 
 _PROCEED, _OUTSIDE = INDEX["proceed"], INDEX["decay_outside"]
 NAMES_PARAMETER = "lamb_shard_names"
@@ -121,7 +121,7 @@ class ShardedBackend(nn.Cell):
         self.rank, self.world = rank, world
         self.slots = slots
         self.state = shard_state(params, slots, world)
-        self.m_dtype = dtype_name(slots[0].dtype)
+        self.mu_dtype = dtype_name(slot_dtype(slots, "m"))
         self.shard_names = names_record([p.name for p in params])
         self.shapes = tuple(tuple(p.shape) for p in params)
         self.offsets = tuple(int(x) for x in np.cumsum([0] + sizes))
@@ -156,12 +156,12 @@ class ShardedBackend(nn.Cell):
                                           out_shape=lambda *shapes: (width,), out_dtype=lambda *types: mstype.float32,
                                           func_type="aot")
             self.hyper_map = C.HyperMap()
-        self.terms = terms(constants)      # the composite rule leaves out the terms of neutral constants
+        self.present_terms = terms(constants)   # the composite rule leaves out the terms of neutral constants
         self.masked = ms.get_context("device_target") in composite.SELECT_SKIP   # selects instead of MulNoNan
         self.decay_mask = Tensor(np.array(decay_flags, np.float32))
         self.adapt = Tensor(np.array(adapt_flags, np.bool_))
         self.ones = Tensor(np.ones(self.n, np.float32))
-        self.sum_of_squares = composite.SumOfSquares()
+        self.grad_sq_cell = composite.SumOfSquares()
         self.all_reduce = P.AllReduce()
         self.all_gather = P.AllGather()
         self.reduce_sum = P.ReduceSum(keep_dims=False)
@@ -199,7 +199,7 @@ class ShardedBackend(nn.Cell):
 
     def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):
         if grad_sq is None:
-            grad_sq = self.sum_of_squares(gradients)        # the full gradients: the same on every worker
+            grad_sq = self.grad_sq_cell(gradients)          # the full gradients: the same on every worker
         applied = F.logical_and(scalars[_PROCEED], self.isfinite(grad_sq))
         lr_vec = per_parameter(lr, self.ones)
         wd_vec = per_parameter(weight_decay, self.ones) * self.decay_mask
@@ -214,26 +214,27 @@ class ShardedBackend(nn.Cell):
             m, v = self.state                               # this worker's piece of each slot (state.SLOTS)
             w = gather(self._flat(params), self.positions, 0) * self.valid
             g = gather(self._flat(gradients), self.positions, 0) * self.valid
-            rescaled = rescale(scalars, self.terms)         # u = c u'
+            rescaled = rescale(scalars, self.present_terms)  # u = c u'
             c = rescaled[0]
             # the moments assigned; G is known first here, so a skipped step changes nothing (the composite rule)
-            u = moments_and_update(scalars, self.terms, rescaled, rates(scalars, applied, self.masked),
-                                   self._per_element(wd_vec, self.pad0), w, m, v, g, self.m_dtype)
+            u = moments_and_update(scalars, self.present_terms, rescaled, rates(scalars, applied, self.masked),
+                                   self._per_element(wd_vec, self.pad0), w, m, v, g, self.mu_dtype)
             sums = self._piece_sums(self.stack((F.square(w), F.square(u))))
         # 2. one all-reduce: the norms of whole layers on every worker
         sums = self.all_reduce(sums)
-        keep = 1.0 - lr_vec * wd_vec * scalars[_OUTSIDE]
-        w_norm = F.sqrt(sums[:, 0]) * keep
+        decay_factor = 1.0 - lr_vec * wd_vec * scalars[_OUTSIDE]
+        w_norm = F.sqrt(sums[:, 0]) * decay_factor
         u_norm = F.sqrt(sums[:, 1])
         if c is not None:
             u_norm, lr_vec = u_norm * c, lr_vec * c         # ||u|| = c ||u'||, lr q u = (lr c) q u'
-        lr_q, reported_q, keep = trust_ratio(scalars, self.terms, applied, lr_vec, w_norm, u_norm, keep, self.adapt)
+        lr_q, reported_q, decay_factor = trust_ratio(scalars, self.present_terms, applied, lr_vec, w_norm, u_norm,
+                                                     decay_factor, self.adapt)
         # 3. this worker's new piece, one all-gather, every parameter written back
         if self.fused:
-            piece = self.shard_apply(packed, lr_q, keep, wd_vec, self.bounds, *params, *self.state)
+            piece = self.shard_apply(packed, lr_q, decay_factor, wd_vec, self.bounds, *params, *self.state)
         else:
-            keep = self._per_element(keep, self.pad1) if self.terms[_OUTSIDE] else None
-            piece = step(keep, w, self._per_element(lr_q, self.pad0), u, self.masked)
+            decay_factor = self._per_element(decay_factor, self.pad1) if self.present_terms[_OUTSIDE] else None
+            piece = new_weight(decay_factor, w, self._per_element(lr_q, self.pad0), u, self.masked)
         flat = self.all_gather(piece)
         done = ()
         for i in range(self.n):

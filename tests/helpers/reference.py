@@ -78,11 +78,11 @@ class LambReference:
                 g[i] = g[i] - g[i].mean(axis=tuple(range(1, g[i].ndim)), keepdims=True)
         g = [x / self.loss_scale for x in g]
         with np.errstate(invalid="ignore", over="ignore"):
-            sum_sq = sum(float(np.sum(x * x)) for x in g)
-            big_g = np.sqrt(sum_sq)
+            grad_sq = sum(float(np.sum(x * x)) for x in g)
+            big_g = np.sqrt(grad_sq)
             # the Cell sums the squares of the gradients as received (before unscaling) in float32 range:
             # beyond it, as for a NaN/Inf element, the call is skipped
-            if not np.isfinite(np.float32(sum_sq * self.loss_scale ** 2)):
+            if not np.isfinite(np.float32(grad_sq * self.loss_scale ** 2)):
                 if not (self.exact_skip or self.max_grad_norm is not None):
                     for i in range(n):         # moments take the call's gradient where they stay finite
                         m = self.beta1 * self.m[i] + (1 - self.beta1) * g[i]
