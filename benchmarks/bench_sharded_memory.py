@@ -41,6 +41,8 @@ sys.path.insert(0, HERE)
 os.environ.setdefault("GLOG_v", "3")
 
 CONFIGS = ("plain-fused", "sharded-fused", "plain-composite", "sharded-composite")
+# one buffer of the sharded step alone, in a compiled cell of its own, on the same parameters (--configs)
+PROBES = ("probe-allgather", "probe-writeback", "probe-gather-writeback", "probe-sumsq")
 MIB = 2 ** 20
 
 
@@ -82,6 +84,48 @@ def held_tensors(cell, floor=MIB):
     return found
 
 
+def probe(config, params):
+    """(cell, inputs) of one part of the sharded step, built as backends/sharded.py builds it: the all-gather of
+    a worker's piece (L float32 in, E out), the write-back of the gathered vector into every parameter (a slice
+    and an assign each), both in one graph, or the composite sum of the squares of the gradients."""
+    import numpy as np
+    from mindspore import ParameterTuple, Tensor, nn, ops
+    from mindspore.communication import get_group_size
+    from mindspore.ops import functional as F
+    from mindspore_lamb.backends import composite
+    sizes = [int(p.size) for p in params]
+    offsets = [int(x) for x in np.cumsum([0] + sizes)]
+    shapes = [tuple(p.shape) for p in params]
+    length = -(-offsets[-1] // get_group_size())
+
+    class Probe(nn.Cell):
+        def __init__(self, gather, write):
+            super().__init__()
+            self.gather, self.write = gather, write
+            self.targets = ParameterTuple(params)
+            self.all_gather = ops.AllGather()
+            self.sum_of_squares = composite.SumOfSquares()
+
+        def construct(self, x):
+            if self.gather:
+                x = self.all_gather(x)
+            if not self.write:
+                return x
+            done = ()
+            for i in range(len(shapes)):
+                done += (ops.assign(self.targets[i], F.reshape(x[offsets[i]:offsets[i + 1]], shapes[i])),)
+            return F.depend(x[0:1], done)
+
+    if config == "probe-sumsq":
+        cell = composite.SumOfSquares()
+        return cell, lambda grads: (grads,)
+    if config == "probe-writeback":
+        flat = Tensor(np.concatenate([p.asnumpy().reshape(-1) for p in params]))
+        return Probe(False, True), lambda grads: (flat,)
+    piece = Tensor(np.zeros(length, np.float32) + 0.01)
+    return Probe(True, config == "probe-gather-writeback"), lambda grads: (piece,)
+
+
 def worker(out_dir, config, set_name, calls):
     import mindspore as ms
     from _timing import wait
@@ -94,7 +138,7 @@ def worker(out_dir, config, set_name, calls):
     rank, world = get_rank(), get_group_size()
     bench_step.SETS["half"] = half_shapes
     params, grads = bench_step.build(set_name)
-    sharded, backend = config.split("-")
+    sharded, backend = config.split("-", 1)
     gc.collect()
     base, _ = status()
     resettable = reset_peak()
@@ -106,23 +150,32 @@ def worker(out_dir, config, set_name, calls):
         phases[name] = {"rss": rss, "hwm": hwm}
         reset_peak()
 
-    opt = Lamb(params, learning_rate=1e-7, weight_decay=0.01, shard_state=sharded == "sharded",
-               backend="fused_cpu" if backend == "fused" else "composite")
+    if config in PROBES:
+        cell, inputs = probe(config, params)
+        call = lambda: cell(*inputs(grads))     # noqa: E731
+    else:
+        opt = Lamb(params, learning_rate=1e-7, weight_decay=0.01, shard_state=sharded == "sharded",
+                   backend="fused_cpu" if backend == "fused" else "composite")
+        call = lambda: opt(grads)               # noqa: E731
     phase("build")
-    opt(grads)
+    call()
     wait()
     phase("first")
     for _ in range(calls - 1):
-        opt(grads)
+        call()
         wait()
     phase("steady")
-    state = sum(int(p.nbytes) for p in list(opt.moments1) + list(opt.moments2))
-    inner = getattr(opt.backend, "kernels", None)
+    if config in PROBES:
+        state, held, name = 0, [], config
+    else:
+        inner = getattr(opt.backend, "kernels", None)
+        state = sum(int(p.nbytes) for p in list(opt.moments1) + list(opt.moments2))
+        held = held_tensors(opt.backend) + (held_tensors(inner) if inner is not None else [])
+        name = opt.backend.name
     result = {"rank": rank, "world": world, "config": config, "set": set_name, "calls": calls,
-              "backend": opt.backend.name, "n_params": len(params), "n_elems": sum(p.size for p in params),
+              "backend": name, "n_params": len(params), "n_elems": sum(p.size for p in params),
               "param_bytes": sum(int(p.nbytes) for p in params), "base_rss": base, "resettable": resettable,
-              "phases": phases, "state_bytes": state,
-              "held_tensors": held_tensors(opt.backend) + (held_tensors(inner) if inner is not None else [])}
+              "phases": phases, "state_bytes": state, "held_tensors": held}
     with open(os.path.join(out_dir, f"{config}.rank{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump(result, handle)
 
@@ -225,7 +278,8 @@ def summary(result):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated, of {', '.join(CONFIGS + PROBES)}")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--set", default="base", help="bench_step.py's base or large, or half (half of base)")
     ap.add_argument("--calls", type=int, default=4)
@@ -238,9 +292,9 @@ def main():
         worker(a.child, a.configs, a.set, a.calls)
         return
     configs = a.configs.split(",")
-    unknown = [c for c in configs if c not in CONFIGS]
+    unknown = [c for c in configs if c not in CONFIGS + PROBES]
     if unknown:
-        raise SystemExit(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+        raise SystemExit(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS + PROBES)}")
     from _timing import cpu_header
     out_dir = tempfile.mkdtemp(prefix="bench_sharded_memory-")
     results = {}
