@@ -23,6 +23,11 @@ A watchdog in this process kills the msrun job (scheduler and workers) when MemA
 drops below --min-available GiB; that configuration is then reported as "stopped by the watchdog".
 `--set half` (half the BERT-base parameters, in the same layer shapes) is for a configuration that does not
 fit twice in the machine's memory; per-parameter figures carry over.
+
+The probes (`--configs probe-allgather,probe-writeback,probe-gather-writeback,probe-sumsq`) run one part of the
+sharded step alone, in a compiled cell of its own, on the same parameters and measured the same way: the
+all-gather of a worker's piece, the write-back of a gathered vector into every parameter, both in one graph
+(the step's tail as backends/sharded.py runs it), and the composite sum of the squares of the gradients.
 """
 import argparse
 import gc
