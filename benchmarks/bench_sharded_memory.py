@@ -38,7 +38,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -173,9 +172,8 @@ def worker(out_dir, config, set_name, calls):
     if config in PROBES:
         state, held, name = 0, [], config
     else:
-        inner = getattr(opt.backend, "kernels", None)
         state = sum(int(p.nbytes) for p in list(opt.moments1) + list(opt.moments2))
-        held = held_tensors(opt.backend) + (held_tensors(inner) if inner is not None else [])
+        held = held_tensors(opt.backend)
         name = opt.backend.name
     result = {"rank": rank, "world": world, "config": config, "set": set_name, "calls": calls,
               "backend": name, "n_params": len(params), "n_elems": sum(p.size for p in params),
