@@ -15,6 +15,7 @@ from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 from mindspore.ops.primitive import _primexpr
 
+from . import _ops
 from . import _validation as V
 from . import backends, presets
 from ._options import Options
@@ -74,7 +75,7 @@ def _as_flag(finite):
     if not isinstance(finite, Tensor):
         _raise_on_flag_type(finite)
     _raise_on_flag_shape(F.shape(finite))
-    return F.reshape(F.cast(finite, mstype.bool_), ())
+    return F.reshape(_ops.cast(finite, mstype.bool_), ())
 
 
 @_primexpr
@@ -111,7 +112,7 @@ def _check_one_gradient(name, param_dtype, param, gradient):
     _raise_on_dtype(name, param_dtype, F.dtype(gradient))
     if _is_float32(F.dtype(gradient)):
         return gradient                 # no Cast node at all (PYNATIVE_MODE would copy the gradient)
-    return F.cast(gradient, mstype.float32)
+    return _ops.cast(gradient, mstype.float32)
 
 
 _true_after = C.MultitypeFuncGraph("true_after")
@@ -482,7 +483,7 @@ class Lamb(Optimizer):
         gradients = self.flatten_gradients(gradients)
         gradients = self.gradients_centralization(gradients)
         # the caller's finite=False skips the step exactly; True (or None) leaves the test to us
-        proceed = F.ones((), mstype.bool_) if finite is None else _as_flag(finite)
+        proceed = F.ones((), dtype=mstype.bool_) if finite is None else _as_flag(finite)
         grad_sq = None
         if self.norm_first:
             # G = ||g|| / loss_scale, before the update; not finite <=> a NaN/Inf gradient: skip exactly
@@ -490,7 +491,7 @@ class Lamb(Optimizer):
             proceed = F.logical_and(proceed, self.isfinite(grad_sq))
 
         s = self.global_step                                # 0-based step before this call
-        t = F.reshape(F.cast(s, mstype.float32), ()) + 1.0  # bias correction uses t = s + 1
+        t = F.reshape(_ops.cast(s, mstype.float32), ()) + 1.0  # bias correction uses t = s + 1
         inv_bias_c1, inv_bias_c2 = self._inverse_bias_corrections(t)
         lr = self.get_lr()                                  # lr_s
         weight_decay = self.get_weight_decay()              # lambda_s
@@ -549,7 +550,7 @@ class Lamb(Optimizer):
         valid = t >= 1.0
         if self.dynamic_lr or self.dynamic_weight_decay:
             lr_vec = per_parameter(lr, self.ones)
-            wd_vec = F.select(self.decay_mask, per_parameter(weight_decay, self.ones), self.zeros)
+            wd_vec = _ops.where(self.decay_mask, per_parameter(weight_decay, self.ones), self.zeros)
             each = F.logical_and(self.isfinite(lr_vec), lr_vec >= 0.0)
             each = F.logical_and(each, F.logical_and(self.isfinite(wd_vec), wd_vec >= 0.0))
             if self.weight_decay_mode == "decoupled_outside":
@@ -567,16 +568,17 @@ class Lamb(Optimizer):
 
     def _record(self, layer_stats, grad_sq, applied, valid):
         """Count the step (or the skip, and why) and keep the diagnostics of an applied step."""
-        applied_count = F.cast(applied, mstype.int32)                       # 1, or 0 for a skipped call
+        applied_count = _ops.cast(applied, mstype.int32)                       # 1, or 0 for a skipped call
         increase = self.global_step_increase_tensor * applied_count
         layer_stats = F.depend(layer_stats, self.assignadd(self.global_step, increase))
-        layer_stats = F.depend(layer_stats, F.assign_add(self.skipped, 1 - applied_count))
-        layer_stats = F.depend(layer_stats, F.assign_add(self.invalid, 1 - F.cast(valid, mstype.int32)))
+        layer_stats = F.depend(layer_stats, _ops.assign_add(self.skipped, 1 - applied_count))
+        layer_stats = F.depend(layer_stats, _ops.assign_add(self.invalid, 1 - _ops.cast(valid, mstype.int32)))
         if self.use_parallel:
             layer_stats = F.depend(layer_stats, self.broadcast_params(layer_stats))
         grad_norm = F.sqrt(grad_sq) * self.inv_loss_scale
-        done = F.assign(self.layer_stats, F.select(applied, layer_stats, self.layer_stats))
-        return F.depend(done, F.assign(self.last_grad_norm, F.select(applied, grad_norm, self.last_grad_norm)))
+        done = _ops.assign(self.layer_stats, _ops.where(_ops.broadcast_to(applied, F.shape(layer_stats)), layer_stats,
+                                                        self.layer_stats))
+        return F.depend(done, _ops.assign(self.last_grad_norm, _ops.where(applied, grad_norm, self.last_grad_norm)))
 
     # ---- host-side readers (each reads device memory once; call them outside the step) ----
 

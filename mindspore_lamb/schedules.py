@@ -8,6 +8,7 @@ from mindspore import Parameter, Tensor
 from mindspore.nn.learning_rate_schedule import LearningRateSchedule
 from mindspore.ops import functional as F
 
+from . import _ops
 from . import _validation as V
 
 _NAME = "WarmupPolynomialDecayLR"
@@ -26,8 +27,8 @@ class HeldSequenceLR(LearningRateSchedule):
         self.last = Tensor(values.size - 1, mstype.int32)
 
     def construct(self, global_step):
-        index = F.minimum(F.cast(global_step, mstype.int32), self.last)
-        return F.gather(self.learning_rate, index, 0)
+        index = F.minimum(_ops.cast(global_step, mstype.int32), self.last)
+        return _ops.gather(self.learning_rate, index, 0)
 
 
 def as_schedule(learning_rate, name):
@@ -122,11 +123,11 @@ class WarmupPolynomialDecayLR(LearningRateSchedule):
         self.exponent = Tensor(power, mstype.float32)
 
     def construct(self, global_step):
-        step = F.cast(global_step, mstype.float32)
+        step = _ops.cast(global_step, mstype.float32)
         progress = F.minimum(step, self.decay) / self.decay
         lr = self.diff * F.pow(1.0 - progress, self.exponent) + self.end
         if self.use_warmup:
-            lr = F.select(step < self.warmup, self.peak * step / self.warmup, lr)
+            lr = _ops.where(step < self.warmup, self.peak * step / self.warmup, lr)
         return lr
 
     def extend_repr(self):

@@ -16,6 +16,7 @@ from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 from mindspore.ops.primitive import _primexpr
 
+from . import _ops
 from . import _validation as V
 from . import backends
 from ._step import global_norm_factor
@@ -45,7 +46,7 @@ def _raise_on_loss_shape(shape):
 @_unscale.register("Tensor", "Tensor")
 def _unscale_one(inv_scale, grad):
     """float32 gradient divided by the loss scale."""
-    return F.cast(grad, mstype.float32) * inv_scale
+    return _ops.cast(grad, mstype.float32) * inv_scale
 
 
 @_mul.register("Tensor", "Tensor")
@@ -56,7 +57,7 @@ def _mul_one(factor, grad):
 @_store_accum.register("Tensor", "Tensor", "Tensor")
 def _store_accum_one(reset, accum, summed):
     """accum <- 0 when `reset`, else `summed`; a select, so a NaN in `summed` cannot survive a reset."""
-    return F.assign(accum, F.select(F.broadcast_to(reset, F.shape(summed)), F.zeros_like(summed), summed))
+    return _ops.assign(accum, _ops.where(F.broadcast_to(reset, F.shape(summed)), F.zeros_like(summed), summed))
 
 
 class LossScaleTrainStep(nn.TrainOneStepCell):
@@ -229,7 +230,7 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         if isinstance(loss, (tuple, list)):
             _raise_on_loss_type(len(loss))
         _raise_on_loss_shape(F.shape(loss))
-        sens = F.ones_like(loss) * F.cast(scale, F.dtype(loss))
+        sens = F.ones_like(loss) * _ops.cast(scale, F.dtype(loss))
         grads = self.grad(self.network, self.weights)(*inputs, sens)
         grads = self.hyper_map(F.partial(_unscale, 1.0 / scale), grads)
         grads = self.grad_reducer(grads)
@@ -251,7 +252,7 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
     def _overflow(self, grad_sq):
         """bool scalar: the sum of squares is not finite (a NaN/Inf element, or a norm beyond float32),
         on some device in distributed mode."""
-        bad = F.cast(F.logical_not(self.isfinite(grad_sq)), mstype.float32)
+        bad = _ops.cast(F.logical_not(self.isfinite(grad_sq)), mstype.float32)
         if self.reducer_flag:
             bad = self.allreduce(bad)
         return bad > 0.5
@@ -277,9 +278,9 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
             any_overflow = F.depend(any_overflow, self.optimizer(self._clip(mean)))
         done = self.hyper_map(F.partial(_store_accum, boundary), self.accum_grads, summed)
         any_overflow = F.depend(any_overflow, done)
-        any_overflow = F.depend(any_overflow, F.assign(self.micro_step, F.select(boundary, F.zeros_like(micro),
+        any_overflow = F.depend(any_overflow, _ops.assign(self.micro_step, _ops.where(boundary, F.zeros_like(micro),
                                                                                  micro)))
-        any_overflow = F.depend(any_overflow, F.assign(self.accum_overflow,
+        any_overflow = F.depend(any_overflow, _ops.assign(self.accum_overflow,
                                                        F.logical_and(any_overflow, F.logical_not(boundary))))
         return F.depend(any_overflow, self._update_scale(any_overflow, boundary))
 
@@ -291,15 +292,15 @@ class LossScaleTrainStep(nn.TrainOneStepCell):
         good = self.good_steps + 1
         grow = good >= self.window
         grown = scale * self.factor
-        grown = F.select(grown <= self.max_scale_t, grown, scale)   # 1 / scale stays a normal float32
+        grown = _ops.where(grown <= self.max_scale_t, grown, scale)   # 1 / scale stays a normal float32
         backed_off = F.maximum(scale / self.factor, self.min_scale_t)
-        new_scale = F.select(overflow, backed_off, F.select(grow, grown, scale))
-        new_good = F.select(F.logical_or(overflow, grow), F.zeros_like(good), good)
+        new_scale = _ops.where(overflow, backed_off, _ops.where(grow, grown, scale))
+        new_good = _ops.where(F.logical_or(overflow, grow), F.zeros_like(good), good)
         if apply is not None:
-            new_scale = F.select(apply, new_scale, scale)
-            new_good = F.select(apply, new_good, good - 1)
-        done = F.assign(self.loss_scale, new_scale)
-        return F.depend(done, F.assign(self.good_steps, new_good))
+            new_scale = _ops.where(apply, new_scale, scale)
+            new_good = _ops.where(apply, new_good, good - 1)
+        done = _ops.assign(self.loss_scale, new_scale)
+        return F.depend(done, _ops.assign(self.good_steps, new_good))
 
     # ---- host-side readers ----
 
