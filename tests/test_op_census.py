@@ -19,8 +19,9 @@ from mindspore_lamb.backends import composite, sharded
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import op_census  # noqa: E402  (tools/ is not a package)
 
-# the configurations compiled here (each a child process of a few seconds); `python tools/op_census.py` runs all
-CHECKED = ("groups+schedule", "nvlamb", "float16_params")
+# every configuration but the sharded one, each a child process of a few seconds; the sharded one (msrun, two
+# workers) is test_the_sharded_graph_has_native_kernels_on_both_devices
+CHECKED = tuple(name for name in op_census.CONFIGS if name != op_census.SHARDED)
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,19 @@ def test_every_operator_of_the_composite_graph_has_a_native_kernel(census):
     assert "MulNoNan" not in graphs["Ascend"]["nvlamb"]                          # AICPU only there
     assert {"Lerp", "Select", "NanToNum"} <= set(graphs["Ascend"]["nvlamb"])
     assert "MulNoNan" in graphs["GPU"]["nvlamb"] and report["GPU"]["ops"]["MulNoNan"][0] == "native"
+
+
+@pytest.mark.distributed
+def test_the_sharded_graph_has_native_kernels_on_both_devices():
+    """The sharded path under msrun with two CPU workers: no float64, no UnsortedSegmentSum, every operator native
+    on GPU and Ascend (or an exception with its reason)."""
+    graphs = {graph: op_census.census((op_census.SHARDED,), graph=graph) for graph in ("GPU", "Ascend")}
+    report = op_census.kernels({op for found in graphs.values() for ops in found.values() for op in ops})
+    assert all(graphs[graph][op_census.SHARDED] for graph in graphs)
+    assert op_census.problems(graphs, report) == []
+    for graph in graphs:
+        ops = graphs[graph][op_census.SHARDED]
+        assert "UnsortedSegmentSum" not in ops and not any("float64" in dtypes for dtypes in ops.values())
 
 
 def test_the_census_names_an_operator_without_a_native_kernel():
