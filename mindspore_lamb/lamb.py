@@ -362,7 +362,7 @@ class Lamb(Optimizer):
         self._add_diagnostics()
         self._add_step_helpers()
         # the backend of the update, chosen once; it allocates the declared state (backends/__init__.py)
-        self.backend = backends.create(self.params, declare({"m": self.mu_dtype}), decay_flags=self.decay_flags,
+        self.backend = backends.create(self.params, declare(options.slot_dtypes), decay_flags=self.decay_flags,
                                        adapt_flags=self.adapt_flags, owned_flags=self.optim_filter,
                                        constants=self.constants, shard_state=self.shard_state,
                                        parallel_optimizer=self.use_parallel, name=options.backend)

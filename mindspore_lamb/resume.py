@@ -27,7 +27,8 @@ from mindspore.train import Callback
 
 from ._files import CheckpointError, check_directory, check_prefix, load, lock, release
 from .backends.sharded import RANK_PARAMETER
-from .state import SLOTS, Slots, check_slots
+from . import state
+from .state import Slots, check_slots
 
 # public here, where users look for them (and where the API pages document them)
 for _public in (CheckpointError, load, lock, release):
@@ -164,7 +165,7 @@ def _cell_slots(cell):
     declared ones when it holds none."""
     found = {slot.prefix: slot for _, sub in cell.cells_and_names() if isinstance(getattr(sub, "slots", None), Slots)
              for slot in sub.slots}
-    return tuple(found.values()) or SLOTS
+    return tuple(found.values()) or state.SLOTS
 
 
 def _sharding_mismatch(params, cell):

@@ -74,10 +74,12 @@ class Slots(tuple):
         return self.roles, tuple(str(slot.dtype).lower() for slot in self)
 
 
-def declare(dtypes, slots=SLOTS):
-    """The slot set of one optimizer (:class:`Slots`): `slots` (:data:`SLOTS`) with the stored dtype of each role
-    in `dtypes` ({role: dtype}, one of that slot's `dtypes`, checked by the option that chose it)."""
-    return Slots(slot._replace(dtype=dtypes.get(slot.role, slot.dtype)) for slot in slots)
+def declare(dtypes, slots=None):
+    """The slot set of one optimizer (:class:`Slots`): `slots` (default :data:`SLOTS`) with the stored dtype of
+    each role in `dtypes` ({role: dtype}, one of that slot's `dtypes`, checked by the option that chose it;
+    None: the options leave that slot out)."""
+    return Slots(slot._replace(dtype=dtypes.get(slot.role, slot.dtype)) for slot in (slots or SLOTS)
+                 if dtypes.get(slot.role, slot.dtype) is not None)
 
 
 def _dtype(value):
@@ -125,7 +127,7 @@ def _problems(name, slot, value):
     return problems
 
 
-def _slot_of(name, slots=SLOTS):
+def _slot_of(name, slots):
     return next((slot for slot in slots if name.startswith(slot.prefix + ".")), None)
 
 

@@ -59,14 +59,14 @@ def _cpu_signature():
     return sig.encode()
 
 
-def library_path(src=SRC, extra_flags=(), slots=state.SLOTS):
+def library_path(src=SRC, extra_flags=(), slots=None):
     """The verified library built from `src` for the state `slots` (an optimizer's ``state.Slots``; the default
     slots for the sum of squares) (cached; built on first use). Raises _build.BuildError.
 
     ``ops.Custom`` gets this path and MindSpore opens it at the first step: it is absolute, resolved and
     without ':', in directories only the current user and root can change (_build.py), so it still leads
     to the library verified here."""
-    flags = _BASE_FLAGS + slot_defines(slots) + list(extra_flags)
+    flags = _BASE_FLAGS + slot_defines(slots or state.SLOTS) + list(extra_flags)
     key = (src, tuple(flags))
     if key not in _libraries:
         try:
@@ -87,7 +87,7 @@ def unavailable(params, slots, device_target):
     if params is not None and any(p.dtype != mstype.float32 for p in params):
         return "not every parameter is float32", False
     try:
-        library_path(slots=slots or state.SLOTS)
+        library_path(slots=slots)
     except _build.BuildError as error:
         return str(error), True
     return None, False
