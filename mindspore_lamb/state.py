@@ -53,7 +53,6 @@ class Slot(NamedTuple):
 
 SLOTS = (Slot("m", "lamb_m", "first moments", mstype.float32, MU_DTYPES),
          Slot("v", "lamb_v", "second moments", mstype.float32, (mstype.float32,), "a second moment is a mean of squares"))
-PREFIXES = tuple(slot.prefix + "." for slot in SLOTS)
 
 
 class Slots(tuple):
