@@ -134,8 +134,8 @@ def merge(shards: Sequence[Union[str, os.PathLike, Mapping[str, object]]], *,
     given, still checked for step, names and weights.
 
     The result holds ``lamb_m.<name>`` / ``lamb_v.<name>`` of every parameter (each slot the checkpoints
-    hold: every ``<prefix>.shard`` entry), shaped like it, in the dtype the workers stored it in, from the workers' pieces, and
-    everything else from rank 0. Returns {name: Parameter}."""
+    hold: every ``lamb_<role>.shard`` entry), shaped like it, in the dtype the workers stored it in, from the
+    workers' pieces, and everything else from rank 0. Returns {name: Parameter}."""
     shards = _load(shards)
     if not shards:
         raise ValueError("For 'sharding.merge', the argument 'shards' must hold one state dict per worker, "

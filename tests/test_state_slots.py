@@ -27,7 +27,8 @@ def extra_slot(monkeypatch):
 
 def _params(rng_seed=7):
     rng = np.random.default_rng(rng_seed)
-    return [Parameter(Tensor(rng.standard_normal(shape).astype(np.float32)), name=name) for name, shape in SHAPES.items()]
+    return [Parameter(Tensor(rng.standard_normal(shape).astype(np.float32)), name=name)
+            for name, shape in SHAPES.items()]
 
 
 def _run(backend, steps=3):

@@ -218,8 +218,8 @@ def _lamb_moments(scalars, present_terms, rescaled, step_rates, layout, weight_d
     Shared (bound with F.partial): `scalars`, the tuple of backends/contract.py; `present_terms`, which of them the
     graph computes (contract.terms: the others are constants at a neutral value); `rescaled`, (c, e) of
     `rescale`; the moments' `rates` of this step; `layout`, the slots' roles and stored dtypes
-    (``state.Slots.layout``). Per parameter: lambda_s, w, its slots (a tuple, `contract.rows`), g and the flags (decayed, owned by this rank under the parallel
-    optimizer).
+    (``state.Slots.layout``). Per parameter: lambda_s, w, its slots (a tuple, `contract.rows`), g and the flags
+    (decayed, owned by this rank under the parallel optimizer).
     """
     if not owned:
         return _ZERO                                                      # another rank updates it

@@ -13,10 +13,11 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
    of the pieces gives every worker the full weights after the step.
 
 Every worker issues the same collectives in the same order (its piece only changes which slices it sums).
-The state is one Parameter of L elements per slot of the optimizer's ``state.Slots``, in the slot's dtype, held
-by role: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and ``lamb_shard_rank`` (int32
-[rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding`` merge the workers' checkpoints
-into a full one, checking that they fit together, and cut a full one for another number of workers.
+The state is one Parameter of L elements per slot of the optimizer's ``state.Slots``, in the slot's dtype,
+held by role: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and
+``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding``
+merge the workers' checkpoints into a full one, checking that they fit together, and cut a full one for
+another number of workers.
 docs/distributed.md has the figures.
 """
 import numpy as np
