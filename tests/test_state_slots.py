@@ -102,3 +102,9 @@ def test_the_sharded_state_holds_an_appended_slot(extra_slot):
     assert [p.name for p in sharded_state.x] == ["lamb_x.shard"]
     assert [p.name for p in sharded_state.flat()] == ["lamb_m.shard", "lamb_v.shard", "lamb_x.shard"]
     assert sharded_state.x[0].shape == (length,)
+
+
+def test_options_choose_each_slots_dtype_and_may_leave_one_out(extra_slot):
+    slots = state.declare({"m": ms.float16, "x": None})
+    assert slots.roles == ("m", "v")
+    assert slots.of("m").dtype == ms.float16 and slots.layout() == (("m", "v"), ("float16", "float32"))
