@@ -49,6 +49,8 @@ class Options:
         self.excluded_from_adaptation = V.check_name_filter("exclude_from_layer_adaptation",
                                                             exclude_from_layer_adaptation)
         self.mu_dtype = V.check_dtype("mu_dtype", mu_dtype, MU_DTYPES)
+        # the stored dtype of each state slot the options choose ({role: dtype}; None leaves a slot out: state.declare)
+        self.slot_dtypes = {"m": self.mu_dtype}
         if backend is not None:
             V.check_choice("backend", backend, BACKEND_NAMES)
         self.backend = backend

@@ -22,7 +22,7 @@ from ._options import Options
 from ._step import centralize, expm1, global_norm_factor, schedule_step
 from .backends import contract
 from .backends.contract import per_parameter
-from .state import check_state, declare
+from .state import check_slots, declare
 
 _check_gradient = C.MultitypeFuncGraph("lamb_check_gradient")
 _FLOATS = (mstype.float16, mstype.bfloat16, mstype.float32, mstype.float64)
@@ -363,7 +363,7 @@ class Lamb(Optimizer):
         self._add_diagnostics()
         self._add_step_helpers()
         # the backend of the update, chosen once; it allocates the declared state (backends/__init__.py)
-        self.backend = backends.create(self.params, declare({"m": self.mu_dtype}), decay_flags=self.decay_flags,
+        self.backend = backends.create(self.params, declare(options.slot_dtypes), decay_flags=self.decay_flags,
                                        adapt_flags=self.adapt_flags, owned_flags=self.optim_filter,
                                        constants=self.constants, shard_state=self.shard_state,
                                        parallel_optimizer=self.use_parallel, name=options.backend)
@@ -611,7 +611,7 @@ class Lamb(Optimizer):
         Inf in a moment, a negative second moment (:func:`mindspore_lamb.check_state`, which also checks a
         checkpoint before it is loaded). Call it after loading a checkpoint; one host read of the state."""
         state = {p.name: p for p in (self.global_step, *self.backend.state)}
-        check_state(state, "the state of this Lamb")
+        check_slots(state, "the state of this Lamb", self.backend.slots)
 
     def parameter_table(self) -> str:
         """str: one row per parameter, in update order: name, shape, dtype, whether it is decayed (and how),

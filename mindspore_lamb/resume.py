@@ -27,7 +27,8 @@ from mindspore.train import Callback
 
 from ._files import CheckpointError, check_directory, check_prefix, load, lock, release
 from .backends.sharded import RANK_PARAMETER
-from .state import SLOTS, check_state
+from . import state
+from .state import Slots, check_slots
 
 # public here, where users look for them (and where the API pages document them)
 for _public in (CheckpointError, load, lock, release):
@@ -159,18 +160,28 @@ def _saved_parameters(cell):
     return [p for p in cell.get_parameters() if not p.param_info.is_pipeline_shared_param]
 
 
+def _cell_slots(cell):
+    """The state slots of the LAMB optimizers in `cell` (each backend's ``state.Slots``, by prefix), or the
+    declared ones when it holds none."""
+    found = {slot.prefix: slot for _, sub in cell.cells_and_names() if isinstance(getattr(sub, "slots", None), Slots)
+             for slot in sub.slots}
+    return tuple(found.values()) or state.SLOTS
+
+
 def _sharding_mismatch(params, cell):
     """Why `params` (sharded, or not) does not fit `cell`'s optimizer (not sharded, or sharded), or None."""
-    shard = SLOTS[0].name("shard")
+    slots = _cell_slots(cell)
+    shards = {slot.name("shard") for slot in slots}
     names = {p.name for p in _saved_parameters(cell)}
-    if shard in params and shard not in names:
+    if shards & set(params) and not shards & names:
         rank, world = (int(x) for x in params[RANK_PARAMETER].asnumpy().reshape(-1)) \
             if RANK_PARAMETER in params else ("?", "?")
         return (f"holds one worker's piece of sharded LAMB state (rank {rank} of {world}, written by "
                 f"Lamb(shard_state=True)), and this optimizer keeps full moments: merge the {world} workers' "
                 f"checkpoints into one (python -m mindspore_lamb.sharding merge OUT.ckpt RANK0.ckpt ...) and load "
                 f"that, or resume under msrun with {world} workers and shard_state=True")
-    if shard in names and shard not in params and any(name.startswith(SLOTS[0].prefix + ".") for name in params):
+    if shards & names and not shards & set(params) and any(
+            name.startswith(tuple(slot.prefix + "." for slot in slots)) for name in params):
         return ("holds full LAMB moments, and this optimizer is sharded (shard_state=True): cut them for this "
                 "worker with ms.load_param_into_net(cell, mindspore_lamb.sharding.cut(state, optimizer))")
     return None
@@ -178,7 +189,7 @@ def _sharding_mismatch(params, cell):
 
 def _slot_dtypes(cell):
     """{checkpoint name: the dtypes its slot may be stored in} of the cell's LAMB state."""
-    return {p.name: slot.dtypes for p in _saved_parameters(cell) for slot in SLOTS
+    return {p.name: slot.dtypes for p in _saved_parameters(cell) for slot in _cell_slots(cell)
             if p.name.startswith(slot.prefix + ".")}
 
 
@@ -219,7 +230,7 @@ def _verified(path, step, cell, run=None, allow_foreign=False):
     if missing:
         return f"lacks (or has another shape for) {len(missing)} parameters of the cell, e.g. {missing[:3]}"
     try:
-        check_state(params, "it")          # LAMB's state: global_step >= 0, finite moments, v >= 0
+        check_slots(params, "it", _cell_slots(cell))     # LAMB's state: global_step >= 0, finite moments, v >= 0
     except ValueError as err:
         return str(err)
     return _fit_dtypes(params, cell)

@@ -27,7 +27,6 @@ from mindspore.nn import Cell
 
 from ._files import CheckpointError, load
 from .backends.sharded import NAMES_PARAMETER, RANK_PARAMETER, names_record, piece, piece_length, shard_record
-from .state import PREFIXES, SLOTS
 
 
 def _array(value):
@@ -38,13 +37,21 @@ def _names(state):
     return bytes(_array(state[NAMES_PARAMETER]).astype(np.uint8)).decode().split("\n")
 
 
+def slot_prefixes(state, name):
+    """The prefixes of the LAMB state slots that `state` holds for parameter `name` (or ``"shard"``): ``lamb_m``,
+    ``lamb_v``, ... of every ``lamb_<role>.<name>`` entry, in the order of `state`."""
+    return tuple(key[:-len(name) - 1] for key in state
+                 if key.startswith("lamb_") and key.endswith("." + name) and "." not in key[:-len(name) - 1])
+
+
 def _weight_key(state, name):
     """The key of parameter `name` in `state`: the name itself, or the shortest key that ends in ".<name>"
     (a train cell built after the optimizer prefixes the network's parameter names, e.g. "network.";
     longer ones are other state about it, e.g. "accum_grad.network.<name>")."""
     if name in state:
         return name
-    found = sorted((key for key in state if key.endswith("." + name) and not key.startswith(PREFIXES)), key=len)
+    slots = {f"{prefix}.{name}" for prefix in slot_prefixes(state, name)}
+    found = sorted((key for key in state if key.endswith("." + name) and key not in slots), key=len)
     if not found or (len(found) > 1 and len(found[0]) == len(found[1])):
         raise ValueError(f"For 'sharding', the parameter '{name}' of '{NAMES_PARAMETER}' is not in the state "
                          f"(keys ending with it: {found}).")
@@ -126,9 +133,9 @@ def merge(shards: Sequence[Union[str, os.PathLike, Mapping[str, object]]], *,
     (saved before it existed) are refused unless `trust_order` is True: then they are taken in the order
     given, still checked for step, names and weights.
 
-    The result holds ``lamb_m.<name>`` / ``lamb_v.<name>`` of every parameter (each slot of
-    ``state.SLOTS``), shaped like it, in the dtype the workers stored it in, from the workers' pieces, and
-    everything else from rank 0. Returns {name: Parameter}."""
+    The result holds ``lamb_m.<name>`` / ``lamb_v.<name>`` of every parameter (each slot the checkpoints
+    hold: every ``lamb_<role>.shard`` entry), shaped like it, in the dtype the workers stored it in, from the
+    workers' pieces, and everything else from rank 0. Returns {name: Parameter}."""
     shards = _load(shards)
     if not shards:
         raise ValueError("For 'sharding.merge', the argument 'shards' must hold one state dict per worker, "
@@ -140,22 +147,23 @@ def merge(shards: Sequence[Union[str, os.PathLike, Mapping[str, object]]], *,
     shards = _in_rank_order(shards, trust_order)
     names = _names(shards[0][1])
     _check_same_run_and_step(shards, names)
-    skip = {NAMES_PARAMETER, RANK_PARAMETER} | {slot.name("shard") for slot in SLOTS}
+    prefixes = slot_prefixes(shards[0][1], "shard")
+    skip = {NAMES_PARAMETER, RANK_PARAMETER} | {f"{prefix}.shard" for prefix in prefixes}
     merged = {name: Parameter(Tensor(_array(value)), name=name)
               for name, value in shards[0][1].items() if name not in skip}
     shapes = [_array(merged[_weight_key(merged, name)]).shape for name in names]
     sizes = [int(np.prod(shape)) for shape in shapes]
     total, length = sum(sizes), piece_length(sum(sizes), len(shards))
-    for slot in SLOTS:
-        pieces = [_array(state[slot.name("shard")]).reshape(-1) for _, state in shards]
+    for prefix in prefixes:
+        pieces = [_array(state[f"{prefix}.shard"]).reshape(-1) for _, state in shards]
         if any(piece.size != length for piece in pieces):
             raise ValueError(f"For 'sharding.merge', {len(shards)} workers of {total} elements must each hold "
                              f"{length} moments, but got { {label: p.size for (label, _), p in zip(shards, pieces)} }"
                              f": are all the workers' checkpoints there?")
         flat = np.concatenate(pieces)[:total]
         for name, shape, start, size in zip(names, shapes, np.cumsum([0] + sizes), sizes):
-            merged[slot.name(name)] = Parameter(Tensor(flat[start:start + size].reshape(shape).copy()),
-                                                name=slot.name(name))
+            merged[f"{prefix}.{name}"] = Parameter(Tensor(flat[start:start + size].reshape(shape).copy()),
+                                                   name=f"{prefix}.{name}")
     return merged
 
 
@@ -170,15 +178,20 @@ def cut(state: Mapping[str, object], optimizer: Cell) -> Dict[str, object]:
 
 def cut_for(state, names, rank, world):
     """`state` with ``lamb_m.<name>`` / ``lamb_v.<name>`` of `names` (the optimizer's parameter order; each slot
-    of ``state.SLOTS``) replaced by worker `rank`'s piece of `world` (``lamb_m.shard`` / ``lamb_v.shard``, in
-    the dtype `state` holds them in), the names and ``lamb_shard_rank``."""
-    out = {name: value for name, value in state.items() if not name.startswith(PREFIXES)}
-    sizes = [_array(state[SLOTS[0].name(name)]).size for name in names]
+    `state` holds) replaced by worker `rank`'s piece of `world` (``lamb_m.shard`` / ``lamb_v.shard``, in the
+    dtype `state` holds them in), the names and ``lamb_shard_rank``."""
+    prefixes = slot_prefixes(state, names[0])
+    slot_entries = {f"{prefix}.{name}" for prefix in prefixes for name in names}
+    out = {name: value for name, value in state.items() if name not in slot_entries}
+    if not prefixes:
+        raise ValueError(f"For 'sharding.cut', the argument 'state' must hold LAMB's moments of every parameter, but "
+                         f"it has none of '{names[0]}' (no 'lamb_m.{names[0]}').")
+    sizes = [_array(state[f"{prefixes[0]}.{name}"]).size for name in names]
     positions, valid, _ = piece(sizes, rank, world)
-    for slot in SLOTS:
-        values = np.concatenate([_array(state[slot.name(name)]).reshape(-1) for name in names])[positions]
+    for prefix in prefixes:
+        values = np.concatenate([_array(state[f"{prefix}.{name}"]).reshape(-1) for name in names])[positions]
         values[valid == 0] = 0                                  # the padding
-        out[slot.name("shard")] = Parameter(Tensor(values), name=slot.name("shard"))
+        out[f"{prefix}.shard"] = Parameter(Tensor(values), name=f"{prefix}.shard")
     out[NAMES_PARAMETER] = names_record(names)
     out[RANK_PARAMETER] = shard_record(rank, world)
     return out

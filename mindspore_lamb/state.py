@@ -9,9 +9,10 @@ MindSpore's ``load_param_into_net`` loads whatever the file holds, casting a mom
 without a word, so a damaged or converted checkpoint would reach the step. :func:`check_state` names what is
 wrong before it does (docs/api/lamb.md, "State and checkpoints").
 
-Every backend allocates the state from :data:`SLOTS` (docs/architecture.md, "Adding a state slot"): a slot is
-elementwise, one value per element of each parameter, so it is laid out like the parameter and sharded with
-it, by elements (backends/sharded.py).
+The slots are declared once, in :data:`SLOTS`; each optimizer takes its own slot set from it (:func:`declare`, a
+:class:`Slots`) and hands it to its backend, which allocates the state from it and holds it by role
+(docs/architecture.md, "Adding a state slot"). A slot is elementwise, one value per element of each parameter,
+so it is laid out like the parameter and sharded with it, by elements (backends/sharded.py).
 """
 from typing import Mapping, NamedTuple
 
@@ -28,8 +29,8 @@ MU_DTYPES = (mstype.float32, mstype.float16, mstype.bfloat16)
 class Slot(NamedTuple):
     """One elementwise state tensor of the LAMB rule.
 
-    role: the rule's name for it (``m``, ``v``): the order of :data:`SLOTS` is the order in which every
-        backend holds and the fused kernel receives the slots;
+    role: the rule's name for it (``m``, ``v``), by which every consumer reads it; the order of an optimizer's
+        :class:`Slots` is the order in which the fused kernel receives them;
     prefix: its checkpoint names, ``<prefix>.<parameter name>`` (shaped like the parameter) or
         ``<prefix>.shard`` (this worker's piece, with ``shard_state=True``);
     title: what it is, in messages;
@@ -52,13 +53,32 @@ class Slot(NamedTuple):
 
 SLOTS = (Slot("m", "lamb_m", "first moments", mstype.float32, MU_DTYPES),
          Slot("v", "lamb_v", "second moments", mstype.float32, (mstype.float32,), "a second moment is a mean of squares"))
-PREFIXES = tuple(slot.prefix + "." for slot in SLOTS)
 
 
-def declare(dtypes):
-    """The slots of one optimizer: :data:`SLOTS` with the stored dtype of each role in `dtypes` ({role: dtype},
-    one of that slot's `dtypes`, checked by the option that chose it)."""
-    return tuple(slot._replace(dtype=dtypes.get(slot.role, slot.dtype)) for slot in SLOTS)
+class Slots(tuple):
+    """The slot set of one optimizer (:func:`declare`): its :class:`Slot` s, each read by its role."""
+
+    @property
+    def roles(self):
+        """The roles, in order (``("m", "v")``)."""
+        return tuple(slot.role for slot in self)
+
+    def of(self, role):
+        """The slot of `role`."""
+        return self[self.roles.index(role)]
+
+    def layout(self):
+        """(roles, stored dtype names): the static description of the slots that a graph reads them by (the
+        composite rule takes a parameter's slots as one tuple in this order, ``composite.moments_and_update``)."""
+        return self.roles, tuple(str(slot.dtype).lower() for slot in self)
+
+
+def declare(dtypes, slots=None):
+    """The slot set of one optimizer (:class:`Slots`): `slots` (default :data:`SLOTS`) with the stored dtype of
+    each role in `dtypes` ({role: dtype}, one of that slot's `dtypes`, checked by the option that chose it;
+    None: the options leave that slot out)."""
+    return Slots(slot._replace(dtype=dtypes.get(slot.role, slot.dtype)) for slot in (slots or SLOTS)
+                 if dtypes.get(slot.role, slot.dtype) is not None)
 
 
 def _dtype(value):
@@ -106,8 +126,8 @@ def _problems(name, slot, value):
     return problems
 
 
-def _slot_of(name):
-    return next((slot for slot in SLOTS if name.startswith(slot.prefix + ".")), None)
+def _slot_of(name, slots):
+    return next((slot for slot in slots if name.startswith(slot.prefix + ".")), None)
 
 
 def check_state(state: Mapping[str, object], source: str = "the optimizer state") -> None:
@@ -135,9 +155,14 @@ def check_state(state: Mapping[str, object], source: str = "the optimizer state"
     if not isinstance(state, Mapping):
         raise TypeError(f"For 'check_state', the argument 'state' must be a dict of name -> Parameter, Tensor or "
                         f"array (what mindspore.load_checkpoint returns), but got {type(state).__name__}.")
+    check_slots(state, source, SLOTS)
+
+
+def check_slots(state, source, slots):
+    """:func:`check_state` of the entries of `slots` (an optimizer's :class:`Slots`) and ``global_step``."""
     problems = [problem for name, value in state.items()
-                if name == STEP or _slot_of(name) is not None
-                for problem in _problems(name, _slot_of(name), value)]
+                if name == STEP or _slot_of(name, slots) is not None
+                for problem in _problems(name, _slot_of(name, slots), value)]
     if problems:
         raise ValueError(f"{source} is damaged, so training from it would not continue the run: "
                          + "; ".join(problems) + ".")

@@ -4,8 +4,8 @@
 (``select()``: the first of ``BACKENDS`` that can run the parameters and store the state, or the one
 asked for by name) and builds it; with ``shard_state`` the state is sharded across data-parallel workers and
 the sharded backend runs the chosen one's operators on each worker's piece. Every backend allocates its
-own state from the declared slots (``state.SLOTS``). Adding a backend (a GPU or Ascend kernel) is one
-module with a class like ``CompositeBackend`` and one entry in ``BACKENDS``.
+own state from the optimizer's slot set (``state.declare``), held by role. Adding a backend (a GPU or
+Ascend kernel) is one module with a class like ``CompositeBackend`` and one entry in ``BACKENDS``.
 
 ``MINDSPORE_LAMB_FUSED`` (case and surrounding spaces ignored) steers the automatic choice: ``0``,
 ``false``, ``off`` or ``no`` never uses the fused CPU backend; ``1``, ``true``, ``on``, ``yes``, empty or

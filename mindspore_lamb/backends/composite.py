@@ -2,8 +2,8 @@
 
 Symbols follow the paper (You et al., arXiv:1904.00962, Algorithm 2): m, v are the moments, r the Adam
 ratio, u = r + lambda*w the update, and q = ||w|| / ||u|| the layer-wise trust ratio (docs/api/lamb.md,
-"Update rule"). All math is float32; each moment is read from and stored in its slot's dtype
-(``state.SLOTS``), and the parameter is written back in its own dtype.
+"Update rule"). All math is float32; each moment is read from and stored in its slot's dtype (the
+optimizer's ``state.Slots``, read by role), and the parameter is written back in its own dtype.
 
 Primitive operators only, so the same graph runs on CPU, GPU and Ascend, for float16 (and, off CPU,
 bfloat16) parameters and moments too. It is the reference the other backends are tested against; the
@@ -25,7 +25,7 @@ from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
 from .._ops import Unstack, assign, assign_sub, broadcast_to, cast, lerp, nan_to_zero, where
-from .contract import INDEX, dtype_name, parameter_state, per_parameter, slot_dtype, terms
+from .contract import INDEX, parameter_state, per_parameter, rows, terms
 
 _reduce_sum = P.ReduceSum(keep_dims=False)
 _stack = P.Stack()
@@ -118,11 +118,13 @@ def rates(scalars, applied, masked):
     return scalars[_OMB1] * gate, scalars[_OMB2] * gate, applied, masked
 
 
-def moments_and_update(scalars, present_terms, rescaled, step_rates, wd, w, m, v, gradient, mu_dtype):
-    """u' of this step (`rescale`: u = c u'), for float32 `w` and `v` of any shape (a parameter, or a shard of
-    one) and `m` stored in `mu_dtype` (a name), after assigning the new moments to `m` and `v` (the new m
-    rounded to `mu_dtype`; u' is computed from that stored m). `present_terms` (contract.terms): the scalars
-    whose terms the graph computes; `rescaled`: (c, e) of `rescale`; `wd`: lambda, None when w is not decayed.
+def moments_and_update(scalars, present_terms, rescaled, step_rates, wd, w, state, layout, gradient):
+    """u' of this step (`rescale`: u = c u'), for float32 `w` of any shape (a parameter, or a shard of one),
+    after assigning the new moments to its slots `state` (a tuple laid out like them, read by role through
+    `layout`, ``state.Slots.layout``: (roles, stored dtype names)): float32 `v`, and `m` stored in its slot's
+    dtype (the new m rounded to it; u' is computed from that stored m). Slots the rule does not name are left
+    as they are. `present_terms` (contract.terms): the scalars whose terms the graph computes; `rescaled`:
+    (c, e) of `rescale`; `wd`: lambda, None when w is not decayed.
 
     `step_rates` (`rates`): each moment moves by gate (1 - b) (x - moment), and MulNoNan makes 0 (x - moment)
     exactly 0 even where x is NaN or Inf: a skipped step leaves both moments exactly as they were. Masked
@@ -131,6 +133,8 @@ def moments_and_update(scalars, present_terms, rescaled, step_rates, wd, w, m, v
     Select of a 0-D mask takes several times the tensor's memory): the same moments, bit for bit.
     """
     c, e = rescaled
+    roles, dtypes = layout
+    m, v, mu_dtype = state[roles.index("m")], state[roles.index("v")], dtypes[roles.index("m")]
     g = cast(gradient, mstype.float32)
     if present_terms[_GRAD_SCALE]:
         g = g * scalars[_GRAD_SCALE]                                      # unscale (+ NVLAMB pre-normalisation)
@@ -205,23 +209,23 @@ def new_weight(decay_factor, w, lr_q, u, masked):
     return (w if decay_factor is None else decay_factor * w) - times(u, lr_q, masked)
 
 
-@lamb_moments.register("Tuple", "Tuple", "Tuple", "Tuple", "String", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                       "Bool", "Bool")
-def _lamb_moments(scalars, present_terms, rescaled, step_rates, mu_dtype, weight_decay, param, m, v, gradient,
+@lamb_moments.register("Tuple", "Tuple", "Tuple", "Tuple", "Tuple", "Tensor", "Tensor", "Tuple", "Tensor", "Bool",
+                       "Bool")
+def _lamb_moments(scalars, present_terms, rescaled, step_rates, layout, weight_decay, param, state, gradient,
                   decay_flag, owned):
     """Pass 1 for one parameter: assign its moments and return u' (see `rescale`), after the assignments.
 
     Shared (bound with F.partial): `scalars`, the tuple of backends/contract.py; `present_terms`, which of them the
     graph computes (contract.terms: the others are constants at a neutral value); `rescaled`, (c, e) of
-    `rescale`; the moments' `rates` of this step; `mu_dtype`, the name of the first moment's stored dtype.
-    Per parameter: lambda_s, w, m, v, g and the flags (decayed, owned by this rank under the parallel
-    optimizer).
+    `rescale`; the moments' `rates` of this step; `layout`, the slots' roles and stored dtypes
+    (``state.Slots.layout``). Per parameter: lambda_s, w, its slots (a tuple, `contract.rows`), g and the flags
+    (decayed, owned by this rank under the parallel optimizer).
     """
     if not owned:
         return _ZERO                                                      # another rank updates it
     wd = weight_decay if decay_flag else None                             # lambda_s, None if w is not decayed
-    return moments_and_update(scalars, present_terms, rescaled, step_rates, wd, cast(param, mstype.float32), m,
-                              v, gradient, mu_dtype)
+    return moments_and_update(scalars, present_terms, rescaled, step_rates, wd, cast(param, mstype.float32), state,
+                              layout, gradient)
 
 
 @_owned_tensor_sum_of_squares.register("Tensor", "Bool")
@@ -288,8 +292,9 @@ class CompositeBackend(nn.Cell):
         self.n = len(params)
         self.present_terms = terms(constants)  # the graph leaves out the terms of constants at a neutral value
         self.slots = slots
-        self.state = parameter_state(params, slots)
-        self.mu_dtype = dtype_name(slot_dtype(slots, "m"))
+        self.state = parameter_state(params, slots)          # by role (contract.SlotState)
+        self.state_params = self.state.flat()
+        self.layout = slots.layout()
         self.masked = ms.get_context("device_target") in SELECT_SKIP     # selects instead of MulNoNan
         self.decay_flags = tuple(decay_flags)
         self.owned_flags = tuple(owned_flags)
@@ -310,13 +315,12 @@ class CompositeBackend(nn.Cell):
         # nothing, the moments included
         applied = F.logical_and(scalars[_PROCEED], self.isfinite(grad_sq))
         per_param_wd = weight_decay if isinstance(weight_decay, tuple) else (weight_decay,) * self.n
-        # pass 1: the moments, and u' = u / c; the state slot by slot, (m, v) in the order of state.SLOTS
-        m, v = self.state[:self.n], self.state[self.n:]
+        # pass 1: the moments, and u' = u / c; each parameter's slots as one tuple, read by role (self.layout)
+        state = rows(self.state_params, self.n, len(self.layout[0]))
         rescaled = rescale(scalars, self.present_terms)
         step_rates = rates(scalars, applied, self.masked)
-        u = self.hyper_map(F.partial(lamb_moments, scalars, self.present_terms, rescaled, step_rates,
-                                     self.mu_dtype),
-                           per_param_wd, params, m, v, gradients, self.decay_flags, self.owned_flags)
+        u = self.hyper_map(F.partial(lamb_moments, scalars, self.present_terms, rescaled, step_rates, self.layout),
+                           per_param_wd, params, state, gradients, self.decay_flags, self.owned_flags)
         # the trust ratios of all parameters at once
         w_norm = F.sqrt(self.stack(self.hyper_map(_owned_tensor_sum_of_squares, params, self.owned_flags)))
         u_norm = F.sqrt(self.stack(self.hyper_map(tensor_sum_of_squares, u)))

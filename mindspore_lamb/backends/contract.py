@@ -1,12 +1,13 @@
 """The update contract: what every backend of "the LAMB update of all parameters" takes and returns.
 
-A backend is a Cell built once per optimizer with the static facts of each parameter and the declared state
-(``state.SLOTS``, with the optimizer's dtypes), which it allocates itself, and called once per step, inside
+A backend is a Cell built once per optimizer with the static facts of each parameter and the optimizer's slot
+set (``state.declare``: a ``state.Slots``), whose state it allocates itself, and called once per step, inside
 the optimizer's graph::
 
     backend = Backend(params, slots, decay_flags=..., adapt_flags=..., owned_flags=..., constants=...)
     backend.slots        # `slots`, as given
-    backend.state        # a ParameterTuple, slot by slot in the order of `slots` (see parameter_state)
+    backend.state        # a SlotState: one ParameterTuple per role (backend.state.m, backend.state["v"])
+    backend.state_params # the same Parameters as one ParameterTuple, for the graph (SlotState.flat)
     layer_stats, grad_sq, applied = backend(scalars, lr, weight_decay, params, gradients, grad_sq)
 
 ``constants``: the scalars of :func:`pack` that never change, {name: value}; a backend may leave the terms of
@@ -135,11 +136,6 @@ def dtype_name(dtype):
     return str(dtype).lower()
 
 
-def slot_dtype(slots, role):
-    """The stored dtype of slot `role` (``"m"``, ``"v"``) among `slots`."""
-    return next(slot.dtype for slot in slots if slot.role == role)
-
-
 def _zeros_like(param, slot):
     """The zero state of `slot` for `param`, named ``<prefix>.<param name>``: the parameter's clone (its
     parallel layout follows it) when the dtypes agree."""
@@ -150,16 +146,55 @@ def _zeros_like(param, slot):
     return state
 
 
+class SlotState:
+    """The state of one backend, by role: one ParameterTuple per slot of `slots` (a ``state.Slots``), one
+    Parameter per parameter (``lamb_m.<name>``, ...) or this worker's piece (``lamb_m.shard``).
+
+    ``state.m`` / ``state["m"]``: the Parameters of slot ``m``; iterating gives every Parameter, slot by slot.
+    A graph takes the Parameters as one ParameterTuple (:meth:`flat`) and reads them back by role through
+    :func:`rows` (the one place that fixes the order: the order of `slots`)."""
+
+    def __init__(self, slots, tuples):
+        self.slots = slots
+        self._by_role = dict(zip(slots.roles, tuples))
+
+    def __getitem__(self, role):
+        return self._by_role[role]
+
+    def __getattr__(self, role):
+        try:
+            return self.__dict__["_by_role"][role]
+        except KeyError:
+            raise AttributeError(role) from None
+
+    def __iter__(self):
+        return (p for role in self.slots.roles for p in self._by_role[role])
+
+    def flat(self):
+        """Every Parameter as one ParameterTuple, slot by slot in the order of `slots` (the fused kernel's
+        argument order: slot k of parameter i is entry ``k * count + i``)."""
+        return ParameterTuple(self)
+
+
 def parameter_state(params, slots):
-    """The state of the parameter-by-parameter backends, one ParameterTuple slot by slot: for each slot, zeros
-    laid out like each parameter (``lamb_m.<name>``, ...), in the slot's dtype; slot k of parameter i is
-    entry ``k * len(params) + i`` (the fused kernel's argument order)."""
-    return ParameterTuple(_zeros_like(param, slot) for slot in slots for param in params)
+    """The state of the parameter-by-parameter backends (a :class:`SlotState`): for each slot, zeros laid out like
+    each parameter (``lamb_m.<name>``, ...), in the slot's dtype."""
+    return SlotState(slots, [ParameterTuple(_zeros_like(param, slot) for param in params) for slot in slots])
+
+
+def rows(flat, count, width):
+    """The slots of each of `count` parameters, from :meth:`SlotState.flat` of `width` slots: a tuple of `count`
+    tuples (one per parameter, its `width` slots in the order of the slot set), for HyperMap (graph mode)."""
+    out = ()
+    for i in range(count):
+        row = ()
+        for k in range(width):
+            row += (flat[k * count + i],)
+        out += (row,)
+    return out
 
 
 def slot_state(backend, role):
     """The Parameters of slot `role` (``"m"``, ``"v"``) in `backend.state`, one per parameter (or this worker's
     piece), for host-side readers."""
-    index = [slot.role for slot in backend.slots].index(role)
-    count = len(backend.state) // len(backend.slots)
-    return tuple(backend.state[index * count:(index + 1) * count])
+    return tuple(backend.state[role])

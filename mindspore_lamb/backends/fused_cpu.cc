@@ -11,8 +11,8 @@
 //   and a library is never built without it. A wrong length is rejected (return code 3).
 //   lrs[i], wds[i]: learning rate and weight decay of parameter i (wds[i] = 0 when i is not decayed)
 //   layer_codes[i]: 1 = layer-adapted, 0 = q forced to 1 (layer_adaptation=False), -1 = not updated here
-//   the state slots follow the weights, slot by slot in the order of mindspore_lamb/state.py's SLOTS
-//   (-DLAMB_SLOTS(X)=X(m) X(v), generated from it: kSlotCount, and the argument count, follow it);
+//   the state slots follow the weights, slot by slot in the order of the optimizer's slots (state.Slots;
+//   -DLAMB_SLOTS(X)=X(m) X(v), generated from them: kSlotCount, and the argument count, follow it);
 //   w_i, v_i are float32, m_i float32, float16 or bfloat16 (all alike: Lamb's mu_dtype); w, m, v are
 //   UPDATED IN PLACE (they are the Parameters' memory on CPU); a wrong count is return code 1, a wrong
 //   dtype return code 2;

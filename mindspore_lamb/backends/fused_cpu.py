@@ -10,7 +10,7 @@ its speed.
 Everything the kernel and Python must agree on is generated from one Python definition and compiled in
 (``-D`` macros; the library's cache key includes them): the scalars' layout (``contract.pack``), the
 scalars only the general loop reads with their neutral values (``contract.GENERAL_ONLY``), and the state
-slots, in order (``state.SLOTS``).
+slots of the optimizer, in order (its ``state.Slots``: one library per slot set).
 """
 import os
 
@@ -29,14 +29,21 @@ LAYOUT_DEFINES = [
     "-DLAMB_SCALARS(X)=" + " ".join(f"X({name})" for name in contract.SCALARS),
     "-DLAMB_GENERAL_ONLY(X)=" + " ".join(f"X({name},{float(neutral)!r}f)"
                                          for name, neutral in contract.GENERAL_ONLY.items()),
-    "-DLAMB_SLOTS(X)=" + " ".join(f"X({slot.role})" for slot in state.SLOTS),
 ]
+
+
+def slot_defines(slots):
+    """The kernel's slot list, from an optimizer's slots (``-DLAMB_SLOTS(X)=X(m) X(v)``)."""
+    return ["-DLAMB_SLOTS(X)=" + " ".join(f"X({slot.role})" for slot in slots)]
+
+
 # -march: the CPU this process runs on (the cache key includes the CPU's flags, so a shared cache never
 # hands a library to a CPU it was not built for); MINDSPORE_LAMB_MARCH=x86-64-v3 (say) builds for an ISA
 # level instead, to measure what users of that level get (benchmarks/README.md).
 MARCH = os.environ.get("MINDSPORE_LAMB_MARCH", "native")
-FLAGS = ["-O3", f"-march={MARCH}", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
-         "-std=c++17", *LAYOUT_DEFINES]
+_BASE_FLAGS = ["-O3", f"-march={MARCH}", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared",
+               "-std=c++17", *LAYOUT_DEFINES]
+FLAGS = _BASE_FLAGS + slot_defines(state.SLOTS)     # the library of the default slots
 _libraries = {}
 
 
@@ -52,16 +59,18 @@ def _cpu_signature():
     return sig.encode()
 
 
-def library_path(src=SRC, extra_flags=()):
-    """The verified library built from `src` (cached; built on first use). Raises _build.BuildError.
+def library_path(src=SRC, extra_flags=(), slots=None):
+    """The verified library built from `src` for the state `slots` (an optimizer's ``state.Slots``; the default
+    slots for the sum of squares) (cached; built on first use). Raises _build.BuildError.
 
     ``ops.Custom`` gets this path and MindSpore opens it at the first step: it is absolute, resolved and
     without ':', in directories only the current user and root can change (_build.py), so it still leads
     to the library verified here."""
-    key = (src, tuple(extra_flags))
+    flags = _BASE_FLAGS + slot_defines(slots or state.SLOTS) + list(extra_flags)
+    key = (src, tuple(flags))
     if key not in _libraries:
         try:
-            _libraries[key] = _build.build(src, FLAGS + list(extra_flags), _cpu_signature())
+            _libraries[key] = _build.build(src, flags, _cpu_signature())
         except _build.BuildError as error:
             _libraries[key] = error
     found = _libraries[key]
@@ -78,7 +87,7 @@ def unavailable(params, slots, device_target):
     if params is not None and any(p.dtype != mstype.float32 for p in params):
         return "not every parameter is float32", False
     try:
-        library_path()
+        library_path(slots=slots)
     except _build.BuildError as error:
         return str(error), True
     return None, False
@@ -109,9 +118,10 @@ class FusedCpuBackend(nn.Cell):
         n = len(params)
         self.n = n
         self.slots = slots
-        self.state = contract.parameter_state(params, slots)
+        self.state = contract.parameter_state(params, slots)     # by role (contract.SlotState)
+        self.state_params = self.state.flat()                   # the kernel's order: the order of `slots`
         self.grad_sq_cell = SumOfSquares()
-        self.update_kernel = ops.Custom(library_path() + ":LambStep", out_shape=lambda *shapes: (n + 1, 3),
+        self.update_kernel = ops.Custom(library_path(slots=slots) + ":LambStep", out_shape=lambda *shapes: (n + 1, 3),
                                         out_dtype=lambda *types: mstype.float32, func_type="aot")
         self.update_kernel.add_prim_attr("side_effect_mem", True)   # in place: ordered with other effects
         self.decay_mask = Tensor(np.array(decay_flags, np.float32))
@@ -126,7 +136,7 @@ class FusedCpuBackend(nn.Cell):
         scalars = self.stack(self.hyper_map(contract.to_float32, scalars))
         out = self.update_kernel(scalars, contract.per_parameter(lr, self.ones),
                                  contract.per_parameter(weight_decay, self.ones) * self.decay_mask,
-                                 self.layer_codes, *params, *self.state, *gradients)
+                                 self.layer_codes, *params, *self.state_params, *gradients)
         totals = out[self.n]                                   # (sum of g^2, applied, 0)
         if grad_sq is None:
             grad_sq = totals[0]

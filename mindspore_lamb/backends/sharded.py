@@ -13,10 +13,11 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
    of the pieces gives every worker the full weights after the step.
 
 Every worker issues the same collectives in the same order (its piece only changes which slices it sums).
-The state is one Parameter of L elements per slot of ``state.SLOTS``, in the slot's dtype: ``lamb_m.shard``
-and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and ``lamb_shard_rank`` (int32
-[rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding`` merge the workers' checkpoints
-into a full one, checking that they fit together, and cut a full one for another number of workers.
+The state is one Parameter of L elements per slot of the optimizer's ``state.Slots``, in the slot's dtype,
+held by role: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and
+``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding``
+merge the workers' checkpoints into a full one, checking that they fit together, and cut a full one for
+another number of workers.
 docs/distributed.md has the figures.
 """
 import numpy as np
@@ -31,7 +32,7 @@ from mindspore.ops import operations as P
 from .._ops import assign, cast, gather
 from . import composite, fused_cpu
 from .composite import moments_and_update, new_weight, rates, rescale, trust_ratio
-from .contract import INDEX, dtype_name, per_parameter, slot_dtype, terms, to_float32
+from .contract import INDEX, SlotState, per_parameter, terms, to_float32
 
 _PROCEED, _OUTSIDE = INDEX["proceed"], INDEX["decay_outside"]
 NAMES_PARAMETER = "lamb_shard_names"
@@ -84,11 +85,11 @@ def data_parallel_group(parallel_optimizer):
 
 
 def shard_state(params, slots, world):
-    """This worker's zero state: one Parameter of L elements per slot (``lamb_m.shard``, ...), in the slot's
-    dtype, in the order of `slots`."""
+    """This worker's zero state (a contract.SlotState): one Parameter of L elements per slot (``lamb_m.shard``,
+    ...), in the slot's dtype."""
     length = piece_length(sum(int(np.prod(p.shape)) for p in params), world)
-    return ParameterTuple(Parameter(Tensor(np.zeros(length, np.float32), slot.dtype), name=slot.name("shard"))
-                          for slot in slots)
+    return SlotState(slots, [ParameterTuple([Parameter(Tensor(np.zeros(length, np.float32), slot.dtype),
+                                                       name=slot.name("shard"))]) for slot in slots])
 
 
 def names_record(names):
@@ -120,8 +121,9 @@ class ShardedBackend(nn.Cell):
         self.n = len(params)
         self.rank, self.world = rank, world
         self.slots = slots
-        self.state = shard_state(params, slots, world)
-        self.mu_dtype = dtype_name(slot_dtype(slots, "m"))
+        self.state = shard_state(params, slots, world)       # by role (contract.SlotState)
+        self.state_params = self.state.flat()                # one piece per slot, in the order of `slots`
+        self.layout = slots.layout()
         self.shard_names = names_record([p.name for p in params])
         self.shapes = tuple(tuple(p.shape) for p in params)
         self.offsets = tuple(int(x) for x in np.cumsum([0] + sizes))
@@ -148,11 +150,11 @@ class ShardedBackend(nn.Cell):
             self.zeros2 = Tensor(np.zeros(2, np.float32))
         else:
             n = self.n
-            self.shard_sums = ops.Custom(fused_cpu.library_path() + ":LambShardSums",
+            self.shard_sums = ops.Custom(fused_cpu.library_path(slots=slots) + ":LambShardSums",
                                          out_shape=lambda *shapes: (n, 2), out_dtype=lambda *types: mstype.float32,
                                          func_type="aot")
             self.shard_sums.add_prim_attr("side_effect_mem", True)   # m, v in place
-            self.shard_apply = ops.Custom(fused_cpu.library_path() + ":LambShardApply",
+            self.shard_apply = ops.Custom(fused_cpu.library_path(slots=slots) + ":LambShardApply",
                                           out_shape=lambda *shapes: (width,), out_dtype=lambda *types: mstype.float32,
                                           func_type="aot")
             self.hyper_map = C.HyperMap()
@@ -209,16 +211,15 @@ class ShardedBackend(nn.Cell):
         c = None
         if self.fused:
             packed = self.stack0(self.hyper_map(to_float32, scalars))
-            sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, *self.state, *gradients)
+            sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, *self.state_params, *gradients)
         else:
-            m, v = self.state                               # this worker's piece of each slot (state.SLOTS)
             w = gather(self._flat(params), self.positions, 0) * self.valid
             g = gather(self._flat(gradients), self.positions, 0) * self.valid
             rescaled = rescale(scalars, self.present_terms)  # u = c u'
             c = rescaled[0]
             # the moments assigned; G is known first here, so a skipped step changes nothing (the composite rule)
             u = moments_and_update(scalars, self.present_terms, rescaled, rates(scalars, applied, self.masked),
-                                   self._per_element(wd_vec, self.pad0), w, m, v, g, self.mu_dtype)
+                                   self._per_element(wd_vec, self.pad0), w, self.state_params, self.layout, g)
             sums = self._piece_sums(self.stack((F.square(w), F.square(u))))
         # 2. one all-reduce: the norms of whole layers on every worker
         sums = self.all_reduce(sums)
@@ -231,7 +232,7 @@ class ShardedBackend(nn.Cell):
                                                      decay_factor, self.adapt)
         # 3. this worker's new piece, one all-gather, every parameter written back
         if self.fused:
-            piece = self.shard_apply(packed, lr_q, decay_factor, wd_vec, self.bounds, *params, *self.state)
+            piece = self.shard_apply(packed, lr_q, decay_factor, wd_vec, self.bounds, *params, *self.state_params)
         else:
             decay_factor = self._per_element(decay_factor, self.pad1) if self.present_terms[_OUTSIDE] else None
             piece = new_weight(decay_factor, w, self._per_element(lr_q, self.pad0), u, self.masked)
