@@ -44,7 +44,7 @@ mathjax3_config = {"loader": {"load": ["[tex]/textmacros"]}, "tex": {"packages":
 
 nitpicky = True
 # names the docstrings mention that are not documented here (MindSpore's own classes, builtins in prose)
-nitpick_ignore_regex = [(r"py:.*", r"(mindspore|ms|nn|np|numpy|os)\..*"), (r"py:.*", r"(Cell|Parameter|Tensor|LearningRateSchedule|RunContext)")]
+nitpick_ignore_regex = [(r"py:.*", r"(mindspore|ms|nn|np|numpy|os)\..*"), (r"py:.*", r"(Cell|Parameter|ParameterTuple|Tensor|LearningRateSchedule|RunContext)")]
 
 html_theme = "furo"
 html_title = f"mindspore_lamb {release}"
