@@ -33,7 +33,6 @@ import argparse
 import gc
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -42,7 +41,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "helpers"))
 os.environ.setdefault("GLOG_v", "3")
+
+from msrun_launch import descendants, sigkill  # noqa: E402  (msrun starts the workers in sessions of their own)
 
 CONFIGS = ("plain-fused", "sharded-fused", "plain-composite", "sharded-composite")
 # one buffer of the sharded step alone, in a compiled cell of its own, on the same parameters (--configs)
@@ -194,36 +196,9 @@ def mem_available():
     return None
 
 
-def descendants(pid):
-    """Process ids below `pid` (msrun starts the workers in sessions of their own)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def kill_job(proc):
     """SIGKILL msrun's workers and scheduler first (they hold the memory), then msrun."""
-    for pid in descendants(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except OSError:
-        pass
+    sigkill(proc, descendants(proc.pid))
 
 
 def free_port():

@@ -64,7 +64,7 @@ class Run:
         if self.case == "single":
             return {0: self.proc.pid}
         found = {}
-        for pid in msrun_launch._descendants(self.proc.pid):
+        for pid in msrun_launch.descendants(self.proc.pid):
             try:
                 with open(f"/proc/{pid}/environ", "rb") as f:
                     env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)

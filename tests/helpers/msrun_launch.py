@@ -58,7 +58,7 @@ def _start(out_dir, script_args, port, workers):
     return proc, log_dir
 
 
-def _descendants(pid):
+def descendants(pid):
     """Process ids below `pid` (Linux /proc; empty elsewhere)."""
     children = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
@@ -81,13 +81,18 @@ def _descendants(pid):
 def _kill(proc):
     """Stop msrun and everything it started: msrun starts the workers with setsid (out of our process group), so
     SIGINT msrun first (its handler kills workers and scheduler), then SIGKILL whatever is left."""
-    spawned = _descendants(proc.pid)
+    spawned = descendants(proc.pid)
     try:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=15)
     except subprocess.TimeoutExpired:
         pass
-    for pid in spawned:
+    sigkill(proc, spawned)
+
+
+def sigkill(proc, pids):
+    """SIGKILL `pids` (msrun's workers and scheduler), then msrun's process group."""
+    for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
