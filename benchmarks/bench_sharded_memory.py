@@ -44,7 +44,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests", "helpers"))
 os.environ.setdefault("GLOG_v", "3")
 
-from msrun_launch import descendants, sigkill  # noqa: E402  (msrun starts the workers in sessions of their own)
+from msrun_launch import descendants, sigkill  # noqa: E402  (msrun starts the workers with setsid)
 
 CONFIGS = ("plain-fused", "sharded-fused", "plain-composite", "sharded-composite")
 # one buffer of the sharded step alone, in a compiled cell of its own, on the same parameters (--configs)
