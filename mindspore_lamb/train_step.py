@@ -6,7 +6,7 @@ registers (``NPUGetFloatStatusV2``), which have no CPU kernel, and
 ``IsFinite`` on the sum of squares of the gradients instead (one fused kernel on
 CPU), so the same graph runs everywhere.
 """
-from typing import Optional, Union
+from typing import Union
 
 import mindspore.common.dtype as mstype
 from mindspore import Parameter, ParameterTuple, Tensor, nn
