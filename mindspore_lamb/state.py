@@ -9,10 +9,15 @@ MindSpore's ``load_param_into_net`` loads whatever the file holds, casting a mom
 without a word, so a damaged or converted checkpoint would reach the step. :func:`check_state` names what is
 wrong before it does (docs/api/lamb.md, "State and checkpoints").
 
-The slots are declared once, in :data:`SLOTS`; each optimizer takes its own slot set from it (:func:`declare`, a
-:class:`Slots`) and hands it to its backend, which allocates the state from it and holds it by role
-(docs/architecture.md, "Adding a state slot"). A slot is elementwise, one value per element of each parameter,
-so it is laid out like the parameter and sharded with it, by elements (backends/sharded.py).
+With ``optim_bits=8`` the moments of each large parameter are stored in 8 bits instead (docs/memory.md): int8
+codes ``lamb_m8.<name>`` and uint8 codes ``lamb_v8.<name>``, one per element, flat and padded to whole blocks of
+:data:`BLOCK` elements, with one float32 scale per block, ``lamb_m8_scale.<name>`` and ``lamb_v8_scale.<name>``.
+
+The slots are declared once, in :data:`SLOTS` and :data:`SLOTS_8BIT`; each optimizer takes its own slot set from
+them (:func:`declare`, a :class:`Slots`) and hands it to its backend, which allocates the state from it and holds
+it by role (docs/architecture.md, "Adding a state slot"). An elementwise slot holds one value per element of
+each parameter, so it is laid out like the parameter and sharded with it, by elements (backends/sharded.py); a
+slot of codes or of block scales is laid out by blocks (:meth:`Slot.shape`).
 """
 from typing import Mapping, NamedTuple
 
@@ -24,6 +29,7 @@ STEP = "global_step"
 STEP_MAX = 2 ** 31 - 1        # the step counter is an int32 Parameter: a larger step would wrap to a negative one
 # the dtypes a first moment may be stored in (Lamb's mu_dtype), the default (float32) first
 MU_DTYPES = (mstype.float32, mstype.float16, mstype.bfloat16)
+BLOCK = 256                   # elements of a block of the 8-bit state, each with its own float32 scale
 
 
 class Slot(NamedTuple):
@@ -37,7 +43,9 @@ class Slot(NamedTuple):
     dtype: the dtype it is stored in (:func:`declare` sets an optimizer's); the math is float32 whatever it is:
         read as float32, rounded to nearest when stored;
     dtypes: the dtypes it may be stored in (and be found in a checkpoint);
-    nonnegative: why a negative value is damage, or "" when it is not.
+    nonnegative: why a negative value is damage, or "" when it is not;
+    layout: ``"elementwise"`` (laid out like the parameter), ``"codes"`` (one 8-bit code per element, flat,
+        padded to whole blocks of :data:`BLOCK`) or ``"scales"`` (one float32 per block).
     """
     role: str
     prefix: str
@@ -45,14 +53,29 @@ class Slot(NamedTuple):
     dtype: mstype.Type
     dtypes: tuple
     nonnegative: str = ""
+    layout: str = "elementwise"
 
     def name(self, parameter_name):
         """The checkpoint name of this slot for `parameter_name` (or ``"shard"``)."""
         return f"{self.prefix}.{parameter_name}"
 
+    def shape(self, param_shape):
+        """The shape of this slot for a parameter of shape `param_shape`."""
+        blocks = -(-int(np.prod(param_shape, dtype=np.int64)) // BLOCK)
+        return {"elementwise": tuple(param_shape), "codes": (blocks * BLOCK,), "scales": (blocks,)}[self.layout]
+
 
 SLOTS = (Slot("m", "lamb_m", "first moments", mstype.float32, MU_DTYPES),
          Slot("v", "lamb_v", "second moments", mstype.float32, (mstype.float32,), "a second moment is a mean of squares"))
+# optim_bits=8: each moment as 8-bit codes and a float32 scale per block (docs/memory.md, "The 8-bit format")
+_LARGEST = "a block scale is the largest magnitude in its block"
+SLOTS_8BIT = (Slot("m", "lamb_m8", "8-bit first moments", mstype.int8, (mstype.int8,), layout="codes"),
+              Slot("m_scale", "lamb_m8_scale", "first moments' block scales", mstype.float32, (mstype.float32,),
+                   _LARGEST, "scales"),
+              Slot("v", "lamb_v8", "8-bit second moments", mstype.uint8, (mstype.uint8,), layout="codes"),
+              Slot("v_scale", "lamb_v8_scale", "second moments' block scales", mstype.float32, (mstype.float32,),
+                   _LARGEST, "scales"))
+ALL_SLOTS = SLOTS + SLOTS_8BIT
 
 
 class Slots(tuple):
@@ -66,6 +89,11 @@ class Slots(tuple):
     def of(self, role):
         """The slot of `role`."""
         return self[self.roles.index(role)]
+
+    @property
+    def quantized(self):
+        """Whether the moments are 8-bit codes with block scales (:data:`SLOTS_8BIT`)."""
+        return any(slot.layout == "codes" for slot in self)
 
     def layout(self):
         """(roles, stored dtype names): the static description of the slots that a graph reads them by (the
@@ -109,7 +137,8 @@ def _problems(name, slot, value):
         return []
     allowed = [str(dtype).lower() for dtype in slot.dtypes]
     if _dtype(value) not in allowed:
-        why = "" if "float16" in allowed else " (in float16 they underflow: the first step after loading would be off)"
+        why = (" (in float16 they underflow: the first step after loading would be off)"
+               if slot.layout == "elementwise" and "float16" not in allowed else "")
         return [f"'{name}' is stored as {_dtype(value)}, but LAMB's {slot.title} are {' or '.join(allowed)}{why}"]
     array = _values(value)
     problems = []
@@ -133,9 +162,11 @@ def _slot_of(name, slots):
 def check_state(state: Mapping[str, object], source: str = "the optimizer state") -> None:
     """Raise ValueError naming every damaged entry of LAMB's state in `state`.
 
-    Checked: ``global_step`` is one integer from 0 to 2**31 - 1 (it is held in int32); every ``lamb_m.*`` / ``lamb_v.*`` entry is finite and stored
-    in a dtype LAMB stores it in (``lamb_v.*``: float32; ``lamb_m.*``: float32, float16 or bfloat16, see
-    `mu_dtype`), and the second moments are >= 0. Other entries (the weights, a loss scale) are not looked at.
+    Checked: ``global_step`` is one integer from 0 to 2**31 - 1 (it is held in int32); every ``lamb_m.*`` /
+    ``lamb_v.*`` entry is finite and stored in a dtype LAMB stores it in (``lamb_v.*``: float32; ``lamb_m.*``:
+    float32, float16 or bfloat16, see `mu_dtype`), and the second moments are >= 0; the 8-bit state
+    (``optim_bits=8``): codes ``lamb_m8.*`` int8 and ``lamb_v8.*`` uint8, block scales ``lamb_m8_scale.*`` /
+    ``lamb_v8_scale.*`` float32, finite and >= 0. Other entries (the weights, a loss scale) are not looked at.
 
     Args:
         state (dict): name -> Parameter, Tensor or NumPy array: what ``mindspore.load_checkpoint`` returns
@@ -155,7 +186,7 @@ def check_state(state: Mapping[str, object], source: str = "the optimizer state"
     if not isinstance(state, Mapping):
         raise TypeError(f"For 'check_state', the argument 'state' must be a dict of name -> Parameter, Tensor or "
                         f"array (what mindspore.load_checkpoint returns), but got {type(state).__name__}.")
-    check_slots(state, source, SLOTS)
+    check_slots(state, source, ALL_SLOTS)
 
 
 def check_slots(state, source, slots):

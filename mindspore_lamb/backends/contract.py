@@ -138,9 +138,10 @@ def dtype_name(dtype):
 
 def _zeros_like(param, slot):
     """The zero state of `slot` for `param`, named ``<prefix>.<param name>``: the parameter's clone (its
-    parallel layout follows it) when the dtypes agree."""
-    if param.dtype != slot.dtype:
-        return Parameter(initializer("zeros", param.shape, slot.dtype), name=slot.name(param.name))
+    parallel layout follows it) when it is elementwise in the parameter's dtype; 8-bit codes and block scales
+    are laid out by blocks (``state.Slot.shape``)."""
+    if param.dtype != slot.dtype or slot.layout != "elementwise":
+        return Parameter(initializer("zeros", slot.shape(param.shape), slot.dtype), name=slot.name(param.name))
     state = param.clone(init="zeros")
     state.name = slot.name(param.name)
     return state
@@ -178,7 +179,7 @@ class SlotState:
 
 def parameter_state(params, slots):
     """The state of the parameter-by-parameter backends (a :class:`SlotState`): for each slot, zeros laid out like
-    each parameter (``lamb_m.<name>``, ...), in the slot's dtype."""
+    each parameter (``lamb_m.<name>``, ...), or by blocks (8-bit codes and scales), in the slot's dtype."""
     return SlotState(slots, [ParameterTuple(_zeros_like(param, slot) for param in params) for slot in slots])
 
 

@@ -5,6 +5,8 @@ parameters, float64 everywhere, bias corrections as 1 - beta**t.
 """
 import numpy as np
 
+import blockwise
+
 
 def round_to(x, dtype):
     """Round float64 values to a storage dtype and back: float32, float16 or 'bfloat16'."""
@@ -34,12 +36,14 @@ class LambReference:
             w is rounded to it after each step (Lamb writes it back in its own dtype).
         mu_dtype: storage dtype of the first moment ('float32', 'float16', 'bfloat16'), or None (kept in
             float64, as the exact rule): each new m is rounded to it, to nearest, and the step uses m as stored.
+        optim_bits, min_8bit_size: 8 stores both moments of each parameter of at least `min_8bit_size` elements in
+            the 8-bit format (helpers/blockwise.py); the step uses them as stored.
     """
 
     def __init__(self, weights, beta1=0.9, beta2=0.999, eps=1e-6, loss_scale=1.0,
                  max_grad_norm=None, trust_ratio_clip=None, param_dtype="float32", exact_skip=False,
                  bias_correction=True, weight_decay_mode="decoupled", grad_averaging=True, eps_inside_sqrt=False,
-                 weight_norm_clip=None, mu_dtype=None):
+                 weight_norm_clip=None, mu_dtype=None, optim_bits=32, min_8bit_size=4096):
         self.w = [np.array(w, dtype=np.float64) for w in weights]
         self.m = [np.zeros_like(w) for w in self.w]
         self.v = [np.zeros_like(w) for w in self.w]
@@ -56,11 +60,18 @@ class LambReference:
         self.eps_inside_sqrt = eps_inside_sqrt
         self.weight_norm_clip = weight_norm_clip
         self.mu_dtype = mu_dtype
+        self.quantized = [optim_bits == 8 and w.size >= min_8bit_size for w in self.w]
         self.trust_ratios = [None] * len(self.w)
 
-    def _stored_m(self, m):
-        """The first moment as stored: rounded to mu_dtype (None: exact)."""
+    def _stored_m(self, m, i):
+        """The first moment of parameter i as stored: 8-bit, or rounded to mu_dtype (None: exact)."""
+        if self.quantized[i]:
+            return blockwise.stored_signed(m)
         return m if self.mu_dtype is None else round_to(m, self.mu_dtype)
+
+    def _stored_v(self, v, i):
+        """The second moment of parameter i as stored: 8-bit, or exact."""
+        return blockwise.stored_unsigned(v) if self.quantized[i] else v
 
     def step(self, grads, lr, weight_decay, decay=None, layer_adaptation=None, centralize=None):
         """One call. `lr` and `weight_decay` are functions of the step s (or numbers, or per-parameter lists
@@ -88,8 +99,8 @@ class LambReference:
                         m = self.beta1 * self.m[i] + (1 - self.beta1) * g[i]
                         v = self.beta2 * self.v[i] + (1 - self.beta2) * g[i] ** 2
                         ok = np.isfinite(np.float32(g[i] ** 2)) & np.isfinite(np.float32(v))  # float32 g^2, v
-                        self.m[i] = np.where(ok, self._stored_m(m), self.m[i])
-                        self.v[i] = np.where(ok, v, self.v[i])
+                        self.m[i] = self._stored_m(np.where(ok, m, self.m[i]), i)
+                        self.v[i] = self._stored_v(np.where(ok, v, self.v[i]), i)
                 return False                   # w and s never change
         if self.max_grad_norm is not None and big_g > 0:
             g = [x * min(1.0, self.max_grad_norm / big_g) for x in g]
@@ -99,8 +110,8 @@ class LambReference:
             mode = self.weight_decay_mode
             g_i = g[i] + wd_i * self.w[i] if mode == "l2" else g[i]
             m_coef = (1 - self.beta1) if self.grad_averaging else 1.0
-            self.m[i] = self._stored_m(self.beta1 * self.m[i] + m_coef * g_i)
-            self.v[i] = self.beta2 * self.v[i] + (1 - self.beta2) * g_i ** 2
+            self.m[i] = self._stored_m(self.beta1 * self.m[i] + m_coef * g_i, i)
+            self.v[i] = self._stored_v(self.beta2 * self.v[i] + (1 - self.beta2) * g_i ** 2, i)
             corrected = self.bias_correction is True
             m_hat = self.m[i] / (1 - self.beta1 ** t) if corrected else self.m[i]
             v_hat = self.v[i] / (1 - self.beta2 ** t) if corrected else self.v[i]
