@@ -187,6 +187,25 @@ def _sharding_mismatch(params, cell):
     return None
 
 
+def _bits_mismatch(params, cell):
+    """Why the moments of `params` are stored otherwise than `cell`'s optimizer stores them (8-bit or float:
+    ``optim_bits``, ``min_8bit_size``), or None."""
+    eight = {slot.prefix for slot in state.SLOTS_8BIT if slot.layout == "codes"}
+    kinds = {}
+    for source, names in (("checkpoint", params), ("cell", [p.name for p in _saved_parameters(cell)])):
+        for name in names:
+            prefix, _, parameter = name.partition(".")
+            if prefix in ("lamb_m", "lamb_m8") and parameter != "shard":
+                kinds.setdefault(parameter, {})[source] = "8-bit" if prefix in eight else "float"
+    differ = sorted(name for name, kind in kinds.items() if len(set(kind.values())) == 2 and len(kind) == 2)
+    if not differ:
+        return None
+    kind = kinds[differ[0]]
+    return (f"stores the moments of {len(differ)} parameters in {kind['checkpoint']} state (e.g. '{differ[0]}'), and "
+            f"this optimizer keeps them in {kind['cell']} state: resume with the optim_bits and min_8bit_size the "
+            f"checkpoint was written with (docs/memory.md)")
+
+
 def _slot_dtypes(cell):
     """{checkpoint name: the dtypes its slot may be stored in} of the cell's LAMB state."""
     return {p.name: slot.dtypes for p in _saved_parameters(cell) for slot in _cell_slots(cell)
@@ -223,7 +242,7 @@ def _verified(path, step, cell, run=None, allow_foreign=False):
     if run is not None and saved_run is not None and saved_run != run and not allow_foreign:
         return (f"was written by another run (run id {saved_run}; this directory's run is {run}, see its "
                 f"run.json): pass allow_foreign=True to resume from it all the same")
-    mismatch = _sharding_mismatch(params, cell)
+    mismatch = _sharding_mismatch(params, cell) or _bits_mismatch(params, cell)
     if mismatch:
         return mismatch
     missing = [p.name for p in _saved_parameters(cell) if p.name not in params or params[p.name].shape != p.shape]

@@ -264,3 +264,17 @@ def test_lock_is_released_at_the_end_of_training(tmp_path):
                            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert code.returncode == 0, code.stderr[-2000:]
+
+
+@pytest.mark.parametrize("saved_bits, resumed_bits", [(32, 8), (8, 32)])
+def test_moments_in_another_format_are_refused_naming_optim_bits(tmp_path, saved_bits, resumed_bits):
+    """A checkpoint of float32 moments into optim_bits=8 (or 8-bit codes into float32): refused before anything
+    loads, naming optim_bits; the same format resumes."""
+    _run(tmp_path, steps=(5,), cell=_cell(optim_bits=saved_bits, min_8bit_size=16))
+    cell = _cell(optim_bits=resumed_bits, min_8bit_size=16)
+    before = [p.asnumpy().copy() for p in cell.network.trainable_params()]
+    with pytest.raises(RuntimeError, match=r"stores the moments of \d+ parameters in .*optim_bits and min_8bit_size"):
+        R.resume(cell, str(tmp_path), PREFIX)
+    for p, b in zip(cell.network.trainable_params(), before):
+        np.testing.assert_array_equal(p.asnumpy(), b)
+    assert R.resume(_cell(optim_bits=saved_bits, min_8bit_size=16), str(tmp_path), PREFIX) == 5
