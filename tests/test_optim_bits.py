@@ -223,3 +223,30 @@ def test_checkpoint_resumes_bit_identically(mode, tmp_path):
         opt(tuple(Tensor(x) for x in g))
     for got, want in zip((p.asnumpy() for p in (*params, *opt.backend.state)), whole):
         np.testing.assert_array_equal(got, want)
+
+
+def test_model_train_with_loss_scale_and_the_monitor():
+    """Model.train with LossScaleTrainStep and TrustRatioMonitor, unchanged with 8-bit state: the net learns,
+    the monitor reads every step's ratios, an overflowing step (NaN input) is skipped and leaves the state."""
+    from mindspore import nn
+    from mindspore.train import Model
+    from mindspore_lamb import LossScaleTrainStep, TrustRatioMonitor
+    from nets import loss_fn, make_data, make_dataset, make_net
+    net = make_net(0)
+    opt = Lamb(net.trainable_params(), 0.02, weight_decay=0.01, optim_bits=8, min_8bit_size=48)
+    assert {p.name.split(".")[0] for p in opt.backend.state} == {"lamb_m", "lamb_v", "lamb_m8", "lamb_m8_scale",
+                                                                 "lamb_v8", "lamb_v8_scale"}
+    cell = LossScaleTrainStep(nn.WithLossCell(net, loss_fn()), opt)
+    monitor = TrustRatioMonitor(opt, every=1)
+    x, labels = make_data()
+    before = (net(ms.Tensor(x)).asnumpy().argmax(1) == labels).mean()
+    Model(cell).train(6, make_dataset(), callbacks=[monitor], dataset_sink_mode=False)
+    after = (net(ms.Tensor(x)).asnumpy().argmax(1) == labels).mean()
+    assert after > max(0.85, before + 0.2)
+    steps, ratios = monitor.series()["fc1.weight"]
+    assert len(steps) == 6 * 8 and np.isfinite(ratios).all() and min(ratios) > 0
+    state = {p.name: p.asnumpy().copy() for p in (*opt.backend.state, *net.trainable_params())}
+    cell(ms.Tensor(np.full(x[:4].shape, np.nan, np.float32)), ms.Tensor(labels[:4]))
+    assert opt.skipped_steps == 1
+    for p in (*opt.backend.state, *net.trainable_params()):
+        np.testing.assert_array_equal(p.asnumpy(), state[p.name], err_msg=p.name)
