@@ -188,6 +188,31 @@ Stored stored_as(const char *dtype) {
   return Stored::kOther;
 }
 
+// The moment step of one element (pass 1 of both state formats): m, v from the moments as stored (m0, v0,
+// read as float32) and the raw gradient; an element whose new v is not finite keeps m0 and v0.
+template <bool kGeneral>
+inline void new_moments(const Hyper &h, const Decay &d, float graw, float wj, float m0, float v0, float *m,
+                        float *v) {
+  float gj = graw * h.gs;  // unscale (+ NVLAMB pre-normalisation)
+  float gm = gj;
+  if (kGeneral) {
+    gj = gj + d.in_grad * wj;    // L2 mode: g + lambda w
+    gm = gj * h.m_grad_scale;    // without grad averaging: m = b1 m + g = m + (1 - b1) (g / (1 - b1) - m)
+  }
+  // m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, written with the exact 1 - b only
+  const float mn = m0 + h.one_minus_b1 * (gm - m0);
+  const float vn = v0 + h.one_minus_b2 * (gj * gj - v0);
+  // g NaN/Inf (or g^2 overflowing) makes v NaN/Inf: that element keeps its moments. The sum of g^2
+  // is then not finite either, so pass 2 is skipped and the call is counted as skipped.
+  // The test and the select are done on the bits, and m, v are stored unconditionally. Written
+  // `ok ? mn : m0`, GCC sinks the computation of mn into the `ok` branch, cannot if-convert it back (a
+  // float operation may trap) and, without AVX-512's masked stores, leaves the whole loop scalar: 4-5x
+  // slower with AVX2 or SSE. |vn| > FLT_MAX or NaN <=> its bits without the sign > those of FLT_MAX.
+  const int32_t mask = -static_cast<int32_t>((bits_of(vn) & 0x7fffffff) > 0x7f7fffff);  // 0, or all ones
+  *m = float_of((bits_of(mn) & ~mask) | (bits_of(m0) & mask));
+  *v = float_of((bits_of(vn) & ~mask) | (bits_of(v0) & mask));
+}
+
 template <bool kGeneral, typename MT>
 void pass1(const Hyper &hyper, const Decay &decay, const float *w, MT *m, float *v, const float *g, int64_t lo,
            int64_t hi, double *sums) {
@@ -196,25 +221,10 @@ void pass1(const Hyper &hyper, const Decay &decay, const float *w, MT *m, float 
   double ws = 0.0, us = 0.0, grad_sq = 0.0;
 #pragma omp simd reduction(+ : ws, us, grad_sq)
   for (int64_t j = lo; j < hi; ++j) {
-    const float graw = g[j], m0 = load(m[j]), v0 = v[j], wj = w[j];
-    float gj = graw * h.gs;  // unscale (+ NVLAMB pre-normalisation)
-    float gm = gj;
-    if (kGeneral) {
-      gj = gj + d.in_grad * wj;    // L2 mode: g + lambda w
-      gm = gj * h.m_grad_scale;    // without grad averaging: m = b1 m + g = m + (1 - b1) (g / (1 - b1) - m)
-    }
-    // m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, written with the exact 1 - b only
-    const float mn = m0 + h.one_minus_b1 * (gm - m0);
-    const float vn = v0 + h.one_minus_b2 * (gj * gj - v0);
-    // g NaN/Inf (or g^2 overflowing) makes v NaN/Inf: that element keeps its moments. The sum of g^2
-    // is then not finite either, so pass 2 is skipped and the call is counted as skipped.
-    // The test and the select are done on the bits, and m, v are stored unconditionally. Written
-    // `ok ? mn : m0`, GCC sinks the computation of mn into the `ok` branch, cannot if-convert it back (a
-    // float operation may trap) and, without AVX-512's masked stores, leaves the whole loop scalar: 4-5x
-    // slower with AVX2 or SSE. |vn| > FLT_MAX or NaN <=> its bits without the sign > those of FLT_MAX.
-    const int32_t mask = -static_cast<int32_t>((bits_of(vn) & 0x7fffffff) > 0x7f7fffff);  // 0, or all ones
-    const MT ms = stored<MT>(float_of((bits_of(mn) & ~mask) | (bits_of(m0) & mask)));
-    const float vj = float_of((bits_of(vn) & ~mask) | (bits_of(v0) & mask));
+    const float graw = g[j], wj = w[j];
+    float mn, vj;
+    new_moments<kGeneral>(h, d, graw, wj, load(m[j]), v[j], &mn, &vj);
+    const MT ms = stored<MT>(mn);
     m[j] = ms;
     v[j] = vj;
     const float uj = update_u<kGeneral>(h, load(ms), vj, wj, d);  // from m as stored
