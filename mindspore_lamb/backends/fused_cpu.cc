@@ -336,6 +336,112 @@ extern "C" int LambSumSq(int nparam, void **params, int *ndims, int64_t **shapes
   return 0;
 }
 
+namespace {
+
+// LambStep's arguments of one state format: parameter i's weight, slot `slot` and gradient.
+struct Args {
+  void **params;
+  int n;
+  template <typename T>
+  T *slot(int slot, int i) const { return static_cast<T *>(params[4 + (1 + slot) * n + i]); }
+  float *w(int i) const { return static_cast<float *>(params[4 + i]); }
+  const float *g(int i) const { return slot<const float>(kSlotCount, i); }
+};
+
+// The float state: m (in MT) and v (float32), one value per element.
+template <typename MT>
+struct FloatState : Args {
+  void pass1(bool general, const Hyper &h, const Decay &d, int i, int64_t lo, int64_t hi, double *sums) const {
+    auto pass = general ? ::pass1<true, MT> : ::pass1<false, MT>;
+    pass(h, d, w(i), slot<MT>(kSlot_m, i), slot<float>(kSlot_v, i), g(i), lo, hi, sums);
+  }
+  void pass2(bool general, const Hyper &h, const Decay &d, float lr_q, int i, int64_t lo, int64_t hi) const {
+    auto pass = general ? ::pass2<true, MT> : ::pass2<false, MT>;
+    pass(h, d, lr_q, w(i), slot<MT>(kSlot_m, i), slot<float>(kSlot_v, i), w(i), lo, hi);
+  }
+};
+
+// The body of LambStep, for the `state` of parameters `state.n` (the dtypes checked).
+template <typename State>
+int step(int nparam, void **params, int *ndims, int64_t **shapes, const State &state) {
+  const int n = state.n;
+  const float *hp = static_cast<const float *>(params[0]);
+  const Hyper h = read_hyper(hp);
+  const bool general = is_general(hp);
+  float *stats = static_cast<float *>(params[nparam - 1]);
+  for (int i = 0; i < n; ++i) {  // what a skipped call reports (the caller keeps its previous stats)
+    stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
+  }
+  stats[3 * n] = 0.0f; stats[3 * n + 1] = 0.0f; stats[3 * n + 2] = 0.0f;
+  if (hp[k_proceed] == 0.0f) return 0;  // the caller skips this step: w, m, v untouched
+  const float *lrs = static_cast<const float *>(params[1]);
+  const float *wds = static_cast<const float *>(params[2]);
+  const float *layer_codes = static_cast<const float *>(params[3]);
+
+  std::vector<int64_t> len(n);
+  int64_t total_len = 0;
+  for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[4 + i], shapes[4 + i]));
+  std::vector<Chunk> chunks = make_chunks(len, layer_codes);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, grad_sq]
+  std::vector<float> lr_q(n), decay_factor(n);
+  const std::vector<Decay> decay = decays(hp, lrs, wds, n);
+  bool applied = false;
+
+#pragma omp parallel num_threads(threads_for(total_len))
+  {
+#pragma omp for schedule(dynamic)
+    for (int64_t c = 0; c < nc; ++c) {  // pass 1
+      const Chunk &k = chunks[c];
+      state.pass1(general, h, decay[k.tensor], k.tensor, k.lo, k.hi, &part[3 * c]);
+    }  // implicit barrier
+#pragma omp single
+    {
+      std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
+      double grad_sq = 0.0;
+      for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
+        w_sq[chunks[c].tensor] += part[3 * c];
+        u_sq[chunks[c].tensor] += part[3 * c + 1];
+        grad_sq += part[3 * c + 2];
+      }
+      const float grad_sq_f = static_cast<float>(grad_sq);
+      applied = std::isfinite(grad_sq_f);  // a NaN/Inf gradient, or a norm beyond float32
+      stats[3 * n] = grad_sq_f;
+      stats[3 * n + 1] = applied ? 1.0f : 0.0f;
+      for (int i = 0; i < n && applied; ++i) {
+        if (layer_codes[i] < 0.0f) continue;
+        float w_norm = std::sqrt(static_cast<float>(w_sq[i]));
+        if (general) w_norm = w_norm * decay[i].decay_factor;  // the norm of decay_factor w (outside q)
+        float u_norm = std::sqrt(static_cast<float>(u_sq[i]));
+        const float w_used = std::fmin(w_norm, hp[k_w_norm_max]);  // ||w|| clamped (inf when off)
+        float q = (w_used > 0.0f && u_norm > 0.0f) ? w_used / u_norm : 1.0f;  // q = 1 if a norm is 0
+        q = std::fmin(std::fmax(q, hp[k_trust_lo]), hp[k_trust_hi]);  // clip(q, lo, hi); (0, inf) when off
+        if (layer_codes[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
+        lr_q[i] = lrs[i] * q;
+        decay_factor[i] = decay[i].decay_factor;
+        if (!std::isfinite(w_norm) || !std::isfinite(u_norm)) {  // NaN/Inf in w, or in m, v (a damaged
+          q = NAN;                                               // checkpoint): leave w, and say so
+          lr_q[i] = 0.0f;
+          decay_factor[i] = 1.0f;
+        }
+        stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
+      }
+    }  // implicit barrier: applied and lr_q[] are ready
+    if (applied) {
+#pragma omp for schedule(dynamic)
+      for (int64_t c = 0; c < nc; ++c) {  // pass 2
+        const Chunk &k = chunks[c];
+        // lr_q = 0, decay_factor = 1: w stays exactly as it is (also where w or u is NaN/Inf: 0 u is not 0)
+        if (lr_q[k.tensor] == 0.0f && decay_factor[k.tensor] == 1.0f) continue;
+        state.pass2(general, h, decay[k.tensor], lr_q[k.tensor], k.tensor, k.lo, k.hi);
+      }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
 extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                         void *stream, void *extra) {
   constexpr int kPerParam = 2 + kSlotCount;  // w, the slots, g
@@ -349,85 +455,7 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
   return with_m_type(mu_dtype, [&](auto *typed) {
     using MT = std::remove_pointer_t<decltype(typed)>;
-    const float *hp = static_cast<const float *>(params[0]);
-    const Hyper h = read_hyper(hp);
-    const bool general = is_general(hp);
-    float *stats = static_cast<float *>(params[nparam - 1]);
-    for (int i = 0; i < n; ++i) {  // what a skipped call reports (the caller keeps its previous stats)
-      stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
-    }
-    stats[3 * n] = 0.0f; stats[3 * n + 1] = 0.0f; stats[3 * n + 2] = 0.0f;
-    if (hp[k_proceed] == 0.0f) return 0;  // the caller skips this step: w, m, v untouched
-    const float *lrs = static_cast<const float *>(params[1]);
-    const float *wds = static_cast<const float *>(params[2]);
-    const float *layer_codes = static_cast<const float *>(params[3]);
-    auto W = [&](int i) { return static_cast<float *>(params[4 + i]); };
-    auto M = [&](int i) { return static_cast<MT *>(params[S(kSlot_m, i)]); };
-    auto V = [&](int i) { return static_cast<float *>(params[S(kSlot_v, i)]); };
-    auto G = [&](int i) { return static_cast<const float *>(params[S(kSlotCount, i)]); };
-
-    std::vector<int64_t> len(n);
-    int64_t total_len = 0;
-    for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[4 + i], shapes[4 + i]));
-    std::vector<Chunk> chunks = make_chunks(len, layer_codes);
-    const int64_t nc = static_cast<int64_t>(chunks.size());
-    std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, grad_sq]
-    std::vector<float> lr_q(n), decay_factor(n);
-    const std::vector<Decay> decay = decays(hp, lrs, wds, n);
-    bool applied = false;
-
-#pragma omp parallel num_threads(threads_for(total_len))
-    {
-#pragma omp for schedule(dynamic)
-      for (int64_t c = 0; c < nc; ++c) {  // pass 1
-        const Chunk &k = chunks[c];
-        auto pass = general ? pass1<true, MT> : pass1<false, MT>;
-        pass(h, decay[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), G(k.tensor), k.lo, k.hi, &part[3 * c]);
-      }  // implicit barrier
-#pragma omp single
-      {
-        std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
-        double grad_sq = 0.0;
-        for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
-          w_sq[chunks[c].tensor] += part[3 * c];
-          u_sq[chunks[c].tensor] += part[3 * c + 1];
-          grad_sq += part[3 * c + 2];
-        }
-        const float grad_sq_f = static_cast<float>(grad_sq);
-        applied = std::isfinite(grad_sq_f);  // a NaN/Inf gradient, or a norm beyond float32
-        stats[3 * n] = grad_sq_f;
-        stats[3 * n + 1] = applied ? 1.0f : 0.0f;
-        for (int i = 0; i < n && applied; ++i) {
-          if (layer_codes[i] < 0.0f) continue;
-          float w_norm = std::sqrt(static_cast<float>(w_sq[i]));
-          if (general) w_norm = w_norm * decay[i].decay_factor;  // the norm of decay_factor w (outside q)
-          float u_norm = std::sqrt(static_cast<float>(u_sq[i]));
-          const float w_used = std::fmin(w_norm, hp[k_w_norm_max]);  // ||w|| clamped (inf when off)
-          float q = (w_used > 0.0f && u_norm > 0.0f) ? w_used / u_norm : 1.0f;  // q = 1 if a norm is 0
-          q = std::fmin(std::fmax(q, hp[k_trust_lo]), hp[k_trust_hi]);  // clip(q, lo, hi); (0, inf) when off
-          if (layer_codes[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
-          lr_q[i] = lrs[i] * q;
-          decay_factor[i] = decay[i].decay_factor;
-          if (!std::isfinite(w_norm) || !std::isfinite(u_norm)) {  // NaN/Inf in w, or in m, v (a damaged
-            q = NAN;                                               // checkpoint): leave w, and say so
-            lr_q[i] = 0.0f;
-            decay_factor[i] = 1.0f;
-          }
-          stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
-        }
-      }  // implicit barrier: applied and lr_q[] are ready
-      if (applied) {
-#pragma omp for schedule(dynamic)
-        for (int64_t c = 0; c < nc; ++c) {  // pass 2
-          const Chunk &k = chunks[c];
-          // lr_q = 0, decay_factor = 1: w stays exactly as it is (also where w or u is NaN/Inf: 0 u is not 0)
-          if (lr_q[k.tensor] == 0.0f && decay_factor[k.tensor] == 1.0f) continue;
-          auto pass = general ? pass2<true, MT> : pass2<false, MT>;
-          pass(h, decay[k.tensor], lr_q[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), W(k.tensor), k.lo, k.hi);
-        }
-      }
-    }
-    return 0;
+    return step(nparam, params, ndims, shapes, FloatState<MT>{{params, n}});
   });
 }
 
