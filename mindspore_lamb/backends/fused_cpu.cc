@@ -180,11 +180,13 @@ inline Bf16 stored<Bf16>(float x) {
 }
 
 // The storage type of a dtype name of MindSpore's aot convention.
-enum class Stored { kFloat32, kFloat16, kBfloat16, kOther };
+enum class Stored { kFloat32, kFloat16, kBfloat16, kInt8, kUint8, kOther };
 Stored stored_as(const char *dtype) {
   if (std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0) return Stored::kFloat32;
   if (std::strcmp(dtype, "float16") == 0) return Stored::kFloat16;
   if (std::strcmp(dtype, "bfloat16") == 0) return Stored::kBfloat16;
+  if (std::strcmp(dtype, "int8") == 0) return Stored::kInt8;
+  if (std::strcmp(dtype, "uint8") == 0) return Stored::kUint8;
   return Stored::kOther;
 }
 
@@ -249,6 +251,109 @@ void pass2(const Hyper &hyper, const Decay &decay, float lr_q, const float *w, c
     out[j] = (kGeneral ? d.decay_factor * wj : wj) - lr_q * uj;  // w = w - (lr q) u
   }
 }
+
+#ifdef LAMB_BLOCK
+// The 8-bit state (optim_bits=8; docs/memory.md, "The 8-bit format"): each moment as one 8-bit code per
+// element, flat and padded with zeros to whole blocks of kBlock, and one float32 scale per block, s = the
+// largest |x| of the block. m: int8 c = sign(x) floor(127 sqrt(|x| / s) + 1/2), read back s (c/127)|c/127|;
+// v: uint8 c = floor(255 sqrt(sqrt(x / s)) + 1/2), at least 1 where x > 0, read back s ((c/255)^2)^2;
+// s = 0: codes 0 (x / 1). Every operation a float32 one, in that order. A chunk is whole blocks.
+constexpr int kBlock = LAMB_BLOCK;
+static_assert(kChunk % kBlock == 0, "a chunk must be whole blocks of the 8-bit state");
+
+inline float read_m(int32_t c, float s) {
+  const float d = static_cast<float>(c) / 127.0f;
+  return s * (d * std::fabs(d));  // s (c/127)|c/127|
+}
+inline float read_v(int32_t c, float s) {
+  const float d = static_cast<float>(c) / 255.0f;
+  const float t = d * d;
+  return s * (t * t);             // s ((c/255)^2)^2
+}
+// floor(y + 1/2) for y >= 0 (truncation is floor there)
+inline int32_t code_of(float y) { return static_cast<int32_t>(y + 0.5f); }
+inline int32_t m_code(float x, float divisor) {
+  const int32_t c = code_of(std::sqrt(std::fabs(x) / divisor) * 127.0f);
+  return x < 0.0f ? -c : c;
+}
+inline int32_t v_code(float x, float divisor) {
+  const int32_t c = code_of(std::sqrt(std::sqrt(x / divisor)) * 255.0f);
+  return std::max(c, static_cast<int32_t>(x > 0.0f));  // a positive v never reads back as 0
+}
+// The largest |x| of x[0..count) (0 when empty), on the bits: for |x| they order as the values, and a NaN
+// comes out of it, as from a max that propagates NaN.
+inline float largest(const float *x, int count) {
+  int32_t top = 0;
+#pragma omp simd reduction(max : top)
+  for (int j = 0; j < count; ++j) top = std::max(top, bits_of(x[j]) & 0x7fffffff);
+  return float_of(top);
+}
+
+// pass 1 over whole blocks [lo, hi) (hi: a block boundary or the tensor's end): the moments read back from
+// the codes, the step of pass1 on them (new_moments), the block's new scales and codes, and the norms with u
+// from the moments as stored (read back from the new codes).
+template <bool kGeneral>
+void pass1_8bit(const Hyper &hyper, const Decay &decay, const float *w, int8_t *mc, float *ms, uint8_t *vc,
+                float *vs, const float *g, int64_t lo, int64_t hi, double *sums) {
+  const Hyper h = hyper;  // local copies: the 8-bit stores may alias anything (else reloaded every element)
+  const Decay d = decay;
+  alignas(64) float mb[kBlock], vb[kBlock];  // the block's new moments
+  double ws = 0.0, us = 0.0, grad_sq = 0.0;
+  for (int64_t base = lo; base < hi; base += kBlock) {
+    const int64_t b = base / kBlock;
+    const int count = static_cast<int>(std::min<int64_t>(kBlock, hi - base));  // the rest: padding
+    const float m_scale = ms[b], v_scale = vs[b];
+    const float *wb = w + base, *gb = g + base;
+    int8_t *mcb = mc + base;
+    uint8_t *vcb = vc + base;
+#pragma omp simd reduction(+ : ws, grad_sq)
+    for (int j = 0; j < count; ++j) {
+      new_moments<kGeneral>(h, d, gb[j], wb[j], read_m(mcb[j], m_scale), read_v(vcb[j], v_scale), &mb[j], &vb[j]);
+      ws = add_sq(ws, wb[j]);
+      grad_sq = add_sq(grad_sq, gb[j]);
+    }
+    const float sm = largest(mb, count), sv = largest(vb, count);
+    const float dm = sm > 0.0f ? sm : 1.0f, dv = sv > 0.0f ? sv : 1.0f;
+    ms[b] = sm;
+    vs[b] = sv;
+#pragma omp simd reduction(+ : us)
+    for (int j = 0; j < count; ++j) {
+      const int32_t cm = m_code(mb[j], dm), cv = v_code(vb[j], dv);
+      mcb[j] = static_cast<int8_t>(cm);
+      vcb[j] = static_cast<uint8_t>(cv);
+      const float uj = update_u<kGeneral>(h, read_m(cm, sm), read_v(cv, sv), wb[j], d);  // from m, v as stored
+      us = add_sq(us, uj);
+    }
+    std::fill(mcb + count, mcb + kBlock, int8_t{0});  // the padding (only the last block has any)
+    std::fill(vcb + count, vcb + kBlock, uint8_t{0});
+  }
+  sums[0] = ws;
+  sums[1] = us;
+  sums[2] = grad_sq;
+}
+
+// pass 2 over whole blocks [lo, hi): u from the codes (the same bits as pass 1's), w -= lr q u.
+template <bool kGeneral>
+void pass2_8bit(const Hyper &hyper, const Decay &decay, float lr_q, float *w, const int8_t *mc, const float *ms,
+                const uint8_t *vc, const float *vs, int64_t lo, int64_t hi) {
+  const Hyper h = hyper;
+  const Decay d = decay;
+  for (int64_t base = lo; base < hi; base += kBlock) {
+    const int64_t b = base / kBlock;
+    const int count = static_cast<int>(std::min<int64_t>(kBlock, hi - base));
+    const float sm = ms[b], sv = vs[b];
+    float *wb = w + base;
+    const int8_t *mcb = mc + base;
+    const uint8_t *vcb = vc + base;
+#pragma omp simd
+    for (int j = 0; j < count; ++j) {
+      const float wj = wb[j];
+      const float uj = update_u<kGeneral>(h, read_m(mcb[j], sm), read_v(vcb[j], sv), wj, d);
+      wb[j] = (kGeneral ? d.decay_factor * wj : wj) - lr_q * uj;  // w = w - (lr q) u
+    }
+  }
+}
+#endif  // LAMB_BLOCK
 
 Hyper read_hyper(const float *hp) {
   return Hyper{hp[k_one_minus_beta1], hp[k_one_minus_beta2], hp[k_m_grad_scale], hp[k_eps], hp[k_eps_root],
@@ -361,6 +466,22 @@ struct FloatState : Args {
   }
 };
 
+#ifdef LAMB_BLOCK
+// The 8-bit state: slots m (int8 codes), m_scale, v (uint8 codes), v_scale (float32 block scales).
+struct State8 : Args {
+  void pass1(bool general, const Hyper &h, const Decay &d, int i, int64_t lo, int64_t hi, double *sums) const {
+    auto pass = general ? pass1_8bit<true> : pass1_8bit<false>;
+    pass(h, d, w(i), slot<int8_t>(kSlot_m, i), slot<float>(kSlot_m_scale, i), slot<uint8_t>(kSlot_v, i),
+         slot<float>(kSlot_v_scale, i), g(i), lo, hi, sums);
+  }
+  void pass2(bool general, const Hyper &h, const Decay &d, float lr_q, int i, int64_t lo, int64_t hi) const {
+    auto pass = general ? pass2_8bit<true> : pass2_8bit<false>;
+    pass(h, d, lr_q, w(i), slot<const int8_t>(kSlot_m, i), slot<const float>(kSlot_m_scale, i),
+         slot<const uint8_t>(kSlot_v, i), slot<const float>(kSlot_v_scale, i), lo, hi);
+  }
+};
+#endif  // LAMB_BLOCK
+
 // The body of LambStep, for the `state` of parameters `state.n` (the dtypes checked).
 template <typename State>
 int step(int nparam, void **params, int *ndims, int64_t **shapes, const State &state) {
@@ -448,6 +569,16 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   if ((nparam - 5) % kPerParam != 0) return 1;
   const int n = (nparam - 5) / kPerParam;
   auto S = [&](int slot, int i) { return 4 + (1 + slot) * n + i; };  // index of slot `slot` of parameter i
+#ifdef LAMB_BLOCK
+  // w, the scales, g float32; the codes int8 (m) and uint8 (v)
+  if (!all_float32(0, S(kSlot_m, 0), dtypes) || !all_stored_as(S(kSlot_m, 0), S(kSlot_m, n), dtypes, Stored::kInt8) ||
+      !all_float32(S(kSlot_m_scale, 0), S(kSlot_m_scale, n), dtypes) ||
+      !all_stored_as(S(kSlot_v, 0), S(kSlot_v, n), dtypes, Stored::kUint8) ||
+      !all_float32(S(kSlot_v_scale, 0), nparam, dtypes))
+    return 2;
+  if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
+  return step(nparam, params, ndims, shapes, State8{{params, n}});
+#else
   const char *mu_dtype = dtypes[S(kSlot_m, 0)];
   if (!all_float32(0, S(kSlot_m, 0), dtypes) || !all_float32(S(kSlot_m, n), nparam, dtypes) ||
       !all_stored_as(S(kSlot_m, 0), S(kSlot_m, n), dtypes, stored_as(mu_dtype)))
@@ -457,6 +588,7 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
     using MT = std::remove_pointer_t<decltype(typed)>;
     return step(nparam, params, ndims, shapes, FloatState<MT>{{params, n}});
   });
+#endif
 }
 
 // The sharded backend's two kernels (backends/sharded.py), over one worker's piece [start, end) of the
@@ -472,6 +604,9 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 //   outside the trust ratio).
 extern "C" int LambShardSums(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
+#ifdef LAMB_BLOCK
+  return 2;  // the sharded kernels take the float state only
+#endif
   if ((nparam - 5 - kSlotCount) % 2 != 0) return 1;
   const int n = (nparam - 5 - kSlotCount) / 2;
   const int slots = 4 + n;  // index of the first slot's piece
@@ -519,6 +654,9 @@ extern "C" int LambShardSums(int nparam, void **params, int *ndims, int64_t **sh
 
 extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
+#ifdef LAMB_BLOCK
+  return 2;  // the sharded kernels take the float state only
+#endif
   const int n = nparam - 6 - kSlotCount;
   if (n < 1 || numel(ndims[0], shapes[0]) != kScalarCount) return 3;
   const int slots = 5 + n;  // index of the first slot's piece

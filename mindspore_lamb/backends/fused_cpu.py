@@ -33,8 +33,10 @@ LAYOUT_DEFINES = [
 
 
 def slot_defines(slots):
-    """The kernel's slot list, from an optimizer's slots (``-DLAMB_SLOTS(X)=X(m) X(v)``)."""
-    return ["-DLAMB_SLOTS(X)=" + " ".join(f"X({slot.role})" for slot in slots)]
+    """The kernel's slot list, from an optimizer's slots (``-DLAMB_SLOTS(X)=X(m) X(v)``), and for the 8-bit
+    state (``slots.quantized``) its block size (``-DLAMB_BLOCK=256``: the kernel takes codes and block scales)."""
+    return (["-DLAMB_SLOTS(X)=" + " ".join(f"X({slot.role})" for slot in slots)]
+            + ([f"-DLAMB_BLOCK={state.BLOCK}"] if state.Slots(slots).quantized else []))
 
 
 # -march: the CPU this process runs on (the cache key includes the CPU's flags, so a shared cache never
