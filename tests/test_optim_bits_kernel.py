@@ -145,6 +145,55 @@ def test_steps_match_the_format_bit_for_bit(lamb_step, scalars):
     assert all(np.count_nonzero(c) > 0.9 * c.size for c in params.slots["v"][:1])  # the codes are used
 
 
+def test_every_code_reads_back_exactly(lamb_step):
+    """1 - beta = 0 keeps the moments as read back, and with q = 1 (no layer adaptation), lr = 1 and w = 0 the
+    step writes w = -u exactly: every code of both moments, read back, is checked to the last bit."""
+    rng = np.random.default_rng(6)
+    params = Params([(2, 256)], rng)
+    params.w[0][...] = 0.0
+    params.slots["m"][0][...] = np.resize(np.arange(-127, 128), 512)
+    params.slots["v"][0][...] = np.concatenate([np.arange(256), rng.integers(1, 256, 256)])
+    params.slots["m_scale"][0][...] = [0.37, 3.1e-5]
+    params.slots["v_scale"][0][...] = [2.5e-3, 7.0]
+    scalars = dict(PAPER, one_minus_beta1=0.0, one_minus_beta2=0.0)
+    want, _ = emulate(params, scalars, [1.0], [0.0])
+    rc, _ = call(lamb_step, params, scalars, [1.0], [0.0], codes=[0.0])
+    assert rc == 0
+    m = blockwise.dequantize_signed(want.slots["m"][0], want.slots["m_scale"][0], 512)
+    v = blockwise.dequantize_unsigned(want.slots["v"][0], want.slots["v_scale"][0], 512)
+    u = (m * F(10.0)) / (np.sqrt(v * F(1000.0)) + F(1e-6))
+    np.testing.assert_array_equal(params.w[0].reshape(-1), -u)
+    for role in SLOTS.roles:
+        np.testing.assert_array_equal(params.slots[role][0], want.slots[role][0])
+
+
+def _near(x, ulps=3):
+    """float32 `x` > 0 and its neighbours up to `ulps` units in the last place away."""
+    bits = np.asarray(x, F).view(np.int32)
+    return np.concatenate([(bits + k).view(F) for k in range(-ulps, ulps + 1)])
+
+
+def test_codes_at_their_rounding_boundaries(lamb_step):
+    """From the zero state with 1 - beta = 1, m = g and v = g^2 exactly: values on and next to the points where a
+    code rounds up (block scales that are not powers of 2), quantized bit for bit as the format says."""
+    k = np.arange(1, 128, dtype=np.float64)
+    m_scale, v_scale = 0.7, 0.3
+    m_values = _near(m_scale * ((k - 0.5) / 127) ** 2)
+    g_v = _near(np.sqrt(v_scale * ((np.arange(1, 256) - 0.5) / 255) ** 4))
+    blocks = []
+    for values, top in ((m_values, m_scale), (-m_values, m_scale), (g_v, np.sqrt(v_scale))):
+        values = values[values < top]
+        for lo in range(0, values.size, 255):
+            block = np.zeros(256, F)
+            block[0] = top                                       # the block's largest
+            block[1:1 + values[lo:lo + 255].size] = values[lo:lo + 255]
+            blocks.append(block)
+    g = np.concatenate(blocks)
+    params = Params([g.shape], np.random.default_rng(7))
+    params.g[0][...] = g
+    assert_step(lamb_step, params, dict(PAPER, one_minus_beta1=1.0, one_minus_beta2=1.0), [0.1], [0.01])
+
+
 def test_a_zero_block_and_a_block_with_one_huge_value(lamb_step):
     rng = np.random.default_rng(1)
     params = Params([(4 * 256,)], rng)
