@@ -23,7 +23,7 @@ class Options:
     def __init__(self, params, learning_rate, beta1, beta2, eps, weight_decay, *, loss_scale, max_grad_norm,
                  trust_ratio_clip, exact_skip, bias_correction, weight_decay_mode, grad_averaging, eps_inside_sqrt,
                  weight_norm_clip, layer_adaptation, exclude_from_weight_decay, exclude_from_layer_adaptation,
-                 shard_state, mu_dtype, backend):
+                 shard_state, mu_dtype, optim_bits, min_8bit_size, backend):
         params = V.check_params(params)
         learning_rate = V.check_learning_rate("learning_rate", learning_rate)
         V.check_beta("beta1", beta1)
@@ -51,6 +51,7 @@ class Options:
         self.mu_dtype = V.check_dtype("mu_dtype", mu_dtype, MU_DTYPES)
         # the stored dtype of each state slot the options choose ({role: dtype}; None leaves a slot out: state.declare)
         self.slot_dtypes = {"m": self.mu_dtype}
+        self.optim_bits, self.min_8bit_size = _check_8bit(optim_bits, min_8bit_size, mu_dtype, self.shard_state)
         if backend is not None:
             V.check_choice("backend", backend, BACKEND_NAMES)
         self.backend = backend
@@ -81,6 +82,20 @@ class Options:
         """Whether parameter `name` gets a trust ratio (`decayed`: whether it is decayed)."""
         return (self.adapt_by_name.get(name, True) and self.layer_adaptation is not False
                 and (self.layer_adaptation != "decayed" or decayed) and not self.excluded_from_adaptation(name))
+
+
+def _check_8bit(optim_bits, min_8bit_size, mu_dtype, shard_state):
+    """(optim_bits, min_8bit_size), checked: 8-bit state stores both moments itself (docs/memory.md)."""
+    V.check_choice("optim_bits", optim_bits, (32, 8))
+    V.check_int("min_8bit_size", min_8bit_size, "Lamb", low=1)
+    if optim_bits == 8 and mu_dtype is not None and V.check_dtype("mu_dtype", mu_dtype, MU_DTYPES) != MU_DTYPES[0]:
+        raise ValueError(f"For 'Lamb', the argument 'mu_dtype' must be None or float32 with optim_bits=8 (the "
+                         f"8-bit state stores the first moment itself; tensors below min_8bit_size elements keep "
+                         f"float32 moments), but got {V.describe(mu_dtype)}.")
+    if optim_bits == 8 and shard_state:
+        raise ValueError("For 'Lamb', the argument 'shard_state' must be False with optim_bits=8: the sharded "
+                         "backend keeps float32 or 16-bit moments only (docs/memory.md), but got True.")
+    return optim_bits, min_8bit_size
 
 
 def _groups(params):

@@ -22,7 +22,7 @@ from ._options import Options
 from ._step import centralize, expm1, global_norm_factor, schedule_step
 from .backends import contract
 from .backends.contract import per_parameter
-from .state import check_slots, declare
+from .state import SLOTS_8BIT, check_slots, declare
 
 _check_gradient = C.MultitypeFuncGraph("lamb_check_gradient")
 _FLOATS = (mstype.float16, mstype.bfloat16, mstype.float32, mstype.float64)
@@ -341,7 +341,7 @@ class Lamb(Optimizer):
                  weight_norm_clip: Optional[float] = None, layer_adaptation: Union[bool, str] = True,
                  exclude_from_weight_decay: NameFilter = None, exclude_from_layer_adaptation: NameFilter = None,
                  shard_state: bool = False, mu_dtype: Union[str, mstype.Type, None] = None,
-                 backend: Optional[str] = None) -> None:
+                 optim_bits: int = 32, min_8bit_size: int = 4096, backend: Optional[str] = None) -> None:
         options = Options(params, learning_rate, beta1, beta2, eps, weight_decay, loss_scale=loss_scale,
                           max_grad_norm=max_grad_norm, trust_ratio_clip=trust_ratio_clip, exact_skip=exact_skip,
                           bias_correction=bias_correction, weight_decay_mode=weight_decay_mode,
@@ -349,7 +349,7 @@ class Lamb(Optimizer):
                           weight_norm_clip=weight_norm_clip, layer_adaptation=layer_adaptation,
                           exclude_from_weight_decay=exclude_from_weight_decay,
                           exclude_from_layer_adaptation=exclude_from_layer_adaptation, shard_state=shard_state,
-                          mu_dtype=mu_dtype, backend=backend)
+                          mu_dtype=mu_dtype, optim_bits=optim_bits, min_8bit_size=min_8bit_size, backend=backend)
         # the base class registers the user's parameters by name over its own `global_step` / `learning_rate`
         _refuse_state_names(p.name for group in options.params
                             for p in (group.get("params", ()) if isinstance(group, dict) else (group,)))
@@ -366,9 +366,17 @@ class Lamb(Optimizer):
         self.backend = backends.create(self.params, declare(options.slot_dtypes), decay_flags=self.decay_flags,
                                        adapt_flags=self.adapt_flags, owned_flags=self.optim_filter,
                                        constants=self.constants, shard_state=self.shard_state,
-                                       parallel_optimizer=self.use_parallel, name=options.backend)
+                                       parallel_optimizer=self.use_parallel, name=options.backend,
+                                       quantized=self._quantized_state(options))
         self.fused = self.backend.name == "fused_cpu"
         self._check_state_names()
+
+    def _quantized_state(self, options):
+        """(the 8-bit slot set, which parameters take it) with optim_bits=8, else None: every parameter of at
+        least min_8bit_size elements (docs/memory.md)."""
+        if options.optim_bits != 8:
+            return None
+        return declare({}, SLOTS_8BIT), tuple(int(np.prod(p.shape)) >= options.min_8bit_size for p in self.params)
 
     def _keep(self, options):
         """The options the step reads, and the step's constant scalars as float32 Tensors."""
@@ -379,6 +387,7 @@ class Lamb(Optimizer):
         self.weight_decay_mode = options.weight_decay_mode
         self.shard_state = options.shard_state
         self.mu_dtype = options.mu_dtype
+        self.optim_bits, self.min_8bit_size = options.optim_bits, options.min_8bit_size
         # G is computed before the update when it is needed there: NVLAMB clipping, an exact skip, or the
         # parallel optimizer (a rank's backend sees only its own parameters' gradients).
         self.norm_first = self.exact_skip or self.max_grad_norm is not None or self.use_parallel

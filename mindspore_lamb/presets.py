@@ -47,6 +47,11 @@ def resolve(name, overrides):
         raise ValueError(f"For 'Lamb.preset', the argument 'name' must be one of {sorted(PRESETS)}, "
                          f"but got {name!r}.")
     preset = PRESETS[name]
+    if overrides.get("optim_bits", 32) != 32:
+        raise ValueError(f"For 'Lamb.preset', the argument 'optim_bits' must be 32: the preset {name!r} reproduces "
+                         f"{preset.library}, whose moments are float32 (Lamb(..., optim_bits=8) with the preset's "
+                         f"flags, docs/variants.md, is LAMB with 8-bit state, not that library), but got "
+                         f"{overrides['optim_bits']!r}.")
     kwargs = dict(preset.defaults, **preset.flags)
     kwargs.update(overrides)
     if name == "tfa" and "exclude_from_layer_adaptation" not in overrides:

@@ -25,6 +25,7 @@ from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
 from .._ops import Unstack, assign, assign_sub, broadcast_to, cast, lerp, nan_to_zero, where
+from .blockwise import dequantize, quantize
 from .contract import INDEX, parameter_state, per_parameter, rows, terms
 
 _reduce_sum = P.ReduceSum(keep_dims=False)
@@ -118,12 +119,39 @@ def rates(scalars, applied, masked):
     return scalars[_OMB1] * gate, scalars[_OMB2] * gate, applied, masked
 
 
+def read_moment(state, layout, role, shape):
+    """Moment `role` (``"m"``, ``"v"``) of one parameter (or piece) of `shape`, as float32, from its slots
+    `state` laid out as `layout` (``state.Slots.layout``): stored in a float dtype, or 8-bit codes with their
+    block scales (slot ``<role>_scale``: blockwise.py)."""
+    roles, dtypes = layout
+    slot = state[roles.index(role)]
+    if role + "_scale" in roles:
+        return dequantize(slot, state[roles.index(role + "_scale")], shape, role == "m")
+    return as_float32(slot, dtypes[roles.index(role)])
+
+
+def store_moment(state, layout, role, value):
+    """Assign float32 `value` to moment `role`'s slots (rounded to its dtype, or quantized: blockwise.py) and
+    return it as stored, read back as float32, after the assignments."""
+    roles, dtypes = layout
+    slot = state[roles.index(role)]
+    if role + "_scale" in roles:
+        scale_slot = state[roles.index(role + "_scale")]
+        codes, scale = quantize(value, role == "m")
+        done = F.depend(assign(slot, codes), assign(scale_slot, scale))
+        return F.depend(dequantize(codes, scale, F.shape(value), role == "m"), done)
+    dtype = dtypes[roles.index(role)]
+    kept = stored(value, dtype)
+    kept = F.depend(kept, assign(slot, kept))
+    return as_float32(kept, dtype)
+
+
 def moments_and_update(scalars, present_terms, rescaled, step_rates, wd, w, state, layout, gradient):
     """u' of this step (`rescale`: u = c u'), for float32 `w` of any shape (a parameter, or a shard of one),
-    after assigning the new moments to its slots `state` (a tuple laid out like them, read by role through
-    `layout`, ``state.Slots.layout``: (roles, stored dtype names)): float32 `v`, and `m` stored in its slot's
-    dtype (the new m rounded to it; u' is computed from that stored m). Slots the rule does not name are left
-    as they are. `present_terms` (contract.terms): the scalars whose terms the graph computes; `rescaled`:
+    after assigning the new moments to its slots `state` (a tuple, read by role through `layout`,
+    ``state.Slots.layout``: (roles, stored dtype names)): float32 `v`, and `m` stored in its slot's dtype (the
+    new m rounded to it), or both as 8-bit codes with block scales (blockwise.py); u' is computed from the
+    moments as stored. Slots the rule does not name are left as they are. `present_terms` (contract.terms): the scalars whose terms the graph computes; `rescaled`:
     (c, e) of `rescale`; `wd`: lambda, None when w is not decayed.
 
     `step_rates` (`rates`): each moment moves by gate (1 - b) (x - moment), and MulNoNan makes 0 (x - moment)
@@ -133,20 +161,20 @@ def moments_and_update(scalars, present_terms, rescaled, step_rates, wd, w, stat
     Select of a 0-D mask takes several times the tensor's memory): the same moments, bit for bit.
     """
     c, e = rescaled
-    roles, dtypes = layout
-    m, v, mu_dtype = state[roles.index("m")], state[roles.index("v")], dtypes[roles.index("m")]
+    shape = F.shape(w)
+    v = read_moment(state, layout, "v", shape)
     g = cast(gradient, mstype.float32)
     if present_terms[_GRAD_SCALE]:
         g = g * scalars[_GRAD_SCALE]                                      # unscale (+ NVLAMB pre-normalisation)
     if wd is not None and present_terms[_IN_GRAD]:
         g = g + (wd * scalars[_IN_GRAD]) * w                              # L2 mode: g + lambda w
     # v = v + (1 - b2) (g^2 - v): the exact 1 - b only; v as it was when the step is not applied
-    applied = broadcast_to(step_rates[2], F.shape(v)) if step_rates[3] else None
+    applied = broadcast_to(step_rates[2], shape) if step_rates[3] else None
     if step_rates[3]:
         v_t = where(applied, lerp(v, F.square(g), step_rates[1]), v)
     else:
         v_t = v + _mul_no_nan(F.square(g) - v, step_rates[1])
-    v_t = F.depend(v_t, assign(v, v_t))
+    v_t = store_moment(state, layout, "v", v_t)                           # v as stored
     # den = sqrt(v) + e, or sqrt(v^ + eps_root) (see `rescale`)
     if present_terms[_EPS_ROOT]:
         den = F.sqrt((v_t * scalars[_INV_BC2] if present_terms[_INV_BC2] else v_t) + scalars[_EPS_ROOT])
@@ -157,15 +185,14 @@ def moments_and_update(scalars, present_terms, rescaled, step_rates, wd, w, stat
     # m = m + (1 - b1) (g - m) (without gradient averaging m = b1 m + g, as m + (1 - b1) (g / (1 - b1) - m))
     if present_terms[_M_GRAD_SCALE]:
         g = g * scalars[_M_GRAD_SCALE]
-    m32 = as_float32(m, mu_dtype)
+    m32 = read_moment(state, layout, "m", shape)
     if step_rates[3]:
         m_t = where(applied, lerp(m32, g, step_rates[0]), m32)
     else:
         m_t = m32 + _mul_no_nan(g - m32, step_rates[0])
-    m_t = stored(m_t, mu_dtype)                                           # m as stored (rounded)
-    m_t = F.depend(m_t, assign(m, m_t))
+    m_t = store_moment(state, layout, "m", m_t)                           # m as stored (rounded)
     # u' = m / den + (lambda / c) w
-    u = as_float32(m_t, mu_dtype) / den
+    u = m_t / den
     if wd is not None and present_terms[_IN_UPDATE]:
         decay = wd * scalars[_IN_UPDATE]
         u = u + (decay if c is None else decay / c) * w

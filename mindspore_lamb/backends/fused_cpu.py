@@ -88,6 +88,8 @@ def unavailable(params, slots, device_target):
         return f"the device target is {device_target}, not CPU", False
     if params is not None and any(p.dtype != mstype.float32 for p in params):
         return "not every parameter is float32", False
+    if slots is not None and slots.quantized:
+        return "the fused kernel does not store 8-bit state", False
     try:
         library_path(slots=slots)
     except _build.BuildError as error:
