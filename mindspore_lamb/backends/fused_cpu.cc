@@ -17,6 +17,11 @@
 //   UPDATED IN PLACE (they are the Parameters' memory on CPU); a wrong count is return code 1, a wrong
 //   dtype return code 2;
 //   out[i] = (q, ||w||, ||u||) of parameter i; out[n] = (sum of g^2, applied, 0).
+//   Built with -DLAMB_BLOCK=256 (the 8-bit slot set of optim_bits=8, -DLAMB_SLOTS(X)=X(m) X(m_scale) X(v)
+//   X(v_scale)): the moments are int8 (m) and uint8 (v) codes, flat and padded to whole blocks, with float32
+//   block scales; pass 1 works block by block: the moments read back from the codes, the same float32 step,
+//   the block's new scales and codes, u from the moments as stored (read back from the new codes); pass 2
+//   reads them back again (the same bits). 22 bytes of memory traffic per element.
 //
 // The arithmetic is that of mindspore_lamb/backends/composite.py, operation by operation, in float32 (no
 // FMA contraction: -ffp-contract=off; -fno-math-errno lets sqrt vectorize, still correctly rounded); only
