@@ -590,7 +590,8 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   auto S = [&](int slot, int i) { return 4 + (1 + slot) * n + i; };  // index of slot `slot` of parameter i
 #ifdef LAMB_BLOCK
   // w, the scales, g float32; the codes int8 (m) and uint8 (v)
-  if (!all_float32(0, S(kSlot_m, 0), dtypes) || !all_stored_as(S(kSlot_m, 0), S(kSlot_m, n), dtypes, Stored::kInt8) ||
+  if (!all_float32(0, S(kSlot_m, 0), dtypes) ||
+      !all_stored_as(S(kSlot_m, 0), S(kSlot_m, n), dtypes, Stored::kInt8) ||
       !all_float32(S(kSlot_m_scale, 0), S(kSlot_m_scale, n), dtypes) ||
       !all_stored_as(S(kSlot_v, 0), S(kSlot_v, n), dtypes, Stored::kUint8) ||
       !all_float32(S(kSlot_v_scale, 0), nparam, dtypes))
