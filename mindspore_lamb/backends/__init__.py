@@ -98,7 +98,7 @@ def create(params, slots, *, decay_flags, adapt_flags, owned_flags, constants, s
                 parts.append((indices, kernels(sub, part_slots, constants=constants,
                                                **{key: tuple(value[i] for i in indices)
                                                   for key, value in flags.items()})))
-        return parts[0][1] if len(parts) == 1 else split.SplitBackend(parts, len(params))
+        return parts[0][1] if len(parts) == 1 else split.SplitBackend(parts, len(params), params)
     kernels = select(params, slots, name=name)
     build_args = dict(flags, constants=constants)
     if shard_state:

@@ -259,46 +259,38 @@ void pass2(const Hyper &hyper, const Decay &decay, float lr_q, const float *w, c
 
 #ifdef LAMB_BLOCK
 // The 8-bit state (optim_bits=8; docs/memory.md, "The 8-bit format"): each moment as one 8-bit code per
-// element, flat and padded with zeros to whole blocks of kBlock, and one float32 scale per block, s = the
-// largest |x| of the block. m: int8 c = sign(x) floor(127 sqrt(|x| / s) + 1/2), read back s (c/127)|c/127|;
-// v: uint8 c = floor(255 sqrt(sqrt(x / s)) + 1/2), at least 1 where x > 0, read back s ((c/255)^2)^2;
-// s = 0: codes 0 (x / 1). Every operation a float32 one, in that order. A chunk is whole blocks.
+// element, flat and padded with zeros to whole blocks of kBlock, and one float32 scale per block: s = the
+// largest |x| of the block, at least 2^-126 (so that r = 1 / s is finite), 0 for a block of zeros (r = 0).
+// m: int8 c = sign(x) floor(127 sqrt(|x| r) + 1/2), read back s (d |d|) with d = c (1/127);
+// v: uint8 c = floor(255 sqrt(sqrt(x r)) + 1/2), at least 1 where x > 0, read back s (d^2)^2 with d = c (1/255).
+// Every operation a float32 one, in that order (1/127 and 1/255 are float32 constants; 127 (1/127) and
+// 255 (1/255) are exactly 1). One division per block; a chunk is whole blocks.
 constexpr int kBlock = LAMB_BLOCK;
 static_assert(kChunk % kBlock == 0, "a chunk must be whole blocks of the 8-bit state");
+constexpr float kMinScale = FLT_MIN;  // 2^-126: the smallest scale, whose reciprocal is finite
 
-// c / k for a code c (|c| <= 255), correctly rounded: with FMA, the product by 1/k and one exact correction
-// step (Markstein: the residual c - k q is exact, and q + r (1/k) rounds to c / k; held for every code by the
-// tests), several times cheaper than a division in the vector loops; else the division.
-template <int kLevels>
-inline float code_over(int32_t code) {
-  const float c = static_cast<float>(code);
-#if defined(__FMA__)
-  constexpr float kInverse = 1.0f / kLevels;
-  const float q = c * kInverse;
-  return std::fma(std::fma(-q, static_cast<float>(kLevels), c), kInverse, q);
-#else
-  return c / static_cast<float>(kLevels);
-#endif
-}
 inline float read_m(int32_t c, float s) {
-  const float d = code_over<127>(c);
+  const float d = static_cast<float>(c) * (1.0f / 127.0f);
   return s * (d * std::fabs(d));  // s (c/127)|c/127|
 }
 inline float read_v(int32_t c, float s) {
-  const float d = code_over<255>(c);
+  const float d = static_cast<float>(c) * (1.0f / 255.0f);
   const float t = d * d;
   return s * (t * t);             // s ((c/255)^2)^2
 }
 // floor(y + 1/2) for y >= 0 (truncation is floor there)
 inline int32_t code_of(float y) { return static_cast<int32_t>(y + 0.5f); }
-inline int32_t m_code(float x, float divisor) {
-  const int32_t c = code_of(std::sqrt(std::fabs(x) / divisor) * 127.0f);
+inline int32_t m_code(float x, float r) {
+  const int32_t c = code_of(std::sqrt(std::fabs(x) * r) * 127.0f);
   return x < 0.0f ? -c : c;
 }
-inline int32_t v_code(float x, float divisor) {
-  const int32_t c = code_of(std::sqrt(std::sqrt(x / divisor)) * 255.0f);
+inline int32_t v_code(float x, float r) {
+  const int32_t c = code_of(std::sqrt(std::sqrt(x * r)) * 255.0f);
   return std::max(c, static_cast<int32_t>(x > 0.0f));  // a positive v never reads back as 0
 }
+// The block's scale from its largest |x|: at least kMinScale, 0 for a block of zeros (and NaN stays NaN).
+inline float block_scale(float largest) { return largest > 0.0f ? std::fmax(largest, kMinScale) : largest; }
+inline float reciprocal(float scale) { return scale > 0.0f ? 1.0f / scale : 0.0f; }
 // The largest |x| of x[0..count) (0 when empty), on the bits: for |x| they order as the values, and a NaN
 // comes out of it, as from a max that propagates NaN.
 inline float largest(const float *x, int count) {
@@ -331,13 +323,13 @@ void pass1_8bit(const Hyper &hyper, const Decay &decay, const float *w, int8_t *
       ws = add_sq(ws, wb[j]);
       grad_sq = add_sq(grad_sq, gb[j]);
     }
-    const float sm = largest(mb, count), sv = largest(vb, count);
-    const float dm = sm > 0.0f ? sm : 1.0f, dv = sv > 0.0f ? sv : 1.0f;
+    const float sm = block_scale(largest(mb, count)), sv = block_scale(largest(vb, count));
+    const float rm = reciprocal(sm), rv = reciprocal(sv);
     ms[b] = sm;
     vs[b] = sv;
 #pragma omp simd reduction(+ : us)
     for (int j = 0; j < count; ++j) {
-      const int32_t cm = m_code(mb[j], dm), cv = v_code(vb[j], dv);
+      const int32_t cm = m_code(mb[j], rm), cv = v_code(vb[j], rv);
       mcb[j] = static_cast<int8_t>(cm);
       vcb[j] = static_cast<uint8_t>(cv);
       const float uj = update_u<kGeneral>(h, read_m(cm, sm), read_v(cv, sv), wb[j], d);  // from m, v as stored

@@ -10,7 +10,7 @@ order. A layer's trust ratio is its own, so splitting the parameters changes not
 """
 import numpy as np
 
-from mindspore import Tensor, nn
+from mindspore import ParameterTuple, Tensor, nn
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
@@ -52,7 +52,7 @@ class SplitBackend(nn.Cell):
 
     ``slots``: every part's slots (distinct checkpoint prefixes); ``state``: a :class:`SplitState`."""
 
-    def __init__(self, parts, count):
+    def __init__(self, parts, count, params):
         super().__init__(auto_prefix=False)         # the state keeps its checkpoint names (lamb_m8.<name>, ...)
         (self.first_indices, self.first), (self.second_indices, self.second) = parts
         self.name = self.first.name if self.first.name == self.second.name else "split"
@@ -65,6 +65,10 @@ class SplitBackend(nn.Cell):
         self.inverse = Tensor(np.argsort(order).astype(np.int32))       # the parts' stats, back in order
         self.isfinite = P.IsFinite()
         self.concat = P.Concat()
+        # each part's parameters as a ParameterTuple of its own: a tuple taken from the optimizer's inside the
+        # graph makes MindSpore copy the parameters the kernels update in place (measured: +1x the parameters)
+        self.first_params = ParameterTuple(params[i] for i in self.first_indices)
+        self.second_params = ParameterTuple(params[i] for i in self.second_indices)
 
     def _part(self, indices, value):
         """`value` (one shared scalar, or a tuple with one entry per parameter) for the parameters `indices`."""
@@ -78,11 +82,10 @@ class SplitBackend(nn.Cell):
         scalars = scalars[:_PROCEED] + (proceed,) + scalars[_PROCEED + 1:]
         first, first_sq, applied = self.first(scalars, self._part(self.first_indices, lr),
                                        self._part(self.first_indices, weight_decay),
-                                       _take(params, self.first_indices), _take(gradients, self.first_indices),
-                                       grad_sq)
+                                       self.first_params, _take(gradients, self.first_indices), grad_sq)
         second, second_sq, second_applied = self.second(scalars, self._part(self.second_indices, lr),
                                    self._part(self.second_indices, weight_decay),
-                                   _take(params, self.second_indices), _take(gradients, self.second_indices), grad_sq)
+                                   self.second_params, _take(gradients, self.second_indices), grad_sq)
         # both parts are told the same G^2 and the same verdict: their outputs agree (each is read, so that
         # neither part's graph is dropped as unused)
         applied = F.logical_and(applied, second_applied)
