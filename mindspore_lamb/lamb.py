@@ -22,7 +22,7 @@ from ._options import Options
 from ._step import centralize, expm1, global_norm_factor, schedule_step
 from .backends import contract
 from .backends.contract import per_parameter
-from .state import SLOTS_8BIT, check_slots, declare
+from .state import SLOTS_8BIT, check_slots, declare, held
 
 _check_gradient = C.MultitypeFuncGraph("lamb_check_gradient")
 _FLOATS = (mstype.float16, mstype.bfloat16, mstype.float32, mstype.float64)
@@ -630,7 +630,7 @@ class Lamb(Optimizer):
         Inf in a moment, a negative second moment (:func:`mindspore_lamb.check_state`, which also checks a
         checkpoint before it is loaded). Call it after loading a checkpoint; one host read of the state."""
         state = {p.name: p for p in (self.global_step, *self.backend.state)}
-        check_slots(state, "the state of this Lamb", self.backend.slots)
+        check_slots(state, "the state of this Lamb", held(self.backend.slots))
 
     def parameter_table(self) -> str:
         """str: one row per parameter, in update order: name, shape, dtype, whether it is decayed (and how),

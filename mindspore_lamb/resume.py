@@ -164,7 +164,7 @@ def _cell_slots(cell):
     """The state slots of the LAMB optimizers in `cell` (each backend's ``state.Slots``, by prefix), or the
     declared ones when it holds none."""
     found = {slot.prefix: slot for _, sub in cell.cells_and_names() if isinstance(getattr(sub, "slots", None), Slots)
-             for slot in sub.slots}
+             for slot in state.held(sub.slots)}
     return tuple(found.values()) or state.SLOTS
 
 

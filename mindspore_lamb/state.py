@@ -75,7 +75,6 @@ SLOTS_8BIT = (Slot("m", "lamb_m8", "8-bit first moments", mstype.int8, (mstype.i
               Slot("v", "lamb_v8", "8-bit second moments", mstype.uint8, (mstype.uint8,), layout="codes"),
               Slot("v_scale", "lamb_v8_scale", "second moments' block scales", mstype.float32, (mstype.float32,),
                    _LARGEST, "scales"))
-ALL_SLOTS = SLOTS + SLOTS_8BIT
 
 
 class Slots(tuple):
@@ -99,6 +98,12 @@ class Slots(tuple):
         """(roles, stored dtype names): the static description of the slots that a graph reads them by (the
         composite rule takes a parameter's slots as one tuple in this order, ``composite.moments_and_update``)."""
         return self.roles, tuple(str(slot.dtype).lower() for slot in self)
+
+
+def held(slots):
+    """The slots whose entries an optimizer with `slots` holds: an 8-bit slot set keeps the float32 moments of its
+    small tensors (``lamb_m.<name>``, ``lamb_v.<name>``) too."""
+    return Slots(tuple(slots) + SLOTS) if slots.quantized else slots
 
 
 def declare(dtypes, slots=None):
@@ -186,7 +191,7 @@ def check_state(state: Mapping[str, object], source: str = "the optimizer state"
     if not isinstance(state, Mapping):
         raise TypeError(f"For 'check_state', the argument 'state' must be a dict of name -> Parameter, Tensor or "
                         f"array (what mindspore.load_checkpoint returns), but got {type(state).__name__}.")
-    check_slots(state, source, ALL_SLOTS)
+    check_slots(state, source, SLOTS + SLOTS_8BIT)
 
 
 def check_slots(state, source, slots):

@@ -129,11 +129,12 @@ def test_fused_and_composite_store_the_same_codes(mode):
     shapes = ((64, 96), (300, 40), (5000,), (37,))
     grads = [[(rng.standard_normal(s) * np.exp(2 * rng.standard_normal(s))).astype(np.float32) for s in shapes]
              for _ in range(5)]
-    grads[2][1][7, 3] = np.inf                            # a skipped step: the moments of the others still move
+    grads[2][1][7, 3] = np.inf          # a skipped step: nothing moves (exact_skip; the composite path always)
     runs = {}
     for backend in ("fused_cpu", "composite"):
         params = _layer_params(np.random.default_rng(4), shapes)
-        opt = Lamb(params, 0.01, weight_decay=0.01, optim_bits=8, min_8bit_size=1000, backend=backend)
+        opt = Lamb(params, 0.01, weight_decay=0.01, optim_bits=8, min_8bit_size=1000, exact_skip=True,
+                   backend=backend)
         assert opt.backend.name == backend
         runs[backend] = []
         for g in grads:
@@ -154,25 +155,27 @@ def test_state_takes_two_bytes_an_element_and_small_tensors_keep_float32():
               for name, shape in (("word", (30522, 768)), ("dense", (768, 3072)), ("bias", (768,)))]
     opt = Lamb(params, 1e-3, optim_bits=8, min_8bit_size=4096)
     state = {p.name: p for p in opt.backend.state}
-    assert sorted(state) == ["lamb_m.bias", "lamb_m8.dense", "lamb_m8.word", "lamb_m8_scale.dense",
-                             "lamb_m8_scale.word", "lamb_v.bias", "lamb_v8.dense", "lamb_v8.word",
-                             "lamb_v8_scale.dense", "lamb_v8_scale.word"]
+    assert sorted(state) == ["lamb_m.bias", "lamb_m8.dense", "lamb_m8.word", "lamb_m8_scale.bias",
+                             "lamb_m8_scale.dense", "lamb_m8_scale.word", "lamb_v.bias", "lamb_v8.dense",
+                             "lamb_v8.word", "lamb_v8_scale.bias", "lamb_v8_scale.dense", "lamb_v8_scale.word"]
     assert state["lamb_m8.word"].dtype == ms.int8 and state["lamb_v8.word"].dtype == ms.uint8
     assert state["lamb_m8_scale.dense"].shape == (768 * 3072 // 256,)
     large = sum(int(np.prod(p.shape)) for p in params[:2])
     nbytes = sum(p.asnumpy().nbytes for name, p in state.items() if "8" in name.split(".")[0])
     assert nbytes / large <= 2.05
-    assert state["lamb_m.bias"].dtype == ms.float32
+    assert state["lamb_m.bias"].dtype == ms.float32 and state["lamb_m8_scale.bias"].shape == (1,)   # unused
 
 
-def test_a_skipped_step_leaves_codes_and_scales_as_they_were(mode):
+def test_a_skipped_step_leaves_codes_and_scales_as_they_were(mode, path):
+    """exact_skip: a NaN gradient (in the float32 tensor) or finite=False changes nothing, the codes and scales
+    of the 8-bit tensor included, bit for bit."""
     rng = np.random.default_rng(5)
     params = _layer_params(rng, ((40, 30), (7,)))
-    opt = Lamb(params, 0.01, optim_bits=8, min_8bit_size=256)
+    opt = Lamb(params, 0.01, optim_bits=8, min_8bit_size=256, exact_skip=True, backend=path)
     opt(tuple(Tensor(rng.standard_normal(p.shape).astype(np.float32)) for p in params))
     before = {p.name: p.asnumpy().copy() for p in (*opt.backend.state, *params)}
     bad = [rng.standard_normal(p.shape).astype(np.float32) for p in params]
-    bad[1][3] = np.nan                                   # in the float32 part: the 8-bit part skips too
+    bad[1][3] = np.nan
     opt(tuple(Tensor(g) for g in bad))
     opt(tuple(Tensor(rng.standard_normal(p.shape).astype(np.float32)) for p in params), Tensor(False))
     for p in (*opt.backend.state, *params):

@@ -19,7 +19,7 @@ import warnings
 
 import mindspore as ms
 
-from . import composite, fused_cpu, sharded, split
+from . import composite, fused_cpu, sharded
 
 BACKENDS = (fused_cpu.FusedCpuBackend, composite.CompositeBackend)
 NAMES = tuple(backend.name for backend in BACKENDS)
@@ -84,23 +84,14 @@ def create(params, slots, *, decay_flags, adapt_flags, owned_flags, constants, s
     `constants`: the scalars of ``contract.pack`` that are the same at every step, {name: value};
     `name`: the backend asked for (``select()``); `shard_state`: each data-parallel worker keeps 1/N of the
     state (backends/sharded.py), the chosen backend's operators running that piece; `quantized`: None, or
-    (the 8-bit slot set, one bool per parameter: whether it takes it), the other parameters keeping `slots`
-    (with both kinds, a ``split.SplitBackend`` of two backends)."""
-    flags = dict(decay_flags=decay_flags, adapt_flags=adapt_flags, owned_flags=owned_flags)
+    (the 8-bit slot set, one bool per parameter: whether its moments are 8-bit; the others keep float32
+    moments in the same slots, ``contract.parameter_state``), instead of `slots`."""
+    build_args = dict(decay_flags=decay_flags, adapt_flags=adapt_flags, owned_flags=owned_flags, constants=constants)
     if quantized is not None:
-        slots_8bit, takes = quantized
-        parts = []
-        for part_slots, want in ((slots, False), (slots_8bit, True)):
-            indices = tuple(i for i, flag in enumerate(takes) if flag == want)
-            if indices:
-                sub = [params[i] for i in indices]
-                kernels = select(sub, part_slots, name=name)
-                parts.append((indices, kernels(sub, part_slots, constants=constants,
-                                               **{key: tuple(value[i] for i in indices)
-                                                  for key, value in flags.items()})))
-        return parts[0][1] if len(parts) == 1 else split.SplitBackend(parts, len(params), params)
+        slots, eight_bit = quantized
+        kernels = select(params, slots, name=name)
+        return kernels(params, slots, eight_bit=eight_bit, **build_args)
     kernels = select(params, slots, name=name)
-    build_args = dict(flags, constants=constants)
     if shard_state:
         rank, world = sharded.data_parallel_group(parallel_optimizer)
         return sharded.ShardedBackend(params, slots, kernels=kernels, rank=rank, world=world, **build_args)

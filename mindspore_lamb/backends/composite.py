@@ -119,15 +119,21 @@ def rates(scalars, applied, masked):
     return scalars[_OMB1] * gate, scalars[_OMB2] * gate, applied, masked
 
 
+def _codes(slot, role, roles):
+    """Whether moment `role`'s slot holds 8-bit codes (an 8-bit slot set, ``<role>_scale`` among the roles, and
+    this parameter at least min_8bit_size elements: the smaller ones keep float32 moments there)."""
+    return role + "_scale" in roles and (F.dtype(slot) == mstype.int8 or F.dtype(slot) == mstype.uint8)
+
+
 def read_moment(state, layout, role, shape):
     """Moment `role` (``"m"``, ``"v"``) of one parameter (or piece) of `shape`, as float32, from its slots
     `state` laid out as `layout` (``state.Slots.layout``): stored in a float dtype, or 8-bit codes with their
     block scales (slot ``<role>_scale``: blockwise.py)."""
     roles, dtypes = layout
     slot = state[roles.index(role)]
-    if role + "_scale" in roles:
+    if _codes(slot, role, roles):
         return dequantize(slot, state[roles.index(role + "_scale")], shape, role == "m")
-    return as_float32(slot, dtypes[roles.index(role)])
+    return as_float32(slot, dtypes[roles.index(role)] if role + "_scale" not in roles else "float32")
 
 
 def store_moment(state, layout, role, value):
@@ -135,12 +141,12 @@ def store_moment(state, layout, role, value):
     return it as stored, read back as float32, after the assignments."""
     roles, dtypes = layout
     slot = state[roles.index(role)]
-    if role + "_scale" in roles:
+    if _codes(slot, role, roles):
         scale_slot = state[roles.index(role + "_scale")]
         codes, scale = quantize(value, role == "m")
         done = F.depend(assign(slot, codes), assign(scale_slot, scale))
         return F.depend(dequantize(codes, scale, F.shape(value), role == "m"), done)
-    dtype = dtypes[roles.index(role)]
+    dtype = dtypes[roles.index(role)] if role + "_scale" not in roles else "float32"
     kept = stored(value, dtype)
     kept = F.depend(kept, assign(slot, kept))
     return as_float32(kept, dtype)
@@ -314,12 +320,12 @@ class CompositeBackend(nn.Cell):
     SumOfSquares = SumOfSquares
     unavailable = staticmethod(unavailable)
 
-    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, constants):
+    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, constants, eight_bit=None):
         super().__init__()
         self.n = len(params)
         self.present_terms = terms(constants)  # the graph leaves out the terms of constants at a neutral value
         self.slots = slots
-        self.state = parameter_state(params, slots)          # by role (contract.SlotState)
+        self.state = parameter_state(params, slots, eight_bit)   # by role (contract.SlotState)
         self.state_params = self.state.flat()
         self.layout = slots.layout()
         self.masked = ms.get_context("device_target") in SELECT_SKIP     # selects instead of MulNoNan

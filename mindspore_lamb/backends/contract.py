@@ -47,12 +47,13 @@ import math
 import numpy as np
 
 import mindspore.common.dtype as mstype
-from mindspore import Parameter, ParameterTuple
+from mindspore import Parameter, ParameterTuple, Tensor
 from mindspore.common.initializer import initializer
 from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
+from .. import state
 from .._ops import cast
 
 
@@ -177,10 +178,31 @@ class SlotState:
         return ParameterTuple(self)
 
 
-def parameter_state(params, slots):
+def _unused_scale(param, slot):
+    """The scale slot of a parameter that keeps float32 moments in an 8-bit slot set: one zero that no kernel
+    reads, saved with the rest (flagged as runtime state, MindSpore folds such Parameters in graphs that take
+    another input, and the kernel's argument count breaks)."""
+    return Parameter(Tensor(np.zeros(1, np.float32)), name=slot.name(param.name), requires_grad=False)
+
+
+def _slot_for(param, slot, eight_bit):
+    """The zero state of `slot` for `param`: in the 8-bit slot set, a parameter that is not `eight_bit` keeps
+    float32 moments in the codes' slots (named as the float slots: ``lamb_m.<name>``, ``lamb_v.<name>``)."""
+    if eight_bit or slot.layout == "elementwise":
+        return _zeros_like(param, slot)
+    if slot.layout == "scales":
+        return _unused_scale(param, slot)
+    return _zeros_like(param, next(s for s in state.SLOTS if s.role == slot.role))
+
+
+def parameter_state(params, slots, eight_bit=None):
     """The state of the parameter-by-parameter backends (a :class:`SlotState`): for each slot, zeros laid out like
-    each parameter (``lamb_m.<name>``, ...), or by blocks (8-bit codes and scales), in the slot's dtype."""
-    return SlotState(slots, [ParameterTuple(_zeros_like(param, slot) for param in params) for slot in slots])
+    each parameter (``lamb_m.<name>``, ...), or by blocks (8-bit codes and scales), in the slot's dtype.
+    `eight_bit`: one bool per parameter with an 8-bit slot set (default: all True); the others keep float32
+    ``lamb_m.<name>`` / ``lamb_v.<name>`` in the codes' slots, and an unused scale of one 0."""
+    eight_bit = eight_bit or (True,) * len(params)
+    return SlotState(slots, [ParameterTuple(_slot_for(param, slot, flag) for param, flag in zip(params, eight_bit))
+                             for slot in slots])
 
 
 def rows(flat, count, width):

@@ -478,14 +478,19 @@ struct FloatState : Args {
 };
 
 #ifdef LAMB_BLOCK
-// The 8-bit state: slots m (int8 codes), m_scale, v (uint8 codes), v_scale (float32 block scales).
+// The 8-bit state: slots m (int8 codes), m_scale, v (uint8 codes), v_scale (float32 block scales); a tensor
+// whose m slot is float32 (fewer elements than min_8bit_size) keeps float32 m and v in the m and v slots, and
+// its scale slots are not read. `quantized[i]`: tensor i's m slot holds codes.
 struct State8 : Args {
+  const std::vector<bool> *quantized;
   void pass1(bool general, const Hyper &h, const Decay &d, int i, int64_t lo, int64_t hi, double *sums) const {
+    if (!(*quantized)[i]) return FloatState<float>{{params, n}}.pass1(general, h, d, i, lo, hi, sums);
     auto pass = general ? pass1_8bit<true> : pass1_8bit<false>;
     pass(h, d, w(i), slot<int8_t>(kSlot_m, i), slot<float>(kSlot_m_scale, i), slot<uint8_t>(kSlot_v, i),
          slot<float>(kSlot_v_scale, i), g(i), lo, hi, sums);
   }
   void pass2(bool general, const Hyper &h, const Decay &d, float lr_q, int i, int64_t lo, int64_t hi) const {
+    if (!(*quantized)[i]) return FloatState<float>{{params, n}}.pass2(general, h, d, lr_q, i, lo, hi);
     auto pass = general ? pass2_8bit<true> : pass2_8bit<false>;
     pass(h, d, lr_q, w(i), slot<const int8_t>(kSlot_m, i), slot<const float>(kSlot_m_scale, i),
          slot<const uint8_t>(kSlot_v, i), slot<const float>(kSlot_v_scale, i), lo, hi);
@@ -581,15 +586,20 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   const int n = (nparam - 5) / kPerParam;
   auto S = [&](int slot, int i) { return 4 + (1 + slot) * n + i; };  // index of slot `slot` of parameter i
 #ifdef LAMB_BLOCK
-  // w, the scales, g float32; the codes int8 (m) and uint8 (v)
-  if (!all_float32(0, S(kSlot_m, 0), dtypes) ||
-      !all_stored_as(S(kSlot_m, 0), S(kSlot_m, n), dtypes, Stored::kInt8) ||
-      !all_float32(S(kSlot_m_scale, 0), S(kSlot_m_scale, n), dtypes) ||
-      !all_stored_as(S(kSlot_v, 0), S(kSlot_v, n), dtypes, Stored::kUint8) ||
+  // w, the scales, g float32; per tensor, the codes int8 (m) and uint8 (v), or m and v both float32
+  if (!all_float32(0, S(kSlot_m, 0), dtypes) || !all_float32(S(kSlot_m_scale, 0), S(kSlot_m_scale, n), dtypes) ||
       !all_float32(S(kSlot_v_scale, 0), nparam, dtypes))
     return 2;
+  std::vector<bool> quantized(n);
+  for (int i = 0; i < n; ++i) {
+    quantized[i] = stored_as(dtypes[S(kSlot_m, i)]) == Stored::kInt8;
+    const Stored want_v = quantized[i] ? Stored::kUint8 : Stored::kFloat32;
+    if ((!quantized[i] && stored_as(dtypes[S(kSlot_m, i)]) != Stored::kFloat32) ||
+        stored_as(dtypes[S(kSlot_v, i)]) != want_v)
+      return 2;
+  }
   if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
-  return step(nparam, params, ndims, shapes, State8{{params, n}});
+  return step(nparam, params, ndims, shapes, State8{{params, n}, &quantized});
 #else
   const char *mu_dtype = dtypes[S(kSlot_m, 0)];
   if (!all_float32(0, S(kSlot_m, 0), dtypes) || !all_float32(S(kSlot_m, n), nparam, dtypes) ||

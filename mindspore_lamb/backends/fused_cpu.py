@@ -116,13 +116,13 @@ class FusedCpuBackend(nn.Cell):
     unavailable = staticmethod(unavailable)
     SumOfSquares = SumOfSquares
 
-    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, constants):
+    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, constants, eight_bit=None):
         super().__init__()
         del constants       # the kernel takes its fast loop at run time, from the scalars (is_general)
         n = len(params)
         self.n = n
         self.slots = slots
-        self.state = contract.parameter_state(params, slots)     # by role (contract.SlotState)
+        self.state = contract.parameter_state(params, slots, eight_bit)   # by role (contract.SlotState)
         self.state_params = self.state.flat()                   # the kernel's order: the order of `slots`
         self.grad_sq_cell = SumOfSquares()
         self.update_kernel = ops.Custom(library_path(slots=slots) + ":LambStep", out_shape=lambda *shapes: (n + 1, 3),
