@@ -7,7 +7,8 @@
 #      operators MindSpore ran as AICPU kernels (host cores) in the default configuration's executed graph:
 #      docs/operators.md expects none on parameter-sized tensors (Reshape is a nop node; StridedSlice is the
 #      sharded path's, which needs two devices);
-#   3. runs the reference tests of the composite path with device_target="Ascend", GRAPH and PYNATIVE mode;
+#   3. runs the reference tests of the composite path with device_target="Ascend", GRAPH and PYNATIVE mode, and
+#      those of the 8-bit state (optim_bits=8: tests/test_optim_bits.py, the composite path);
 #   4. times the composite Lamb step against MindSpore's composite AdamWeightDecay and nn.Adam on BERT-base
 #      shapes, in both modes;
 #   5. prints one short report (ascend_check_report.txt).

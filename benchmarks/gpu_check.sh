@@ -8,9 +8,10 @@
 #      they do, docs/operators.md); if the plugin does not load, it says so and stops;
 #   2. runs the census's configurations on the device (tools/op_census.py --device GPU; one GPU: not the
 #      sharded one, which needs two);
-#   3. runs the reference tests of the composite path with device_target="GPU", GRAPH and PYNATIVE mode;
+#   3. runs the reference tests of the composite path with device_target="GPU", GRAPH and PYNATIVE mode, and
+#      those of the 8-bit state (optim_bits=8: tests/test_optim_bits.py, the composite path);
 #   4. times the composite Lamb step against MindSpore's composite AdamWeightDecay and nn.Adam on BERT-base
-#      shapes, in both modes, with the peak device memory of each;
+#      shapes, in both modes, with the peak device memory of each, and the 8-bit step (--optim-bits 8);
 #   5. prints one short report (gpu_check_report.txt).
 # Usage: bash benchmarks/gpu_check.sh [output dir]     (about 10 minutes; writes gpu_check.txt and the report)
 set -uo pipefail
