@@ -78,17 +78,19 @@ def select(params, slots=None, device_target=None, name=None):
 
 
 def create(params, slots, *, decay_flags, adapt_flags, owned_flags, constants, shard_state=False,
-           parallel_optimizer=False, name=None):
+           shard_bucket_size=sharded.DEFAULT_BUCKET, parallel_optimizer=False, name=None):
     """The backend Cell of the update of `params`, holding the state declared by `slots` (the one dispatch).
 
     `constants`: the scalars of ``contract.pack`` that are the same at every step, {name: value};
     `name`: the backend asked for (``select()``); `shard_state`: each data-parallel worker keeps 1/N of the
-    state (backends/sharded.py), the chosen backend's operators running that piece."""
+    state (backends/sharded.py), the chosen backend's operators running that piece, all-gathered in buckets of
+    `shard_bucket_size` elements of each worker's piece."""
     kernels = select(params, slots, name=name)
     build_args = dict(decay_flags=decay_flags, adapt_flags=adapt_flags, owned_flags=owned_flags, constants=constants)
     if shard_state:
         rank, world = sharded.data_parallel_group(parallel_optimizer)
-        return sharded.ShardedBackend(params, slots, kernels=kernels, rank=rank, world=world, **build_args)
+        return sharded.ShardedBackend(params, slots, kernels=kernels, rank=rank, world=world,
+                                      bucket=shard_bucket_size, **build_args)
     return kernels(params, slots, **build_args)
 
 
