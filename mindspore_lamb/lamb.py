@@ -241,10 +241,10 @@ class Lamb(Optimizer):
             the moments of 1/N of the parameter elements (layers may be cut between workers; their
             norms are combined exactly), see docs/distributed.md. Default: ``False``.
         shard_bucket_size (int): keyword-only; with ``shard_state=True``, the elements of each worker's piece
-            that one all-gather carries: the new weights are gathered and written into the parameters bucket
-            by bucket, so the step's extra memory is about `world` x this x 4 bytes a few times over, not the
-            whole model (see docs/distributed.md). Any value gives the same weights and moments, bit for bit.
-            Default: ``2 ** 22`` (4,194,304: 16 MiB of float32 per worker).
+            that one all-gather carries: the new weights are made, all-gathered and written into the
+            parameters bucket by bucket, so the step's buffers for them scale with this, not with the model.
+            Any value gives the same weights and moments, bit for bit. Default: ``2 ** 22`` (16 MiB of
+            float32 per worker; docs/distributed.md says why).
         mu_dtype (Union[str, mindspore.dtype]): keyword-only; the dtype the first moment :math:`m` is stored in:
             ``None`` or ``"float32"``, ``"float16"`` or ``"bfloat16"`` (or the mindspore dtype), as optax's
             ``mu_dtype``. It is computed in float32, rounded to nearest when stored, and the step uses it as
