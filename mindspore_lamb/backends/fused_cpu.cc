@@ -591,8 +591,8 @@ extern "C" int LambShardWrite(int nparam, void **params, int *ndims, int64_t **s
   std::vector<Chunk> chunks;
   std::vector<int64_t> source;  // per chunk: gathered index of its tensor-local element 0
   for (int64_t r = 0; r < world; ++r) {
-    const int64_t first = r * width + lo;  // worker r's part: flat positions [first, first + size)
-    for (const Chunk &k : range_chunks(len, first, first + size, &offset)) {
+    const int64_t first = r * width + lo;  // worker r's part: flat positions [first, first + size), in its piece
+    for (const Chunk &k : range_chunks(len, first, first + std::min(size, width - lo), &offset)) {
       chunks.push_back(k);
       source.push_back(r * size + offset[k.tensor] - first);
     }

@@ -186,21 +186,22 @@ class ShardedBackend(nn.Cell):
             self.shard_sums = ops.Custom(library + ":LambShardSums", out_shape=lambda *shapes: (n, 2),
                                          out_dtype=lambda *types: mstype.float32, func_type="aot")
             self.shard_sums.add_prim_attr("side_effect_mem", True)   # m, v in place
-            applies = {}                                             # one kernel per bucket length
-            for lo, hi in self.buckets:
-                if hi - lo not in applies:
-                    applies[hi - lo] = ops.Custom(library + ":LambShardApplyBucket",
-                                                  out_shape=lambda *shapes, size=hi - lo: (size,),
-                                                  out_dtype=lambda *types: mstype.float32, func_type="aot")
-            self.shard_apply = tuple(applies[hi - lo] for lo, hi in self.buckets)
+            size = self.buckets[0][1]                                # every bucket this long (the last padded)
+            self.shard_apply = ops.Custom(library + ":LambShardApplyBucket", out_shape=lambda *shapes: (size,),
+                                          out_dtype=lambda *types: mstype.float32, func_type="aot")
             self.shard_write = ops.Custom(library + ":LambShardWrite", out_shape=lambda *shapes: (1,),
                                           out_dtype=lambda *types: mstype.float32, func_type="aot")
             self.shard_write.add_prim_attr("side_effect_mem", True)  # the parameters in place
             # the kernels' bounds: this worker's piece [start, end) of the flat parameters; per bucket, with its
             # offset lo in the piece ([start, end, lo]), and where the gathered bucket goes ([L, lo, world])
             self.bounds = Tensor(np.array([start, end], np.int32))
-            self.bucket_bounds = tuple(Tensor(np.array([start, end, lo], np.int32)) for lo, _ in self.buckets)
-            self.write_layouts = tuple(Tensor(np.array([width, lo, world], np.int32)) for lo, _ in self.buckets)
+            # bucket k (lo = k size): [start, end, 0] + lo [0, 0, 1] and [L, 0, world] + lo [0, 1, 0]
+            self.bucket_bounds = Tensor(np.array([start, end, 0], np.int32))
+            self.write_layout = Tensor(np.array([width, 0, world], np.int32))
+            self.at_bounds, self.at_layout = Tensor(np.array([0, 0, 1], np.int32)), Tensor(np.array([0, 1, 0], np.int32))
+            self.bucket_size = Tensor(size, mstype.int32)
+            self.n_buckets = Tensor(len(self.buckets), mstype.int32)
+            self.bucket0 = Tensor(0, mstype.int32)
             self.hyper_map = C.HyperMap()
         else:
             # the piece in the composite graph: static slices of the flattened parameters (gradients), each
@@ -318,12 +319,14 @@ class ShardedBackend(nn.Cell):
         # the next bucket is made (so each bucket's buffers can be reused by the next)
         done = ()
         if self.fused:
-            for k in range(len(self.buckets)):
-                bucket = self.shard_apply[k](packed, lr_q, decay_factor, wd_vec, self.bucket_bounds[k], *params,
-                                             *self.state_params)
-                written = self.shard_write(self.all_gather(bucket), self.write_layouts[k], *params)
-                lr_q = F.depend(lr_q, written)
-                done += (written,)
+            k = self.bucket0
+            while k < self.n_buckets:
+                lo = k * self.bucket_size
+                bucket = self.shard_apply(packed, lr_q, decay_factor, wd_vec, self.bucket_bounds + lo * self.at_bounds,
+                                          *params, *self.state_params)
+                written = self.shard_write(self.all_gather(bucket), self.write_layout + lo * self.at_layout, *params)
+                k = F.depend(k + 1, written)
+            done += (k,)
         else:
             cut = ()
             for k in range(len(self.buckets)):
