@@ -522,7 +522,8 @@ extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **s
 }
 
 // The sharded backend's all-gather, bucket by bucket (backends/sharded.py): each worker's piece (L elements,
-// worker r's starting at r L in the flat parameters) is cut into buckets of the same offsets on every worker.
+// worker r's starting at r L in the flat parameters) is cut into buckets of B elements at the same offsets on
+// every worker (the last one may reach past L: that part is padding).
 //
 // LambShardApplyBucket(scalars, lr_qs, decay_factors, wds, bounds, w_0..w_{n-1}, m, v) -> bucket (B,): pass 2
 //   over the piece's elements [lo, lo + B) only, as LambShardApply over the whole piece. bounds = int32
@@ -530,7 +531,7 @@ extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **s
 //   the piece; elements past end are padding (0).
 // LambShardWrite(gathered, layout, w_0..w_{n-1}) -> float32 (1,) (0): the all-gathered bucket (world x B, worker
 //   r's B elements at r B) written IN PLACE into the parameters: element j of worker r's part is flat position
-//   r L + lo + j (past the last parameter: padding, dropped). layout = int32 [L, lo, world].
+//   r L + lo + j (padding, dropped: lo + j >= L, or past the last parameter). layout = int32 [L, lo, world].
 extern "C" int LambShardApplyBucket(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                     void *stream, void *extra) {
   const int n = nparam - 6 - kSlotCount;

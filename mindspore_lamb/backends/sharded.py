@@ -9,10 +9,15 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
 2. sums ||w||^2 and ||u||^2 of each parameter over its piece (float32 ReduceSums over the slices of the piece
    that each parameter covers, known when the backend is built), and ONE all-reduce of that (n, 2) array gives
    every worker the norms of whole layers, so the trust ratios are exact;
-3. applies w = decay_factor w - lr q u (decay_factor = 1 - lr lambda, or 1) to its piece, and ONE all-gather
-   of the pieces gives every worker the full weights after the step.
+3. applies w = decay_factor w - lr q u (decay_factor = 1 - lr lambda, or 1) to its piece bucket by bucket: bucket
+   k (the piece's elements [k B, (k + 1) B), B = Lamb's ``shard_bucket_size``, the same offsets on every worker)
+   is made, all-gathered and written into the parameters before bucket k + 1 is made, so its buffers are those
+   of one bucket, not of the model. The fused kernels run the buckets in a loop of the graph (one set of
+   buffers for all: MindSpore does not reuse a collective's buffers within a step) and write each gathered
+   bucket in place (``LambShardWrite``); the composite graph assigns each parameter once its last part is
+   gathered.
 
-Every worker issues the same collectives in the same order (its piece only changes which slices it sums).
+Every worker issues the same collectives, of the same shapes, in the same order.
 The state is one Parameter of L elements per slot of the optimizer's ``state.Slots``, in the slot's dtype,
 held by role: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and
 ``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding``
@@ -192,13 +197,14 @@ class ShardedBackend(nn.Cell):
             self.shard_write = ops.Custom(library + ":LambShardWrite", out_shape=lambda *shapes: (1,),
                                           out_dtype=lambda *types: mstype.float32, func_type="aot")
             self.shard_write.add_prim_attr("side_effect_mem", True)  # the parameters in place
-            # the kernels' bounds: this worker's piece [start, end) of the flat parameters; per bucket, with its
-            # offset lo in the piece ([start, end, lo]), and where the gathered bucket goes ([L, lo, world])
+            # the kernels' bounds: this worker's piece [start, end) of the flat parameters; bucket k (lo = k size,
+            # in the piece) is [start, end, lo] = [start, end, 0] + lo [0, 0, 1], and it is gathered into the
+            # parameters by [L, lo, world] = [L, 0, world] + lo [0, 1, 0]
             self.bounds = Tensor(np.array([start, end], np.int32))
-            # bucket k (lo = k size): [start, end, 0] + lo [0, 0, 1] and [L, 0, world] + lo [0, 1, 0]
             self.bucket_bounds = Tensor(np.array([start, end, 0], np.int32))
             self.write_layout = Tensor(np.array([width, 0, world], np.int32))
-            self.at_bounds, self.at_layout = Tensor(np.array([0, 0, 1], np.int32)), Tensor(np.array([0, 1, 0], np.int32))
+            self.at_bounds = Tensor(np.array([0, 0, 1], np.int32))
+            self.at_layout = Tensor(np.array([0, 1, 0], np.int32))
             self.bucket_size = Tensor(size, mstype.int32)
             self.n_buckets = Tensor(len(self.buckets), mstype.int32)
             self.bucket0 = Tensor(0, mstype.int32)
@@ -316,7 +322,7 @@ class ShardedBackend(nn.Cell):
         lr_q, reported_q, decay_factor = trust_ratio(scalars, self.present_terms, applied, lr_vec, w_norm, u_norm,
                                                      decay_factor, self.adapt)
         # 3. bucket by bucket: this worker's new piece there, one all-gather, written into the parameters before
-        # the next bucket is made (so each bucket's buffers can be reused by the next)
+        # the next bucket is made
         done = ()
         if self.fused:
             k = self.bucket0
@@ -334,8 +340,8 @@ class ShardedBackend(nn.Cell):
                 slices, pad = self.bucket_slices[k], self.bucket_pads[k]
                 factor = self._spread(decay_factor, slices, pad, self.ones_pad) if self.present_terms[_OUTSIDE] \
                     else None
-                bucket = new_weight(factor, F.depend(w[lo:hi], (done, cut)), self._spread(lr_q, slices, pad, self.zeros),
-                                    u[lo:hi], self.masked)
+                lr_q_b = self._spread(lr_q, slices, pad, self.zeros)
+                bucket = new_weight(factor, F.depend(w[lo:hi], (done, cut)), lr_q_b, u[lo:hi], self.masked)
                 cut, written = self._write(k, self.all_gather(bucket), cut, params)
                 done += written
         layer_stats = F.depend(self.stack((reported_q, w_norm, u_norm)), done)
