@@ -25,10 +25,11 @@ drops below --min-available GiB; that configuration is then reported as "stopped
 `--set half` (half the BERT-base parameters, in the same layer shapes) is for a configuration that does not
 fit twice in the machine's memory; per-parameter figures carry over.
 
-The probes (`--configs probe-allgather,probe-writeback,probe-gather-writeback,probe-sumsq`) run one part of the
-sharded step alone, in a compiled cell of its own, on the same parameters and measured the same way: the
-all-gather of a worker's piece, the write-back of a gathered vector into every parameter, both in one graph
-(the step's tail as backends/sharded.py runs it), and the composite sum of the squares of the gradients.
+The probes (`--configs probe-allgather,probe-writeback,probe-gather-writeback,probe-sumsq`) run one part of a
+sharded step without buckets alone, in a compiled cell of its own, on the same parameters and measured the same
+way: the all-gather of a worker's whole piece, the write-back of a gathered vector into every parameter (a
+slice and an assign each), both in one graph, and the composite sum of the squares of the gradients: what
+backends/sharded.py's buckets, its in-place write-back and the fused sum of squares replace.
 """
 import argparse
 import gc
@@ -92,7 +93,7 @@ def held_tensors(cell, floor=MIB):
 
 
 def probe(config, params):
-    """(cell, inputs) of one part of the sharded step, built as backends/sharded.py builds it: the all-gather of
+    """(cell, inputs) of one part of a sharded step without buckets (see the module's docstring): the all-gather of
     a worker's piece (L float32 in, E out), the write-back of the gathered vector into every parameter (a slice
     and an assign each), both in one graph, or the composite sum of the squares of the gradients."""
     import numpy as np
@@ -217,7 +218,8 @@ def run_config(config, a, out_dir):
     cmd = [msrun, f"--worker_num={a.workers}", f"--local_worker_num={a.workers}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "--join=True", "--cluster_time_out=120", f"--log_dir={log_dir}",
            os.path.abspath(__file__), "--child", out_dir, "--configs", config, "--set", a.set,
-           "--calls", str(a.calls)] + (["--bucket", str(a.bucket)] if a.bucket else [])
+           "--calls", str(a.calls)]
+    cmd += ["--bucket", str(a.bucket)] if a.bucket else []
     env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)
