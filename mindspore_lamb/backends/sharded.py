@@ -13,9 +13,9 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
    k (the piece's elements [k B, (k + 1) B), B = Lamb's ``shard_bucket_size``, the same offsets on every worker)
    is made, all-gathered and written into the parameters before bucket k + 1 is made, so its buffers are those
    of one bucket, not of the model. The fused kernels run the buckets in a loop of the graph (one set of
-   buffers for all: MindSpore does not reuse a collective's buffers within a step) and write each gathered
-   bucket in place (``LambShardWrite``); the composite graph assigns each parameter once its last part is
-   gathered.
+   buffers for all: MindSpore 2.10 on CPU keeps a collective's buffers for the whole step) and write each
+   gathered bucket in place (``LambShardWrite``); the composite graph assigns each parameter once its last
+   part is gathered.
 
 Every worker issues the same collectives, of the same shapes, in the same order.
 The state is one Parameter of L elements per slot of the optimizer's ``state.Slots``, in the slot's dtype,
