@@ -4,6 +4,7 @@ composite graph, phase by phase (docs/distributed.md, "Where a sharded worker's 
     python benchmarks/bench_sharded_memory.py                     # 4 msrun jobs, 2 CPU workers each, one table
     python benchmarks/bench_sharded_memory.py --configs sharded-fused,plain-fused --json
     python benchmarks/bench_sharded_memory.py --configs sharded-composite --set half
+    python benchmarks/bench_sharded_memory.py --configs sharded-fused --bucket 1048576   # Lamb's shard_bucket_size
 
 Each configuration runs in its own msrun job (one at a time), so no optimizer's buffers hide another's. Each
 worker builds benchmarks/bench_step.py's parameters and gradients (float32; the gradients stand for
@@ -24,10 +25,11 @@ drops below --min-available GiB; that configuration is then reported as "stopped
 `--set half` (half the BERT-base parameters, in the same layer shapes) is for a configuration that does not
 fit twice in the machine's memory; per-parameter figures carry over.
 
-The probes (`--configs probe-allgather,probe-writeback,probe-gather-writeback,probe-sumsq`) run one part of the
-sharded step alone, in a compiled cell of its own, on the same parameters and measured the same way: the
-all-gather of a worker's piece, the write-back of a gathered vector into every parameter, both in one graph
-(the step's tail as backends/sharded.py runs it), and the composite sum of the squares of the gradients.
+The probes (`--configs probe-allgather,probe-writeback,probe-gather-writeback,probe-sumsq`) run one part of a
+sharded step without buckets alone, in a compiled cell of its own, on the same parameters and measured the same
+way: the all-gather of a worker's whole piece, the write-back of a gathered vector into every parameter (a
+slice and an assign each), both in one graph, and the composite sum of the squares of the gradients: what
+backends/sharded.py's buckets, its in-place write-back and the fused sum of squares replace.
 """
 import argparse
 import gc
@@ -91,7 +93,7 @@ def held_tensors(cell, floor=MIB):
 
 
 def probe(config, params):
-    """(cell, inputs) of one part of the sharded step, built as backends/sharded.py builds it: the all-gather of
+    """(cell, inputs) of one part of a sharded step without buckets (see the module's docstring): the all-gather of
     a worker's piece (L float32 in, E out), the write-back of the gathered vector into every parameter (a slice
     and an assign each), both in one graph, or the composite sum of the squares of the gradients."""
     import numpy as np
@@ -132,7 +134,7 @@ def probe(config, params):
     return Probe(True, config == "probe-gather-writeback"), lambda grads: (piece,)
 
 
-def worker(out_dir, config, set_name, calls):
+def worker(out_dir, config, set_name, calls, bucket=None):
     import mindspore as ms
     from _timing import wait
     from mindspore.communication import get_group_size, get_rank, init
@@ -160,8 +162,9 @@ def worker(out_dir, config, set_name, calls):
         cell, inputs = probe(config, params)
         call = lambda: cell(*inputs(grads))     # noqa: E731
     else:
+        extra = {"shard_bucket_size": bucket} if bucket and sharded == "sharded" else {}
         opt = Lamb(params, learning_rate=1e-7, weight_decay=0.01, shard_state=sharded == "sharded",
-                   backend="fused_cpu" if backend == "fused" else "composite")
+                   backend="fused_cpu" if backend == "fused" else "composite", **extra)
         call = lambda: opt(grads)               # noqa: E731
     phase("build")
     call()
@@ -216,6 +219,7 @@ def run_config(config, a, out_dir):
            f"--master_port={free_port()}", "--join=True", "--cluster_time_out=120", f"--log_dir={log_dir}",
            os.path.abspath(__file__), "--child", out_dir, "--configs", config, "--set", a.set,
            "--calls", str(a.calls)]
+    cmd += ["--bucket", str(a.bucket)] if a.bucket else []
     env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)
@@ -261,13 +265,15 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--set", default="base", help="bench_step.py's base or large, or half (half of base)")
     ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--bucket", type=int, help="Lamb's shard_bucket_size for the sharded configurations "
+                                               "(default: Lamb's default)")
     ap.add_argument("--min-available", type=float, default=3.0, help="watchdog: GiB of MemAvailable")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per msrun job")
     ap.add_argument("--json", action="store_true", help="also print one machine-readable line")
     ap.add_argument("--child", help=argparse.SUPPRESS)   # (msrun would take "--worker" for its own)
     a = ap.parse_args()
     if a.child:
-        worker(a.child, a.configs, a.set, a.calls)
+        worker(a.child, a.configs, a.set, a.calls, a.bucket)
         return
     configs = a.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS + PROBES]

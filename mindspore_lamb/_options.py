@@ -23,7 +23,7 @@ class Options:
     def __init__(self, params, learning_rate, beta1, beta2, eps, weight_decay, *, loss_scale, max_grad_norm,
                  trust_ratio_clip, exact_skip, bias_correction, weight_decay_mode, grad_averaging, eps_inside_sqrt,
                  weight_norm_clip, layer_adaptation, exclude_from_weight_decay, exclude_from_layer_adaptation,
-                 shard_state, mu_dtype, optim_bits, min_8bit_size, backend):
+                 shard_state, shard_bucket_size, mu_dtype, optim_bits, min_8bit_size, backend):
         params = V.check_params(params)
         learning_rate = V.check_learning_rate("learning_rate", learning_rate)
         V.check_beta("beta1", beta1)
@@ -35,6 +35,7 @@ class Options:
         self.trust_ratio_clip = V.check_trust_ratio_clip(trust_ratio_clip)
         self.exact_skip = V.check_bool("exact_skip", exact_skip)
         self.shard_state = V.check_bool("shard_state", shard_state)
+        self.shard_bucket_size = V.check_int("shard_bucket_size", shard_bucket_size, "Lamb", low=1)
         V.check_choice("bias_correction", bias_correction, (True, False, "step_size"))
         V.check_choice("weight_decay_mode", weight_decay_mode, DECAY_MODES)
         if weight_decay_mode == "decoupled_outside":

@@ -240,6 +240,11 @@ class Lamb(Optimizer):
         shard_state (bool): keyword-only; data-parallel training under msrun: each of the N workers keeps
             the moments of 1/N of the parameter elements (layers may be cut between workers; their
             norms are combined exactly), see docs/distributed.md. Default: ``False``.
+        shard_bucket_size (int): keyword-only; with ``shard_state=True``, the elements of each worker's piece
+            that one all-gather carries: the new weights are made, all-gathered and written into the
+            parameters bucket by bucket, so the step's buffers for them scale with this, not with the model.
+            Any value gives the same weights and moments, bit for bit. Default: ``2 ** 22`` (16 MiB of
+            float32 per worker; docs/distributed.md says why).
         mu_dtype (Union[str, mindspore.dtype]): keyword-only; the dtype the first moment :math:`m` is stored in:
             ``None`` or ``"float32"``, ``"float16"`` or ``"bfloat16"`` (or the mindspore dtype), as optax's
             ``mu_dtype``. It is computed in float32, rounded to nearest when stored, and the step uses it as
@@ -295,6 +300,8 @@ class Lamb(Optimizer):
         ValueError: If `loss_scale` or `max_grad_norm` is less than or equal to 0.
         KeyError: If a parameter group has an unknown key.
         TypeError: If `exact_skip`, `grad_averaging` or `eps_inside_sqrt` is not a bool.
+        TypeError: If `shard_bucket_size` is not an int.
+        ValueError: If `shard_bucket_size` is less than 1.
         ValueError: If `bias_correction`, `weight_decay_mode` or `layer_adaptation` is not one of its
             documented values.
         TypeError: If an exclusion is neither None, a str, a list of str nor a callable.
@@ -350,8 +357,9 @@ class Lamb(Optimizer):
                  weight_decay_mode: str = "decoupled", grad_averaging: bool = True, eps_inside_sqrt: bool = False,
                  weight_norm_clip: Optional[float] = None, layer_adaptation: Union[bool, str] = True,
                  exclude_from_weight_decay: NameFilter = None, exclude_from_layer_adaptation: NameFilter = None,
-                 shard_state: bool = False, mu_dtype: Union[str, mstype.Type, None] = None,
-                 optim_bits: int = 32, min_8bit_size: int = 4096, backend: Optional[str] = None) -> None:
+                 shard_state: bool = False, shard_bucket_size: int = 2 ** 22,
+                 mu_dtype: Union[str, mstype.Type, None] = None, optim_bits: int = 32, min_8bit_size: int = 4096,
+                 backend: Optional[str] = None) -> None:
         options = Options(params, learning_rate, beta1, beta2, eps, weight_decay, loss_scale=loss_scale,
                           max_grad_norm=max_grad_norm, trust_ratio_clip=trust_ratio_clip, exact_skip=exact_skip,
                           bias_correction=bias_correction, weight_decay_mode=weight_decay_mode,
@@ -359,7 +367,8 @@ class Lamb(Optimizer):
                           weight_norm_clip=weight_norm_clip, layer_adaptation=layer_adaptation,
                           exclude_from_weight_decay=exclude_from_weight_decay,
                           exclude_from_layer_adaptation=exclude_from_layer_adaptation, shard_state=shard_state,
-                          mu_dtype=mu_dtype, optim_bits=optim_bits, min_8bit_size=min_8bit_size, backend=backend)
+                          shard_bucket_size=shard_bucket_size, mu_dtype=mu_dtype, optim_bits=optim_bits,
+                          min_8bit_size=min_8bit_size, backend=backend)
         # the base class registers the user's parameters by name over its own `global_step` / `learning_rate`
         _refuse_state_names(p.name for group in options.params
                             for p in (group.get("params", ()) if isinstance(group, dict) else (group,)))
@@ -376,6 +385,7 @@ class Lamb(Optimizer):
         self.backend = backends.create(self.params, declare(options.slot_dtypes), decay_flags=self.decay_flags,
                                        adapt_flags=self.adapt_flags, owned_flags=self.optim_filter,
                                        constants=self.constants, shard_state=self.shard_state,
+                                       shard_bucket_size=options.shard_bucket_size,
                                        parallel_optimizer=self.use_parallel, name=options.backend,
                                        quantized=self._quantized_state(options))
         self.fused = self.backend.name == "fused_cpu"

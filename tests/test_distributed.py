@@ -147,6 +147,25 @@ def test_sharded_state_matches_one_process(launched_sharded, case):
     _check_sharded(workers[case], references[case], case)
 
 
+def test_sharded_buckets_smaller_than_a_parameter_change_nothing(launched_sharded, request, tmp_path, monkeypatch):
+    """shard_bucket_size=64 on the 227-element nets (pieces of 114: two buckets, the first layer's 128 weights split
+    over both buckets and both workers): the same weights, moments and logs, bit for bit, as the default bucket
+    (one bucket), on the fused kernels and on the composite graph."""
+    out_dir, default, _ = launched_sharded
+    kernels = request.node.callspec.params["launched_sharded"]
+    monkeypatch.setenv("LAMB_TEST_SHARD_BUCKET", "64")                 # inherited by msrun
+    monkeypatch.setenv("MINDSPORE_LAMB_FUSED", "1" if kernels == "fused" else "0")
+    small = str(tmp_path)
+    run_two_workers(small, [os.path.join(HELPERS, "dist_worker.py"), small, "graph", "sharded"], LAUNCH_TIMEOUT)
+    for case in ("model", "loss_scale"):
+        for rank in range(W.WORLD):
+            bucketed = dict(np.load(os.path.join(small, f"{case}_sharded_rank{rank}.npz")))
+            assert default[case][rank]["log.buckets"] == 1 and bucketed.pop("log.buckets") == 2
+            assert sorted(bucketed) == sorted(n for n in default[case][rank] if n != "log.buckets")
+            for name, value in bucketed.items():
+                np.testing.assert_array_equal(value, default[case][rank][name], err_msg=f"{case} rank {rank}: {name}")
+
+
 @pytest.mark.parametrize("kernels, mu_dtype", [("fused", "bfloat16"),
                                                pytest.param("composite", "float16", marks=pytest.mark.slow)])
 def test_sharded_state_with_a_16_bit_first_moment(tmp_path, monkeypatch, kernels, mu_dtype):

@@ -62,10 +62,10 @@ ACLNN = {"Select": ("SWhere",), "Assign": ("InplaceCopy",), "AssignSub": ("Inpla
 EXCEPTIONS = {
     ("Ascend", "Reshape"): "a nop node in MindSpore's backends: only the shape changes, no kernel is launched "
                            "(its AICPU entry is not used)",
-    ("Ascend", "StridedSlice"): "the sharded path (the all-gathered weights cut per parameter, the piece's "
-                                "squares per parameter) and the 8-bit state of a tensor whose size is not a "
-                                "multiple of 256 (its last block's padding cut off), contiguous slices of stride "
-                                "1; the wheel holds no ACLNN "
+    ("Ascend", "StridedSlice"): "the sharded path (the piece cut from each parameter and gradient, the "
+                                "all-gathered buckets cut per parameter, the piece's squares per parameter) and "
+                                "the 8-bit state of a tensor whose size is not a multiple of 256 (its last "
+                                "block's padding cut off), contiguous slices of stride 1; the wheel holds no ACLNN "
                                 "function for it and an AICPU registration, and MindSpore's Ascend backend takes "
                                 "other ops from CANN's AI Core library (AclKernelMod), which the wheel does not "
                                 "carry: benchmarks/ascend_check.sh reports where it runs",

@@ -78,14 +78,15 @@ def select(params, slots=None, device_target=None, name=None):
 
 
 def create(params, slots, *, decay_flags, adapt_flags, owned_flags, constants, shard_state=False,
-           parallel_optimizer=False, name=None, quantized=None):
+           shard_bucket_size=sharded.DEFAULT_BUCKET, parallel_optimizer=False, name=None, quantized=None):
     """The backend Cell of the update of `params`, holding the state declared by `slots` (the one dispatch).
 
     `constants`: the scalars of ``contract.pack`` that are the same at every step, {name: value};
     `name`: the backend asked for (``select()``); `shard_state`: each data-parallel worker keeps 1/N of the
-    state (backends/sharded.py), the chosen backend's operators running that piece; `quantized`: None, or
-    (the 8-bit slot set, one bool per parameter: whether its moments are 8-bit; the others keep float32
-    moments in the same slots, ``contract.parameter_state``), instead of `slots`."""
+    state (backends/sharded.py), the chosen backend's operators running that piece, all-gathered in buckets of
+    `shard_bucket_size` elements of each worker's piece; `quantized`: None, or (the 8-bit slot set, one bool per
+    parameter: whether its moments are 8-bit; the others keep float32 moments in the same slots,
+    ``contract.parameter_state``), instead of `slots`."""
     build_args = dict(decay_flags=decay_flags, adapt_flags=adapt_flags, owned_flags=owned_flags, constants=constants)
     if quantized is not None:
         slots, eight_bit = quantized
@@ -94,7 +95,8 @@ def create(params, slots, *, decay_flags, adapt_flags, owned_flags, constants, s
     kernels = select(params, slots, name=name)
     if shard_state:
         rank, world = sharded.data_parallel_group(parallel_optimizer)
-        return sharded.ShardedBackend(params, slots, kernels=kernels, rank=rank, world=world, **build_args)
+        return sharded.ShardedBackend(params, slots, kernels=kernels, rank=rank, world=world,
+                                      bucket=shard_bucket_size, **build_args)
     return kernels(params, slots, **build_args)
 
 

@@ -718,3 +718,92 @@ extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **s
     return 0;
   });
 }
+
+// The sharded backend's all-gather, bucket by bucket (backends/sharded.py): each worker's piece (L elements,
+// worker r's starting at r L in the flat parameters) is cut into buckets of B elements at the same offsets on
+// every worker (the last one may reach past L: that part is padding).
+//
+// LambShardApplyBucket(scalars, lr_qs, decay_factors, wds, bounds, w_0..w_{n-1}, m, v) -> bucket (B,): pass 2
+//   over the piece's elements [lo, lo + B) only, as LambShardApply over the whole piece. bounds = int32
+//   [start, end, lo]: the worker's real range [start, end) of the flat parameters and the bucket's offset in
+//   the piece; elements past end are padding (0).
+// LambShardWrite(gathered, layout, w_0..w_{n-1}) -> float32 (1,) (0): the all-gathered bucket (world x B, worker
+//   r's B elements at r B) written IN PLACE into the parameters: element j of worker r's part is flat position
+//   r L + lo + j (padding, dropped: lo + j >= L, or past the last parameter). layout = int32 [L, lo, world].
+extern "C" int LambShardApplyBucket(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  const int n = nparam - 6 - kSlotCount;
+  if (n < 1 || numel(ndims[0], shapes[0]) != kScalarCount || numel(ndims[4], shapes[4]) != 3) return 3;
+  const int slots = 5 + n;  // index of the first slot's piece
+  if (!all_float32(slots + kSlot_v, slots + kSlot_v + 1, dtypes)) return 2;
+  return with_m_type(dtypes[slots + kSlot_m], [&](auto *typed) {
+    using MT = std::remove_pointer_t<decltype(typed)>;
+    const float *hp = static_cast<const float *>(params[0]);
+    const float *lr_qs = static_cast<const float *>(params[1]);
+    const float *decay_factors = static_cast<const float *>(params[2]);
+    const int32_t *bounds = static_cast<const int32_t *>(params[4]);
+    const Hyper h = read_hyper(hp);
+    const bool general = is_general(hp);
+    std::vector<Decay> decay = decays(hp, lr_qs, static_cast<const float *>(params[3]), n);
+    for (int i = 0; i < n; ++i) decay[i].decay_factor = decay_factors[i];
+    std::vector<int64_t> len(n), offset(n);
+    for (int i = 0; i < n; ++i) len[i] = numel(ndims[5 + i], shapes[5 + i]);
+    float *out = static_cast<float *>(params[nparam - 1]);
+    const int64_t size = numel(ndims[nparam - 1], shapes[nparam - 1]);
+    const int64_t start = bounds[0], first = start + bounds[2];        // the bucket: [first, first + size)
+    const int64_t last = std::max(first, std::min<int64_t>(bounds[1], first + size));
+    const std::vector<Chunk> chunks = range_chunks(len, first, last, &offset);
+    const MT *m = static_cast<const MT *>(params[slots + kSlot_m]);
+    const float *v = static_cast<const float *>(params[slots + kSlot_v]);
+    std::fill(out + (last - first), out + size, 0.0f);  // the padding
+    const int64_t nc = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(dynamic) num_threads(threads_for(last - first))
+    for (int64_t c = 0; c < nc; ++c) {
+      const Chunk &k = chunks[c];
+      const float *w = static_cast<const float *>(params[5 + k.tensor]);
+      // tensor-local j: piece index j + offset - start, bucket index j + offset - first
+      const int64_t to_piece = offset[k.tensor] - start, to_bucket = offset[k.tensor] - first;
+      if (lr_qs[k.tensor] == 0.0f && decay_factors[k.tensor] == 1.0f) {  // w as it is (0 u is not 0 for NaN u)
+        std::copy(w + k.lo, w + k.hi, out + to_bucket + k.lo);
+        continue;
+      }
+      auto pass = general ? pass2<true, MT> : pass2<false, MT>;
+      // pass2 indexes w, m, v and out alike: shift m, v to the piece and out to the bucket
+      pass(h, decay[k.tensor], lr_qs[k.tensor], w, m + to_piece, v + to_piece, out + to_bucket, k.lo, k.hi);
+    }
+    return 0;
+  });
+}
+
+extern "C" int LambShardWrite(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  const int n = nparam - 3;
+  if (n < 1 || numel(ndims[1], shapes[1]) != 3) return 3;
+  if (!all_float32(0, 1, dtypes) || !all_float32(2, nparam, dtypes)) return 2;
+  const int32_t *layout = static_cast<const int32_t *>(params[1]);
+  const int64_t width = layout[0], lo = layout[1], world = layout[2];
+  const int64_t gathered = numel(ndims[0], shapes[0]);
+  if (world < 1 || gathered % world != 0) return 3;
+  const int64_t size = gathered / world;
+  std::vector<int64_t> len(n), offset(n);
+  for (int i = 0; i < n; ++i) len[i] = numel(ndims[2 + i], shapes[2 + i]);
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> source;  // per chunk: gathered index of its tensor-local element 0
+  for (int64_t r = 0; r < world; ++r) {
+    const int64_t first = r * width + lo;  // worker r's part: flat positions [first, first + size), in its piece
+    for (const Chunk &k : range_chunks(len, first, first + std::min(size, width - lo), &offset)) {
+      chunks.push_back(k);
+      source.push_back(r * size + offset[k.tensor] - first);
+    }
+  }
+  const float *from = static_cast<const float *>(params[0]);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(dynamic) num_threads(threads_for(gathered))
+  for (int64_t c = 0; c < nc; ++c) {
+    const Chunk &k = chunks[c];
+    float *w = static_cast<float *>(params[2 + k.tensor]);
+    std::copy(from + source[c] + k.lo, from + source[c] + k.hi, w + k.lo);
+  }
+  *static_cast<float *>(params[nparam - 1]) = 0.0f;
+  return 0;
+}

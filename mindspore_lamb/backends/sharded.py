@@ -9,10 +9,15 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
 2. sums ||w||^2 and ||u||^2 of each parameter over its piece (float32 ReduceSums over the slices of the piece
    that each parameter covers, known when the backend is built), and ONE all-reduce of that (n, 2) array gives
    every worker the norms of whole layers, so the trust ratios are exact;
-3. applies w = decay_factor w - lr q u (decay_factor = 1 - lr lambda, or 1) to its piece, and ONE all-gather
-   of the pieces gives every worker the full weights after the step.
+3. applies w = decay_factor w - lr q u (decay_factor = 1 - lr lambda, or 1) to its piece bucket by bucket: bucket
+   k (the piece's elements [k B, (k + 1) B), B = Lamb's ``shard_bucket_size``, the same offsets on every worker)
+   is made, all-gathered and written into the parameters before bucket k + 1 is made, so its buffers are those
+   of one bucket, not of the model. The fused kernels run the buckets in a loop of the graph (one set of
+   buffers for all: MindSpore 2.10 on CPU keeps a collective's buffers for the whole step) and write each
+   gathered bucket in place (``LambShardWrite``); the composite graph assigns each parameter once its last
+   part is gathered.
 
-Every worker issues the same collectives in the same order (its piece only changes which slices it sums).
+Every worker issues the same collectives, of the same shapes, in the same order.
 The state is one Parameter of L elements per slot of the optimizer's ``state.Slots``, in the slot's dtype,
 held by role: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and
 ``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding``
@@ -29,7 +34,7 @@ from mindspore.ops import composite as C
 from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
-from .._ops import assign, cast, gather
+from .._ops import assign, broadcast_to, cast
 from . import composite, fused_cpu
 from .composite import moments_and_update, new_weight, rates, rescale, trust_ratio
 from .contract import INDEX, SlotState, per_parameter, terms, to_float32
@@ -37,6 +42,8 @@ from .contract import INDEX, SlotState, per_parameter, terms, to_float32
 _PROCEED, _OUTSIDE = INDEX["proceed"], INDEX["decay_outside"]
 NAMES_PARAMETER = "lamb_shard_names"
 RANK_PARAMETER = "lamb_shard_rank"
+# elements of each worker's piece per all-gather (Lamb's shard_bucket_size; docs/distributed.md)
+DEFAULT_BUCKET = 2 ** 22
 
 
 def piece_length(total, world):
@@ -68,6 +75,45 @@ def local_slices(sizes, rank, world):
     def local(x):                                                   # a flat position, in the piece
         return int(min(max(x, start), end) - start)
     return tuple((i, local(offsets[i]), local(offsets[i + 1])) for i in range(inside[0], inside[-1] + 1))
+
+
+def buckets(width, bucket):
+    """((lo, hi), ...): the piece's buckets of `bucket` elements (the last one shorter), the same on every worker."""
+    return tuple((lo, min(lo + bucket, width)) for lo in range(0, width, bucket))
+
+
+def within(slices, lo, hi):
+    """((i, a, b), ...): `slices` (of local_slices) cut to the piece's range [lo, hi), relative to lo (the
+    empty ones left out)."""
+    cut = ((i, max(a, lo) - lo, min(b, hi) - lo) for i, a, b in slices)
+    return tuple((i, a, b) for i, a, b in cut if b > a)
+
+
+def write_plan(sizes, world, width, spans):
+    """How the all-gathered buckets go into the parameters (the composite graph): for each bucket, (cuts,
+    writes). Bucket (lo, hi) gathers worker r's elements [lo, hi) of its piece at [r B, (r + 1) B) (B = hi - lo):
+    flat positions r L + lo + j. `cuts`: the slices (s, e) of that gathered bucket that belong to parameters,
+    numbered in order over all buckets; `writes`: (i, (part, ...)) for each parameter i whose last part is in
+    that bucket, its parts (numbers of cuts) in flat order."""
+    offsets = np.cumsum([0] + list(sizes))
+    parts = {i: [] for i in range(len(sizes))}              # i: [(flat start, cut number)]
+    last = {}
+    plan, number = [], 0
+    for k, (lo, hi) in enumerate(spans):
+        size, cuts = hi - lo, []
+        for r in range(world):
+            first = r * width + lo                            # worker r's part: flat [first, first + size)
+            for i in range(len(sizes)):
+                a, b = max(first, offsets[i]), min(first + size, offsets[i + 1])
+                if a < b:
+                    cuts.append((int(r * size + a - first), int(r * size + b - first)))
+                    parts[i].append((int(a), number))
+                    last[i] = k
+                    number += 1
+        plan.append((tuple(cuts), []))
+    for i in sorted(last):
+        plan[last[i]][1].append((i, tuple(n for _, n in sorted(parts[i]))))
+    return tuple((cuts, tuple(writes)) for cuts, writes in plan)
 
 
 def data_parallel_group(parallel_optimizer):
@@ -108,11 +154,12 @@ class ShardedBackend(nn.Cell):
     """The update contract (contract.py) with sharded state: `state` holds this worker's piece of each slot;
     `shard_names` and `shard_rank` record the parameters and which piece it is, in the checkpoints. `kernels`
     is the backend whose operators run the piece (backends.create chose it): the fused CPU kernels, or the
-    composite rule."""
+    composite rule. `bucket`: the elements of each worker's piece per all-gather (the last bucket shorter)."""
 
     name = "sharded"
 
-    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, constants, kernels, rank, world):
+    def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, constants, kernels, rank, world,
+                 bucket=DEFAULT_BUCKET):
         super().__init__()
         if not all(owned_flags):
             raise ValueError("The sharded backend does its own sharding: it does not run under MindSpore's "
@@ -129,41 +176,61 @@ class ShardedBackend(nn.Cell):
         self.offsets = tuple(int(x) for x in np.cumsum([0] + sizes))
         self.shard_rank = shard_record(rank, world)
         total, width = sum(sizes), piece_length(sum(sizes), world)
-        start = rank * width
-        # this worker's piece [start, end) of the flat parameters (the kernels take these bounds)
-        self.bounds = Tensor(np.array([min(start, total), min(start + width, total)], np.int32))
+        start, end = min(rank * width, total), min((rank + 1) * width, total)
+        # the piece's buckets: each is all-gathered and written into the parameters before the next is made
+        self.buckets = buckets(width, bucket)
         # on CPU with float32 parameters, the piece's two passes are fused kernels (fused_cpu.cc)
         self.fused = kernels is fused_cpu.FusedCpuBackend
-        self.SumOfSquares = kernels.SumOfSquares            # for the loss-scale cell: the chosen kernels' sum
-        if not self.fused:
-            # the piece as data for the composite graph: global flat positions, real or padding, parameter of
-            # each element (three arrays of L elements; the fused kernels take the bounds only)
-            positions, valid, owner = piece(sizes, rank, world)
-            self.positions, self.valid, self.segments = Tensor(positions), Tensor(valid), Tensor(owner)
-            self.pad0, self.pad1 = Tensor(np.zeros(1, np.float32)), Tensor(np.ones(1, np.float32))
-            # the slices [a, b) of the piece that parameters first .. first + len - 1 cover (the others: 0)
-            self.slices = local_slices(sizes, rank, world)
+        self.SumOfSquares = kernels.SumOfSquares            # the chosen kernels' sum (also the loss-scale cell's)
+        self.grad_sq_cell = kernels.SumOfSquares()
+        # the slices [a, b) of the piece that parameters first .. first + len - 1 cover (the others: 0)
+        self.slices = local_slices(sizes, rank, world)
+        if self.fused:
+            library = fused_cpu.library_path(slots=slots)
+            n = self.n
+            self.shard_sums = ops.Custom(library + ":LambShardSums", out_shape=lambda *shapes: (n, 2),
+                                         out_dtype=lambda *types: mstype.float32, func_type="aot")
+            self.shard_sums.add_prim_attr("side_effect_mem", True)   # m, v in place
+            size = self.buckets[0][1]                                # every bucket this long (the last padded)
+            self.shard_apply = ops.Custom(library + ":LambShardApplyBucket", out_shape=lambda *shapes: (size,),
+                                          out_dtype=lambda *types: mstype.float32, func_type="aot")
+            self.shard_write = ops.Custom(library + ":LambShardWrite", out_shape=lambda *shapes: (1,),
+                                          out_dtype=lambda *types: mstype.float32, func_type="aot")
+            self.shard_write.add_prim_attr("side_effect_mem", True)  # the parameters in place
+            # the kernels' bounds: this worker's piece [start, end) of the flat parameters; bucket k (lo = k size,
+            # in the piece) is [start, end, lo] = [start, end, 0] + lo [0, 0, 1], and it is gathered into the
+            # parameters by [L, lo, world] = [L, 0, world] + lo [0, 1, 0]
+            self.bounds = Tensor(np.array([start, end], np.int32))
+            self.bucket_bounds = Tensor(np.array([start, end, 0], np.int32))
+            self.write_layout = Tensor(np.array([width, 0, world], np.int32))
+            self.at_bounds = Tensor(np.array([0, 0, 1], np.int32))
+            self.at_layout = Tensor(np.array([0, 1, 0], np.int32))
+            self.bucket_size = Tensor(size, mstype.int32)
+            self.n_buckets = Tensor(len(self.buckets), mstype.int32)
+            self.bucket0 = Tensor(0, mstype.int32)
+            self.hyper_map = C.HyperMap()
+        else:
+            # the piece in the composite graph: static slices of the flattened parameters (gradients), each
+            # parameter's scalars broadcast over its slice, and the padding (the last worker's) a constant tail
+            self.pieces = tuple((i, start + a - self.offsets[i], start + b - self.offsets[i])
+                                for i, a, b in self.slices if b > a)
+            self.pad = width - (end - start)
+            self.bucket_slices = tuple(within(self.slices, lo, hi) for lo, hi in self.buckets)
+            self.bucket_pads = tuple(max(0, hi - max(lo, end - start)) for lo, hi in self.buckets)
+            self.zeros = Tensor(np.zeros(max(self.pad, 1), np.float32))
+            self.ones_pad = Tensor(np.ones(max(self.pad, 1), np.float32))
             self.first = self.slices[0][0] if self.slices else 0
             self.before = Tensor(np.zeros((self.first, 2), np.float32)) if self.first else None
             rest = self.n - self.first - len(self.slices)
             self.after = Tensor(np.zeros((rest, 2), np.float32)) if rest else None
             self.zeros2 = Tensor(np.zeros(2, np.float32))
-        else:
-            n = self.n
-            self.shard_sums = ops.Custom(fused_cpu.library_path(slots=slots) + ":LambShardSums",
-                                         out_shape=lambda *shapes: (n, 2), out_dtype=lambda *types: mstype.float32,
-                                         func_type="aot")
-            self.shard_sums.add_prim_attr("side_effect_mem", True)   # m, v in place
-            self.shard_apply = ops.Custom(fused_cpu.library_path(slots=slots) + ":LambShardApply",
-                                          out_shape=lambda *shapes: (width,), out_dtype=lambda *types: mstype.float32,
-                                          func_type="aot")
-            self.hyper_map = C.HyperMap()
+            # the gathered buckets into the parameters: each parameter assigned once its last part is gathered
+            self.plan = write_plan(sizes, world, width, self.buckets)
         self.present_terms = terms(constants)   # the composite rule leaves out the terms of neutral constants
         self.masked = ms.get_context("device_target") in composite.SELECT_SKIP   # selects instead of MulNoNan
         self.decay_mask = Tensor(np.array(decay_flags, np.float32))
         self.adapt = Tensor(np.array(adapt_flags, np.bool_))
         self.ones = Tensor(np.ones(self.n, np.float32))
-        self.grad_sq_cell = composite.SumOfSquares()
         self.all_reduce = P.AllReduce()
         self.all_gather = P.AllGather()
         self.reduce_sum = P.ReduceSum(keep_dims=False)
@@ -172,17 +239,25 @@ class ShardedBackend(nn.Cell):
         self.stack = P.Stack(axis=1)
         self.stack0 = P.Stack()
 
-    def _flat(self, tensors):
-        """All tensors flattened and concatenated, in float32 (E,)."""
+    def _piece(self, tensors):
+        """This worker's piece of `tensors` flattened and concatenated, in float32 (L,): the static slices of the
+        parameters it covers, then the padding (zeros)."""
         parts = ()
-        for x in tensors:
-            parts += (F.reshape(cast(x, mstype.float32), (-1,)),)
-        return self.concat(parts)
+        for i, a, b in self.pieces:
+            parts += (cast(F.reshape(tensors[i], (-1,))[a:b], mstype.float32),)
+        if self.pad:
+            parts += (self.zeros[:self.pad],)
+        return parts[0] if len(parts) == 1 else self.concat(parts)
 
-    def _per_element(self, per_param, pad):
-        """The value of each element's parameter (`pad`, a float32 (1,) Tensor, for padding), from a float32 (n,)
-        vector."""
-        return gather(self.concat((per_param, pad)), self.segments, 0)
+    def _spread(self, per_param, slices, pad, fill):
+        """Each element's value of the float32 (n,) `per_param` over the piece's `slices` ((i, a, b), contiguous),
+        then `pad` elements of `fill` (a float32 Tensor of at least `pad` elements)."""
+        parts = ()
+        for i, a, b in slices:
+            parts += (broadcast_to(per_param[i:i + 1], (b - a,)),)
+        if pad:
+            parts += (fill[:pad],)
+        return parts[0] if len(parts) == 1 else self.concat(parts)
 
     def _piece_sums(self, squares):
         """float32 (n, 2): the sums of the (L, 2) `squares` over each parameter's slice of the piece (0 for the
@@ -199,6 +274,21 @@ class ShardedBackend(nn.Cell):
             parts += (self.after,)
         return parts[0] if len(parts) == 1 else self.concat(parts)
 
+    def _write(self, k, gathered, cut, params):
+        """The parameters whose last part is in gathered bucket k assigned (`cut`: the parts cut from the buckets
+        so far, extended by this one's); returns (cut, the assigns)."""
+        cuts, writes = self.plan[k]
+        for s, e in cuts:
+            cut += (gathered[s:e],)
+        done = ()
+        for i, numbers in writes:
+            if len(numbers) == 1:
+                full = cut[numbers[0]]
+            else:
+                full = self.concat(tuple(cut[j] for j in numbers))
+            done += (assign(params[i], cast(F.reshape(full, self.shapes[i]), F.dtype(params[i]))),)
+        return cut, done
+
     def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):
         if grad_sq is None:
             grad_sq = self.grad_sq_cell(gradients)          # the full gradients: the same on every worker
@@ -213,13 +303,14 @@ class ShardedBackend(nn.Cell):
             packed = self.stack0(self.hyper_map(to_float32, scalars))
             sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, *self.state_params, *gradients)
         else:
-            w = gather(self._flat(params), self.positions, 0) * self.valid
-            g = gather(self._flat(gradients), self.positions, 0) * self.valid
+            w = self._piece(params)
+            g = self._piece(gradients)
             rescaled = rescale(scalars, self.present_terms)  # u = c u'
             c = rescaled[0]
             # the moments assigned; G is known first here, so a skipped step changes nothing (the composite rule)
             u = moments_and_update(scalars, self.present_terms, rescaled, rates(scalars, applied, self.masked),
-                                   self._per_element(wd_vec, self.pad0), w, self.state_params, self.layout, g)
+                                   self._spread(wd_vec, self.slices, self.pad, self.zeros), w, self.state_params,
+                                   self.layout, g)
             sums = self._piece_sums(self.stack((F.square(w), F.square(u))))
         # 2. one all-reduce: the norms of whole layers on every worker
         sums = self.all_reduce(sums)
@@ -230,16 +321,28 @@ class ShardedBackend(nn.Cell):
             u_norm, lr_vec = u_norm * c, lr_vec * c         # ||u|| = c ||u'||, lr q u = (lr c) q u'
         lr_q, reported_q, decay_factor = trust_ratio(scalars, self.present_terms, applied, lr_vec, w_norm, u_norm,
                                                      decay_factor, self.adapt)
-        # 3. this worker's new piece, one all-gather, every parameter written back
-        if self.fused:
-            piece = self.shard_apply(packed, lr_q, decay_factor, wd_vec, self.bounds, *params, *self.state_params)
-        else:
-            decay_factor = self._per_element(decay_factor, self.pad1) if self.present_terms[_OUTSIDE] else None
-            piece = new_weight(decay_factor, w, self._per_element(lr_q, self.pad0), u, self.masked)
-        flat = self.all_gather(piece)
+        # 3. bucket by bucket: this worker's new piece there, one all-gather, written into the parameters before
+        # the next bucket is made
         done = ()
-        for i in range(self.n):
-            full = F.reshape(flat[self.offsets[i]:self.offsets[i + 1]], self.shapes[i])
-            done += (assign(params[i], cast(full, F.dtype(params[i]))),)
+        if self.fused:
+            k = self.bucket0
+            while k < self.n_buckets:
+                lo = k * self.bucket_size
+                bucket = self.shard_apply(packed, lr_q, decay_factor, wd_vec, self.bucket_bounds + lo * self.at_bounds,
+                                          *params, *self.state_params)
+                written = self.shard_write(self.all_gather(bucket), self.write_layout + lo * self.at_layout, *params)
+                k = F.depend(k + 1, written)
+            done += (k,)
+        else:
+            cut = ()
+            for k in range(len(self.buckets)):
+                lo, hi = self.buckets[k]
+                slices, pad = self.bucket_slices[k], self.bucket_pads[k]
+                factor = self._spread(decay_factor, slices, pad, self.ones_pad) if self.present_terms[_OUTSIDE] \
+                    else None
+                lr_q_b = self._spread(lr_q, slices, pad, self.zeros)
+                bucket = new_weight(factor, F.depend(w[lo:hi], (done, cut)), lr_q_b, u[lo:hi], self.masked)
+                cut, written = self._write(k, self.all_gather(bucket), cut, params)
+                done += written
         layer_stats = F.depend(self.stack((reported_q, w_norm, u_norm)), done)
         return layer_stats, grad_sq, applied

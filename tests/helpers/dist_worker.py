@@ -14,7 +14,9 @@ parameter of its train cell (network weights, LAMB moments, global_step, loss sc
   Lamb; at step ``OVERFLOW_STEP`` only rank 1 gets an Inf in its input, so only its local gradients
   overflow, and both ranks must skip that step.
 
-Every Lamb stores its first moments in ``$LAMB_TEST_MU_DTYPE`` (``mu_dtype``; unset: float32).
+Every Lamb stores its first moments in ``$LAMB_TEST_MU_DTYPE`` (``mu_dtype``; unset: float32); a sharded one
+all-gathers buckets of ``$LAMB_TEST_SHARD_BUCKET`` elements (``shard_bucket_size``; unset: the default), and its
+worker records the number of buckets as ``log.buckets``.
 
 The builders below are imported by the test to run the single-process reference over the combined
 batch (the union of the workers' batches of each step).
@@ -38,6 +40,12 @@ WORLD = int(os.environ.get("LAMB_TEST_WORLD", "2"))   # workers (3 in the slow u
 def mu_dtype():
     """Lamb's mu_dtype for this run (read when a case is built: the test sets it for workers and reference)."""
     return os.environ.get("LAMB_TEST_MU_DTYPE")
+
+
+def bucket_args():
+    """Lamb's shard_bucket_size for this run, as keyword arguments ({} where unset: the default)."""
+    bucket = os.environ.get("LAMB_TEST_SHARD_BUCKET")
+    return {"shard_bucket_size": int(bucket)} if bucket else {}
 
 
 BATCH = 8             # per worker and step
@@ -86,7 +94,7 @@ def build_model_case(shard_state=False):
               {"params": [p for p in params if "weight" not in p.name or "norm" in p.name]}]
     # max_grad_norm well below the gradient norm: the pre-normalisation must use the reduced gradients
     opt = Lamb(groups, learning_rate=nn.PolynomialDecayLR(0.05, 0.005, STEPS, 1.0), max_grad_norm=0.05,
-               shard_state=shard_state, mu_dtype=mu_dtype())
+               shard_state=shard_state, mu_dtype=mu_dtype(), **bucket_args())
     return ms.train.Model(net, loss_fn=loss_fn(), optimizer=opt), opt
 
 
@@ -94,7 +102,7 @@ def build_loss_scale_case(shard_state=False):
     """LossScaleTrainStep + Lamb: dynamic scale growing every 2 good steps, clipping by global norm."""
     net = make_net(seed=4)
     opt = Lamb(net.trainable_params(), learning_rate=0.05, weight_decay=0.01, shard_state=shard_state,
-               mu_dtype=mu_dtype())
+               mu_dtype=mu_dtype(), **bucket_args())
     return LossScaleTrainStep(nn.WithLossCell(net, loss_fn()), opt, init_scale=2.0 ** 10, scale_window=2,
                               max_grad_norm=0.05)
 
@@ -150,11 +158,15 @@ def main():
     tag = "_sharded" if sharded else ""
 
     cell, log = run_model_case(shard("model", rank, world), sharded)
+    if sharded:
+        log["log.buckets"] = np.array(len(cell.optimizer.backend.buckets))
     np.savez(os.path.join(out_dir, f"model{tag}_rank{rank}.npz"), **state(cell, log))
     if sharded:
         ms.save_checkpoint(cell, os.path.join(out_dir, f"model{tag}_rank{rank}.ckpt"))
 
     cell, log = run_loss_scale_case(with_overflow(shard("loss_scale", rank, world), rank), sharded)
+    if sharded:
+        log["log.buckets"] = np.array(len(cell.optimizer.backend.buckets))
     np.savez(os.path.join(out_dir, f"loss_scale{tag}_rank{rank}.npz"), **state(cell, log))
     print(f"dist_worker rank {rank}/{world} done", flush=True)
 
