@@ -5,6 +5,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
+import mindspore as ms
 import mindspore.common.dtype as mstype
 from mindspore import Parameter, ParameterTuple, Tensor, jit
 from mindspore.nn import Cell
@@ -154,6 +155,19 @@ def _registered(init):
 Params = Union[List[Parameter], List[dict]]
 LearningRate = Union[float, int, Tensor, Iterable, LearningRateSchedule]
 NameFilter = Union[str, List[str], Callable[[str], bool], None]
+
+
+# MindSpore compiles a HyperMap over the parameters as nested calls, and the composite rule is several calls deep
+# per parameter (measured: a float32 state fits 110 parameters in MindSpore's default max_call_depth of 1000, an
+# 8-bit state 80); Lamb raises the limit to this many calls a parameter, never lowers it (docs/api/lamb.md)
+CALLS_PER_PARAMETER = 16
+
+
+def _allow_call_depth(count):
+    """Raise MindSpore's max_call_depth to what the step's graph over `count` parameters needs."""
+    needed = CALLS_PER_PARAMETER * count + 200
+    if ms.get_context("max_call_depth") < needed:
+        ms.set_context(max_call_depth=needed)
 
 
 def _runtime_state(value, name):
@@ -389,6 +403,7 @@ class Lamb(Optimizer):
                                        parallel_optimizer=self.use_parallel, name=options.backend,
                                        quantized=self._quantized_state(options))
         self.fused = self.backend.name == "fused_cpu"
+        _allow_call_depth(len(self.params))
         self._check_state_names()
 
     def _quantized_state(self, options):
