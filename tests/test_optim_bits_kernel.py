@@ -264,5 +264,5 @@ def test_the_8bit_library_and_its_wrong_dtypes(lamb_step):
     params.slots["v"] = [x.view(np.int8) for x in params.slots["v"]]     # v codes must be uint8
     assert call(lamb_step, params, PAPER, [0.1], [0.01])[0] == 2
     library = ctypes.CDLL(fused_cpu.library_path(slots=SLOTS))
-    for name in ("LambShardSums", "LambShardApply"):       # the sharded kernels take the float state only
+    for name in ("LambShardSums", "LambShardApplyBucket"):   # the sharded kernels take the float state only
         assert getattr(library, name)(ctypes.c_int(0), None, None, None, None, None, None) == 2

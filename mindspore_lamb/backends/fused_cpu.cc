@@ -613,17 +613,13 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 #endif
 }
 
-// The sharded backend's two kernels (backends/sharded.py), over one worker's piece [start, end) of the
+// The sharded backend's first kernel (backends/sharded.py), over one worker's piece [start, end) of the
 // parameters flattened and concatenated in order; m and v are the piece's slots, in LAMB_SLOTS order (end -
-// start used; m float32, float16 or bfloat16, v float32).
+// start used; m float32, float16 or bfloat16, v float32). The second pass is LambShardApplyBucket, below.
 //
 // LambShardSums(scalars, lrs, wds, bounds, w_0..w_{n-1}, m, v, g_0..g_{n-1}) -> (n, 2): pass 1 over the
 //   piece (m, v updated IN PLACE), and per tensor (||w||^2, ||u||^2) over the piece, summed in double in
 //   chunk order. bounds = int32 [start, end). proceed = 0: nothing touched, zeros returned.
-// LambShardApply(scalars, lr_qs, decay_factors, wds, bounds, w_0..w_{n-1}, m, v) -> piece (L,): pass 2 into
-//   the output, decay_factors[i] w - lr_qs[i] u for each element of the piece, 0 for the padding (the
-//   worker's L minus end - start). lr_qs[i] = lr_i q_i, decay_factors[i] as in Decay (1 unless decay is
-//   outside the trust ratio).
 extern "C" int LambShardSums(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
 #ifdef LAMB_BLOCK
@@ -674,57 +670,13 @@ extern "C" int LambShardSums(int nparam, void **params, int *ndims, int64_t **sh
   });
 }
 
-extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                              void *stream, void *extra) {
-#ifdef LAMB_BLOCK
-  return 2;  // the sharded kernels take the float state only
-#endif
-  const int n = nparam - 6 - kSlotCount;
-  if (n < 1 || numel(ndims[0], shapes[0]) != kScalarCount) return 3;
-  const int slots = 5 + n;  // index of the first slot's piece
-  if (!all_float32(slots + kSlot_v, slots + kSlot_v + 1, dtypes)) return 2;
-  return with_m_type(dtypes[slots + kSlot_m], [&](auto *typed) {
-    using MT = std::remove_pointer_t<decltype(typed)>;
-    const float *hp = static_cast<const float *>(params[0]);
-    const float *lr_qs = static_cast<const float *>(params[1]);
-    const float *decay_factors = static_cast<const float *>(params[2]);
-    const int32_t *bounds = static_cast<const int32_t *>(params[4]);
-    const Hyper h = read_hyper(hp);
-    const bool general = is_general(hp);
-    std::vector<Decay> decay = decays(hp, lr_qs, static_cast<const float *>(params[3]), n);
-    for (int i = 0; i < n; ++i) decay[i].decay_factor = decay_factors[i];
-    std::vector<int64_t> len(n), offset(n);
-    for (int i = 0; i < n; ++i) len[i] = numel(ndims[5 + i], shapes[5 + i]);
-    const int64_t start = bounds[0];
-    const std::vector<Chunk> chunks = range_chunks(len, start, bounds[1], &offset);
-    const MT *m = static_cast<const MT *>(params[slots + kSlot_m]);
-    const float *v = static_cast<const float *>(params[slots + kSlot_v]);
-    float *out = static_cast<float *>(params[nparam - 1]);
-    const int64_t piece = numel(ndims[nparam - 1], shapes[nparam - 1]);
-    std::fill(out + (bounds[1] - start), out + piece, 0.0f);  // the padding
-    const int64_t nc = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(dynamic) num_threads(threads_for(bounds[1] - start))
-    for (int64_t c = 0; c < nc; ++c) {
-      const Chunk &k = chunks[c];
-      const int64_t shift = offset[k.tensor] - start;
-      const float *w = static_cast<const float *>(params[5 + k.tensor]);
-      if (lr_qs[k.tensor] == 0.0f && decay_factors[k.tensor] == 1.0f) {  // w as it is (u may be NaN/Inf: 0 u is not 0)
-        std::copy(w + k.lo, w + k.hi, out + shift + k.lo);
-        continue;
-      }
-      auto pass = general ? pass2<true, MT> : pass2<false, MT>;
-      pass(h, decay[k.tensor], lr_qs[k.tensor], w, m + shift, v + shift, out + shift, k.lo, k.hi);
-    }
-    return 0;
-  });
-}
-
 // The sharded backend's all-gather, bucket by bucket (backends/sharded.py): each worker's piece (L elements,
 // worker r's starting at r L in the flat parameters) is cut into buckets of B elements at the same offsets on
 // every worker (the last one may reach past L: that part is padding).
 //
 // LambShardApplyBucket(scalars, lr_qs, decay_factors, wds, bounds, w_0..w_{n-1}, m, v) -> bucket (B,): pass 2
-//   over the piece's elements [lo, lo + B) only, as LambShardApply over the whole piece. bounds = int32
+//   over the piece's elements [lo, lo + B) into the output, decay_factors[i] w - lr_qs[i] u for each element
+//   (lr_qs[i] = lr_i q_i; decay_factors[i] as in Decay: 1 unless decay is outside the trust ratio). bounds = int32
 //   [start, end, lo]: the worker's real range [start, end) of the flat parameters and the bucket's offset in
 //   the piece; elements past end are padding (0).
 // LambShardWrite(gathered, layout, w_0..w_{n-1}) -> float32 (1,) (0): the all-gathered bucket (world x B, worker
@@ -732,6 +684,9 @@ extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **s
 //   r L + lo + j (padding, dropped: lo + j >= L, or past the last parameter). layout = int32 [L, lo, world].
 extern "C" int LambShardApplyBucket(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                     void *stream, void *extra) {
+#ifdef LAMB_BLOCK
+  return 2;  // the sharded kernels take the float state only
+#endif
   const int n = nparam - 6 - kSlotCount;
   if (n < 1 || numel(ndims[0], shapes[0]) != kScalarCount || numel(ndims[4], shapes[4]) != 3) return 3;
   const int slots = 5 + n;  // index of the first slot's piece
