@@ -187,6 +187,23 @@ def _sharding_mismatch(params, cell):
     return None
 
 
+def _bits_mismatch(params, cell):
+    """Why `params` (moments as 8-bit codes, or float32) does not fit `cell`'s optimizer (optim_bits and
+    min_8bit_size other than the checkpoint's), or None."""
+    m, m8 = (slot.prefix + "." for slot in (state.SLOTS[0], state.SLOTS_8BIT[0]))
+    names = {p.name for p in _saved_parameters(cell)}
+    to_8 = sorted(n[len(m8):] for n in params if n.startswith(m8) and m + n[len(m8):] in names)
+    from_8 = sorted(n[len(m8):] for n in names if n.startswith(m8) and m + n[len(m8):] in params)
+    if not to_8 and not from_8:
+        return None
+    said = [f"{len(which)} parameter{'s' * (len(which) > 1)} {how}, e.g. {which[:2]}" for which, how in (
+        (to_8, "as 8-bit codes that this optimizer keeps in float32"),
+        (from_8, "in float32 that this optimizer keeps as 8-bit codes")) if which]
+    return (f"stores the moments of {' and '.join(said)}: resume with the optim_bits and min_8bit_size it was "
+            f"written with (Lamb(optim_bits=8) stores the moments of parameters of >= min_8bit_size elements "
+            f"as 8-bit codes)")
+
+
 def _slot_dtypes(cell):
     """{checkpoint name: the dtypes its slot may be stored in} of the cell's LAMB state."""
     return {p.name: slot.dtypes for p in _saved_parameters(cell) for slot in _cell_slots(cell)
@@ -223,7 +240,7 @@ def _verified(path, step, cell, run=None, allow_foreign=False):
     if run is not None and saved_run is not None and saved_run != run and not allow_foreign:
         return (f"was written by another run (run id {saved_run}; this directory's run is {run}, see its "
                 f"run.json): pass allow_foreign=True to resume from it all the same")
-    mismatch = _sharding_mismatch(params, cell)
+    mismatch = _sharding_mismatch(params, cell) or _bits_mismatch(params, cell)
     if mismatch:
         return mismatch
     missing = [p.name for p in _saved_parameters(cell) if p.name not in params or params[p.name].shape != p.shape]

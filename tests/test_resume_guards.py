@@ -1,7 +1,7 @@
 """Checkpoints and resume refuse what would lose or mix up a run, with a message that says what to do:
 a second writer, other users' files, another run's checkpoints, changed settings, damaged files (CRC), a
 checkpoint directory that is a file or a dangling link, a prefix that is a path, sharded state in a
-non-sharded optimizer; and what they accept, they say (a changed learning rate) or load (float32 moments into
+non-sharded optimizer, 8-bit state in a float32 one and the reverse; and what they accept, they say (a changed learning rate) or load (float32 moments into
 ``mu_dtype="float16"``). docs/resume.md, "Two runs, other users, changed settings"."""
 import os
 import subprocess
@@ -216,6 +216,17 @@ def test_sharded_state_in_a_plain_optimizer_names_sharding_merge(tmp_path, capsy
     ms.save_checkpoint(entries, str(tmp_path / f"{PREFIX}-5.ckpt"), crc_check=True, append_dict={R.STEP: 5})
     with pytest.raises(RuntimeError, match=r"rank 1 of 2, written by Lamb\(shard_state=True\).*sharding merge"):
         R.resume(cell, str(tmp_path), PREFIX)
+
+
+@pytest.mark.parametrize("saved_bits, bits, said", [(32, 8, "in float32 that this optimizer keeps as 8-bit codes"),
+                                                     (8, 32, "as 8-bit codes that this optimizer keeps in float32")])
+def test_another_optim_bits_is_refused_naming_it(tmp_path, saved_bits, bits, said):
+    _run(tmp_path, steps=(5,), cell=_cell(optim_bits=saved_bits, min_8bit_size=16))
+    cell = _cell(optim_bits=bits, min_8bit_size=16)
+    with pytest.raises(RuntimeError, match=rf"stores the moments of \d+ parameters? {said}.*optim_bits and "
+                                           rf"min_8bit_size it was written with"):
+        R.resume(cell, str(tmp_path), PREFIX)
+    assert cell.optimizer.global_step.asnumpy().item() == 0
 
 
 def test_float32_moments_load_into_float16_first_moments(tmp_path):
