@@ -249,6 +249,14 @@ class Lamb(Optimizer):
             bfloat16 on CPU needs the fused CPU backend (MindSpore 2.10 cannot write a bfloat16 Parameter
             on CPU); it is refused on GPU (no bfloat16 kernel in MindSpore 2.10's GPU plugin).
             Default: ``None`` (float32).
+        optim_bits (int): keyword-only; ``32`` or ``8``, as bitsandbytes' ``optim_bits``: 8 stores both moments
+            of every parameter of at least `min_8bit_size` elements as 8-bit codes, in blocks of 256 elements
+            with one float32 scale each (about 2 bytes per element instead of 8; docs/memory.md). The step
+            is computed in float32 from the moments as stored, so each layer's step keeps the norm
+            ``lr * ||w||`` of LAMB. Not with `mu_dtype` other than float32, nor with `shard_state`.
+            Default: ``32``.
+        min_8bit_size (int): keyword-only; with ``optim_bits=8``, parameters with fewer elements keep float32
+            moments (bitsandbytes' ``min_8bit_size``). Default: ``4096``.
         backend (str): keyword-only; the backend of the update, ``"fused_cpu"`` (one C++ kernel: CPU,
             float32 parameters, a C++ compiler) or ``"composite"`` (primitive operators: every device and
             dtype); ``None`` takes the first that can run, which ``MINDSPORE_LAMB_FUSED`` can steer (see
@@ -310,6 +318,8 @@ class Lamb(Optimizer):
             ``lamb_m.*``, ...).
         TypeError: If `mu_dtype` is not None, a str or a mindspore dtype.
         ValueError: If `mu_dtype` is not one of float32, float16, bfloat16.
+        ValueError: If `optim_bits` is not 32 or 8, or `min_8bit_size` is below 1 (TypeError: not an int).
+        ValueError: If `optim_bits` is 8 and `mu_dtype` is not float32, or `shard_state` is True.
         ValueError: If `backend` is not None, ``"fused_cpu"`` or ``"composite"``.
         RuntimeError: If the backend asked for cannot run the parameters here (the message says why).
         TypeError: If no backend can run the parameters with the state asked for (a bfloat16 `mu_dtype` on

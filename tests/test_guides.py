@@ -16,7 +16,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTARTS = ["README.md", "docs/index.md"]
-GUIDES = ["docs/migration.md", "docs/choosing_a_preset.md", "docs/functional_loop.md", "docs/mixed_precision.md"]
+GUIDES = ["docs/migration.md", "docs/choosing_a_preset.md", "docs/functional_loop.md", "docs/mixed_precision.md",
+          "docs/memory.md"]
 
 
 def _blocks(name):
