@@ -392,12 +392,13 @@ def record_bnb(prob):
         "LAMB8bit": lambda ps: bnb.optim.LAMB8bit(ps, **kw),
         "LAMB": lambda ps: bnb.optim.LAMB(ps, **kw),
         "AdamW8bit": lambda ps: bnb.optim.AdamW8bit(ps, **kw),
+        "AdamW": lambda ps: bnb.optim.AdamW(ps, **kw),
     }, prob)
     return {"runs": runs, "meta": [
         "library=bitsandbytes", "version=%s" % version("bitsandbytes"), "torch=%s" % torch.__version__,
         "defaults=bnb.optim.LAMB8bit / LAMB: bias_correction=True, adam_w_mode=True, max_unorm=1.0, "
         "min_8bit_size=4096 (8-bit state: block-wise, blocks of 256, dynamic maps); "
-        "AdamW8bit: min_8bit_size=4096; CPU backend bitsandbytes/backends/cpu/ops.py",
+        "AdamW8bit: min_8bit_size=4096; AdamW: optim_bits=32; CPU backend bitsandbytes/backends/cpu/ops.py",
     ]}
 
 
