@@ -42,6 +42,20 @@ to the CPU torch; ``import timm`` then fails.  The timm recorder then loads ``ti
 (which imports only torch and its two sibling helper modules) without running ``timm/__init__``;
 the optimizer code executed is the same, and ``meta`` says that this was done.
 
+8-bit optimizers (recorders ``bnb``: bitsandbytes' LAMB8bit, LAMB, AdamW8bit and AdamW; ``torchao``:
+torchao's AdamW8bit) run on another problem, :func:`problem_8bit` (a 64x64 weight, so that both libraries
+store its moments in 8 bits, and a 64-element bias; 8 steps; lr 0.01; weight decay 0.01), in one venv::
+
+    python3.11 -m venv $V/bnb && $V/bnb/bin/pip install numpy torch==2.13.0 \\
+        && $V/bnb/bin/pip install bitsandbytes==0.50.2 torchao==0.18.0 torch==2.13.0
+    $V/bnb/bin/python tools/record_peers.py bnb torchao
+
+Their .npz keys: ``init/<param>``, ``grad/<param>`` (float16: the gradients are float16 values), and per
+optimizer ``<opt>/ratio`` ((8, 2): ``||dw|| / (lr ||w||)`` of each parameter at each step),
+``<opt>/sample/dense.weight`` (its first 128 elements after each step), ``<opt>/traj/dense.bias``,
+``<opt>/final/<param>`` and ``<opt>/quantized`` (the parameters whose state holds 8-bit tensors); ``meta``.
+tests/test_peers_8bit.py compares them with ``Lamb(optim_bits=8)``.
+
 The ``--check`` mode re-implements, in float64 NumPy, the exact per-step formula of each
 library (read from its installed source) and the paper's Algorithm 2, and prints the maximum
 relative deviation of every recorded trajectory from both.
@@ -415,9 +429,9 @@ def record_torchao(prob):
 
 
 RECORDERS_8BIT = {
-    "bnb": (record_bnb, "pip install numpy torch==2.13.0; pip install bitsandbytes torch==2.13.0 "
+    "bnb": (record_bnb, "pip install numpy torch==2.13.0; pip install bitsandbytes==0.50.2 torch==2.13.0 "
                         "(8-bit problem)"),
-    "torchao": (record_torchao, "pip install numpy torch==2.13.0; pip install torchao torch==2.13.0 "
+    "torchao": (record_torchao, "pip install numpy torch==2.13.0; pip install torchao==0.18.0 torch==2.13.0 "
                                 "(8-bit problem)"),
 }
 
