@@ -21,7 +21,7 @@ runtime's own buffers: compare with nn.Adam's ("-Adam" column; target <= 1.0, on
 buffer of the parameters' size).
 
 Run:  python benchmarks/bench_step.py [--sets base,large,small] [--repeats 15] [--no-mem] [--mode pynative]
-             [--mu-dtype bfloat16]
+             [--mu-dtype bfloat16] [--optim-bits 8]
 A tiny learning rate keeps the parameters finite for all calls (so Lamb never takes its skip branch).
 """
 import argparse
@@ -91,15 +91,19 @@ def make_optimizer(kind, params):
     from mindspore import nn
     # --mu-dtype: the first moment of every Lamb stored in that dtype (LAMB_BENCH_MU_DTYPE for the children)
     mu_dtype = os.environ.get("LAMB_BENCH_MU_DTYPE") or None
+    # --optim-bits: 8 stores the moments of every Lamb in 8 bits (LAMB_BENCH_OPTIM_BITS for the children)
+    optim_bits = int(os.environ.get("LAMB_BENCH_OPTIM_BITS") or 32)
     if kind == "Lamb":
         from mindspore_lamb import Lamb
-        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, mu_dtype=mu_dtype)
+        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, mu_dtype=mu_dtype, optim_bits=optim_bits)
     if kind == "Lamb-exact":            # exact_skip=True: the gradient pre-pass (4 more bytes an element)
         from mindspore_lamb import Lamb
-        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, exact_skip=True, mu_dtype=mu_dtype)
+        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, exact_skip=True, mu_dtype=mu_dtype,
+                    optim_bits=optim_bits)
     if kind == "Lamb-composite":        # the portable composite graph (the path of GPU/Ascend/float16)
         from mindspore_lamb import Lamb
-        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, mu_dtype=mu_dtype, backend="composite")
+        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, mu_dtype=mu_dtype, optim_bits=optim_bits,
+                    backend="composite")
     if kind == "Adam":
         return nn.Adam(params, learning_rate=1e-7)
     if kind == "AdamWeightDecay":
@@ -289,6 +293,8 @@ def main():
                          "'extra' is that minus parameters and gradients")
     ap.add_argument("--mu-dtype", choices=("float32", "float16", "bfloat16"), default=None,
                     help="Lamb(mu_dtype=...): the dtype its first moment is stored in (default float32)")
+    ap.add_argument("--optim-bits", type=int, choices=(32, 8), default=32,
+                    help="Lamb(optim_bits=...): 8 stores both moments of each large tensor in 8 bits (default 32)")
     ap.add_argument("--json", help="also write all results to this file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -306,6 +312,7 @@ def main():
 
     os.environ["LAMB_BENCH_DEVICE"] = a.device
     os.environ["LAMB_BENCH_MU_DTYPE"] = a.mu_dtype or ""
+    os.environ["LAMB_BENCH_OPTIM_BITS"] = str(a.optim_bits)
     kinds = a.opts.split(",")
     ref = "Adam" if "Adam" in kinds else kinds[0]
     import platform
@@ -313,7 +320,7 @@ def main():
     from _timing import cpu_header
     print(cpu_header())
     print(f"# python {platform.python_version()}; {a.mode} mode on {a.device}; Lamb mu_dtype "
-          f"{a.mu_dtype or 'float32'}; {time.strftime('%Y-%m-%d %H:%M')}")
+          f"{a.mu_dtype or 'float32'}, optim_bits {a.optim_bits}; {time.strftime('%Y-%m-%d %H:%M')}")
     all_res = []
     for set_name in a.sets.split(","):
         t = _run_child(["time", set_name, str(a.repeats), ",".join(kinds), a.mode])

@@ -188,20 +188,22 @@ def _sharding_mismatch(params, cell):
 
 
 def _bits_mismatch(params, cell):
-    """Why `params` (moments as 8-bit codes, or float32) does not fit `cell`'s optimizer (optim_bits and
-    min_8bit_size other than the checkpoint's), or None."""
-    m, m8 = (slot.prefix + "." for slot in (state.SLOTS[0], state.SLOTS_8BIT[0]))
-    names = {p.name for p in _saved_parameters(cell)}
-    to_8 = sorted(n[len(m8):] for n in params if n.startswith(m8) and m + n[len(m8):] in names)
-    from_8 = sorted(n[len(m8):] for n in names if n.startswith(m8) and m + n[len(m8):] in params)
-    if not to_8 and not from_8:
+    """Why the moments of `params` are stored otherwise than `cell`'s optimizer stores them (8-bit or float:
+    ``optim_bits``, ``min_8bit_size``), or None."""
+    eight = {slot.prefix for slot in state.SLOTS_8BIT if slot.layout == "codes"}
+    kinds = {}
+    for source, names in (("checkpoint", params), ("cell", [p.name for p in _saved_parameters(cell)])):
+        for name in names:
+            prefix, _, parameter = name.partition(".")
+            if prefix in ("lamb_m", "lamb_m8") and parameter != "shard":
+                kinds.setdefault(parameter, {})[source] = "8-bit" if prefix in eight else "float"
+    differ = sorted(name for name, kind in kinds.items() if len(set(kind.values())) == 2 and len(kind) == 2)
+    if not differ:
         return None
-    said = [f"{len(which)} parameter{'s' * (len(which) > 1)} {how}, e.g. {which[:2]}" for which, how in (
-        (to_8, "as 8-bit codes that this optimizer keeps in float32"),
-        (from_8, "in float32 that this optimizer keeps as 8-bit codes")) if which]
-    return (f"stores the moments of {' and '.join(said)}: resume with the optim_bits and min_8bit_size it was "
-            f"written with (Lamb(optim_bits=8) stores the moments of parameters of >= min_8bit_size elements "
-            f"as 8-bit codes)")
+    kind = kinds[differ[0]]
+    return (f"stores the moments of {len(differ)} parameters in {kind['checkpoint']} state (e.g. '{differ[0]}'), and "
+            f"this optimizer keeps them in {kind['cell']} state: resume with the optim_bits and min_8bit_size the "
+            f"checkpoint was written with (docs/memory.md)")
 
 
 def _slot_dtypes(cell):

@@ -89,10 +89,11 @@ def run_8bit(config, backend, steps=6, seed=0):
     return opt, by_name
 
 
+@pytest.mark.parametrize("backend", ["composite", "fused_cpu"])
 @pytest.mark.parametrize("config", CONFIG_NAMES)
-def test_matches_reference(mode, config):
-    opt, _ = run_8bit(CONFIGS[config], "composite")
-    assert opt.optim_bits == 8
+def test_matches_reference(mode, config, backend):
+    opt, _ = run_8bit(CONFIGS[config], backend)
+    assert opt.optim_bits == 8 and opt.backend.name == backend
 
 
 def _layer_params(rng, shapes=((64, 96), (300, 40), (5000,))):
@@ -100,7 +101,7 @@ def _layer_params(rng, shapes=((64, 96), (300, 40), (5000,))):
             for i, shape in enumerate(shapes)]
 
 
-@pytest.mark.parametrize("backend", ["composite"])
+@pytest.mark.parametrize("backend", ["composite", "fused_cpu"])
 def test_each_layer_steps_by_lr_times_its_norm(mode, backend):
     """||w_new - w|| = lr ||w|| for every layer, every step: the trust ratio is taken on the update as applied
     (from the moments as stored), so quantization error cannot change a layer's step size."""
@@ -117,6 +118,35 @@ def test_each_layer_steps_by_lr_times_its_norm(mode, backend):
         opt(tuple(Tensor(g) for g in grads))
         ratios.append([np.linalg.norm(p.asnumpy() - b) / (lr * np.linalg.norm(b)) for p, b in zip(params, before)])
     np.testing.assert_allclose(ratios, 1.0, rtol=1e-5)
+
+
+def test_fused_and_composite_store_the_same_codes(mode):
+    """The fused CPU kernel and the composite graph, fed the same gradients for 5 steps: the same codes and scales,
+    bit for bit (the moments depend on the gradients only, through the same float32 operations), and the same
+    weights to float32 rounding (the graph folds the bias corrections into u = c m / (sqrt(v) + e) and sums the
+    norms in float32, the kernel takes m^ / (sqrt(v^) + eps) and sums in double: q's last bits)."""
+    rng = np.random.default_rng(11)
+    shapes = ((64, 96), (300, 40), (5000,), (37,))
+    grads = [[(rng.standard_normal(s) * np.exp(2 * rng.standard_normal(s))).astype(np.float32) for s in shapes]
+             for _ in range(5)]
+    grads[2][1][7, 3] = np.inf                            # a skipped step: the moments of the others still move
+    runs = {}
+    for backend in ("fused_cpu", "composite"):
+        params = _layer_params(np.random.default_rng(4), shapes)
+        opt = Lamb(params, 0.01, weight_decay=0.01, optim_bits=8, min_8bit_size=1000, backend=backend)
+        assert opt.backend.name == backend
+        runs[backend] = []
+        for g in grads:
+            opt(tuple(Tensor(x) for x in g))
+            runs[backend].append({p.name: p.asnumpy().copy() for p in (*params, *opt.backend.state)})
+    for step, (fused, composite) in enumerate(zip(runs["fused_cpu"], runs["composite"])):
+        assert sorted(fused) == sorted(composite)
+        for name, value in fused.items():
+            if name.startswith(("lamb_m8", "lamb_v8")):
+                np.testing.assert_array_equal(value, composite[name], err_msg=f"{name} at step {step + 1}")
+            else:
+                np.testing.assert_allclose(value, composite[name], rtol=1e-5, atol=1e-7,
+                                           err_msg=f"{name} at step {step + 1}")
 
 
 def test_state_takes_two_bytes_an_element_and_small_tensors_keep_float32():
@@ -223,3 +253,30 @@ def test_checkpoint_resumes_bit_identically(mode, tmp_path):
         opt(tuple(Tensor(x) for x in g))
     for got, want in zip((p.asnumpy() for p in (*params, *opt.backend.state)), whole):
         np.testing.assert_array_equal(got, want)
+
+
+def test_model_train_with_loss_scale_and_the_monitor():
+    """Model.train with LossScaleTrainStep and TrustRatioMonitor, unchanged with 8-bit state: the net learns,
+    the monitor reads every step's ratios, an overflowing step (NaN input) is skipped and leaves the state."""
+    from mindspore import nn
+    from mindspore.train import Model
+    from mindspore_lamb import LossScaleTrainStep, TrustRatioMonitor
+    from nets import loss_fn, make_data, make_dataset, make_net
+    net = make_net(0)
+    opt = Lamb(net.trainable_params(), 0.02, weight_decay=0.01, optim_bits=8, min_8bit_size=48)
+    assert {p.name.split(".")[0] for p in opt.backend.state} == {"lamb_m", "lamb_v", "lamb_m8", "lamb_m8_scale",
+                                                                 "lamb_v8", "lamb_v8_scale"}
+    cell = LossScaleTrainStep(nn.WithLossCell(net, loss_fn()), opt)
+    monitor = TrustRatioMonitor(opt, every=1)
+    x, labels = make_data()
+    before = (net(ms.Tensor(x)).asnumpy().argmax(1) == labels).mean()
+    Model(cell).train(6, make_dataset(), callbacks=[monitor], dataset_sink_mode=False)
+    after = (net(ms.Tensor(x)).asnumpy().argmax(1) == labels).mean()
+    assert after > max(0.85, before + 0.2)
+    steps, ratios = monitor.series()["fc1.weight"]
+    assert len(steps) == 6 * 8 and np.isfinite(ratios).all() and min(ratios) > 0
+    state = {p.name: p.asnumpy().copy() for p in (*opt.backend.state, *net.trainable_params())}
+    cell(ms.Tensor(np.full(x[:4].shape, np.nan, np.float32)), ms.Tensor(labels[:4]))
+    assert opt.skipped_steps == 1
+    for p in (*opt.backend.state, *net.trainable_params()):
+        np.testing.assert_array_equal(p.asnumpy(), state[p.name], err_msg=p.name)

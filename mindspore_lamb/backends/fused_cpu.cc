@@ -17,6 +17,11 @@
 //   UPDATED IN PLACE (they are the Parameters' memory on CPU); a wrong count is return code 1, a wrong
 //   dtype return code 2;
 //   out[i] = (q, ||w||, ||u||) of parameter i; out[n] = (sum of g^2, applied, 0).
+//   Built with -DLAMB_BLOCK=256 (the 8-bit slot set of optim_bits=8, -DLAMB_SLOTS(X)=X(m) X(m_scale) X(v)
+//   X(v_scale)): the moments are int8 (m) and uint8 (v) codes, flat and padded to whole blocks, with float32
+//   block scales; pass 1 works block by block: the moments read back from the codes, the same float32 step,
+//   the block's new scales and codes, u from the moments as stored (read back from the new codes); pass 2
+//   reads them back again (the same bits). 22 bytes of memory traffic per element.
 //
 // The arithmetic is that of mindspore_lamb/backends/composite.py, operation by operation, in float32 (no
 // FMA contraction: -ffp-contract=off; -fno-math-errno lets sqrt vectorize, still correctly rounded); only
@@ -180,12 +185,39 @@ inline Bf16 stored<Bf16>(float x) {
 }
 
 // The storage type of a dtype name of MindSpore's aot convention.
-enum class Stored { kFloat32, kFloat16, kBfloat16, kOther };
+enum class Stored { kFloat32, kFloat16, kBfloat16, kInt8, kUint8, kOther };
 Stored stored_as(const char *dtype) {
   if (std::strcmp(dtype, "float32") == 0 || std::strcmp(dtype, "float") == 0) return Stored::kFloat32;
   if (std::strcmp(dtype, "float16") == 0) return Stored::kFloat16;
   if (std::strcmp(dtype, "bfloat16") == 0) return Stored::kBfloat16;
+  if (std::strcmp(dtype, "int8") == 0) return Stored::kInt8;
+  if (std::strcmp(dtype, "uint8") == 0) return Stored::kUint8;
   return Stored::kOther;
+}
+
+// The moment step of one element (pass 1 of both state formats): m, v from the moments as stored (m0, v0,
+// read as float32) and the raw gradient; an element whose new v is not finite keeps m0 and v0.
+template <bool kGeneral>
+inline void new_moments(const Hyper &h, const Decay &d, float graw, float wj, float m0, float v0, float *m,
+                        float *v) {
+  float gj = graw * h.gs;  // unscale (+ NVLAMB pre-normalisation)
+  float gm = gj;
+  if (kGeneral) {
+    gj = gj + d.in_grad * wj;    // L2 mode: g + lambda w
+    gm = gj * h.m_grad_scale;    // without grad averaging: m = b1 m + g = m + (1 - b1) (g / (1 - b1) - m)
+  }
+  // m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, written with the exact 1 - b only
+  const float mn = m0 + h.one_minus_b1 * (gm - m0);
+  const float vn = v0 + h.one_minus_b2 * (gj * gj - v0);
+  // g NaN/Inf (or g^2 overflowing) makes v NaN/Inf: that element keeps its moments. The sum of g^2
+  // is then not finite either, so pass 2 is skipped and the call is counted as skipped.
+  // The test and the select are done on the bits, and m, v are stored unconditionally. Written
+  // `ok ? mn : m0`, GCC sinks the computation of mn into the `ok` branch, cannot if-convert it back (a
+  // float operation may trap) and, without AVX-512's masked stores, leaves the whole loop scalar: 4-5x
+  // slower with AVX2 or SSE. |vn| > FLT_MAX or NaN <=> its bits without the sign > those of FLT_MAX.
+  const int32_t mask = -static_cast<int32_t>((bits_of(vn) & 0x7fffffff) > 0x7f7fffff);  // 0, or all ones
+  *m = float_of((bits_of(mn) & ~mask) | (bits_of(m0) & mask));
+  *v = float_of((bits_of(vn) & ~mask) | (bits_of(v0) & mask));
 }
 
 template <bool kGeneral, typename MT>
@@ -196,25 +228,10 @@ void pass1(const Hyper &hyper, const Decay &decay, const float *w, MT *m, float 
   double ws = 0.0, us = 0.0, grad_sq = 0.0;
 #pragma omp simd reduction(+ : ws, us, grad_sq)
   for (int64_t j = lo; j < hi; ++j) {
-    const float graw = g[j], m0 = load(m[j]), v0 = v[j], wj = w[j];
-    float gj = graw * h.gs;  // unscale (+ NVLAMB pre-normalisation)
-    float gm = gj;
-    if (kGeneral) {
-      gj = gj + d.in_grad * wj;    // L2 mode: g + lambda w
-      gm = gj * h.m_grad_scale;    // without grad averaging: m = b1 m + g = m + (1 - b1) (g / (1 - b1) - m)
-    }
-    // m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g^2, written with the exact 1 - b only
-    const float mn = m0 + h.one_minus_b1 * (gm - m0);
-    const float vn = v0 + h.one_minus_b2 * (gj * gj - v0);
-    // g NaN/Inf (or g^2 overflowing) makes v NaN/Inf: that element keeps its moments. The sum of g^2
-    // is then not finite either, so pass 2 is skipped and the call is counted as skipped.
-    // The test and the select are done on the bits, and m, v are stored unconditionally. Written
-    // `ok ? mn : m0`, GCC sinks the computation of mn into the `ok` branch, cannot if-convert it back (a
-    // float operation may trap) and, without AVX-512's masked stores, leaves the whole loop scalar: 4-5x
-    // slower with AVX2 or SSE. |vn| > FLT_MAX or NaN <=> its bits without the sign > those of FLT_MAX.
-    const int32_t mask = -static_cast<int32_t>((bits_of(vn) & 0x7fffffff) > 0x7f7fffff);  // 0, or all ones
-    const MT ms = stored<MT>(float_of((bits_of(mn) & ~mask) | (bits_of(m0) & mask)));
-    const float vj = float_of((bits_of(vn) & ~mask) | (bits_of(v0) & mask));
+    const float graw = g[j], wj = w[j];
+    float mn, vj;
+    new_moments<kGeneral>(h, d, graw, wj, load(m[j]), v[j], &mn, &vj);
+    const MT ms = stored<MT>(mn);
     m[j] = ms;
     v[j] = vj;
     const float uj = update_u<kGeneral>(h, load(ms), vj, wj, d);  // from m as stored
@@ -239,6 +256,123 @@ void pass2(const Hyper &hyper, const Decay &decay, float lr_q, const float *w, c
     out[j] = (kGeneral ? d.decay_factor * wj : wj) - lr_q * uj;  // w = w - (lr q) u
   }
 }
+
+#ifdef LAMB_BLOCK
+// The 8-bit state (optim_bits=8; docs/memory.md, "The 8-bit format"): each moment as one 8-bit code per
+// element, flat and padded with zeros to whole blocks of kBlock, and one float32 scale per block, s = the
+// largest |x| of the block. m: int8 c = sign(x) floor(127 sqrt(|x| / s) + 1/2), read back s (c/127)|c/127|;
+// v: uint8 c = floor(255 sqrt(sqrt(x / s)) + 1/2), at least 1 where x > 0, read back s ((c/255)^2)^2;
+// s = 0: codes 0 (x / 1). Every operation a float32 one, in that order. A chunk is whole blocks.
+constexpr int kBlock = LAMB_BLOCK;
+static_assert(kChunk % kBlock == 0, "a chunk must be whole blocks of the 8-bit state");
+
+// c / k for a code c (|c| <= 255), correctly rounded: with FMA, the product by 1/k and one exact correction
+// step (Markstein: the residual c - k q is exact, and q + r (1/k) rounds to c / k; held for every code by the
+// tests), several times cheaper than a division in the vector loops; else the division.
+template <int kLevels>
+inline float code_over(int32_t code) {
+  const float c = static_cast<float>(code);
+#if defined(__FMA__)
+  constexpr float kInverse = 1.0f / kLevels;
+  const float q = c * kInverse;
+  return std::fma(std::fma(-q, static_cast<float>(kLevels), c), kInverse, q);
+#else
+  return c / static_cast<float>(kLevels);
+#endif
+}
+inline float read_m(int32_t c, float s) {
+  const float d = code_over<127>(c);
+  return s * (d * std::fabs(d));  // s (c/127)|c/127|
+}
+inline float read_v(int32_t c, float s) {
+  const float d = code_over<255>(c);
+  const float t = d * d;
+  return s * (t * t);             // s ((c/255)^2)^2
+}
+// floor(y + 1/2) for y >= 0 (truncation is floor there)
+inline int32_t code_of(float y) { return static_cast<int32_t>(y + 0.5f); }
+inline int32_t m_code(float x, float divisor) {
+  const int32_t c = code_of(std::sqrt(std::fabs(x) / divisor) * 127.0f);
+  return x < 0.0f ? -c : c;
+}
+inline int32_t v_code(float x, float divisor) {
+  const int32_t c = code_of(std::sqrt(std::sqrt(x / divisor)) * 255.0f);
+  return std::max(c, static_cast<int32_t>(x > 0.0f));  // a positive v never reads back as 0
+}
+// The largest |x| of x[0..count) (0 when empty), on the bits: for |x| they order as the values, and a NaN
+// comes out of it, as from a max that propagates NaN.
+inline float largest(const float *x, int count) {
+  int32_t top = 0;
+#pragma omp simd reduction(max : top)
+  for (int j = 0; j < count; ++j) top = std::max(top, bits_of(x[j]) & 0x7fffffff);
+  return float_of(top);
+}
+
+// pass 1 over whole blocks [lo, hi) (hi: a block boundary or the tensor's end): the moments read back from
+// the codes, the step of pass1 on them (new_moments), the block's new scales and codes, and the norms with u
+// from the moments as stored (read back from the new codes).
+template <bool kGeneral>
+void pass1_8bit(const Hyper &hyper, const Decay &decay, const float *w, int8_t *mc, float *ms, uint8_t *vc,
+                float *vs, const float *g, int64_t lo, int64_t hi, double *sums) {
+  const Hyper h = hyper;  // local copies: the 8-bit stores may alias anything (else reloaded every element)
+  const Decay d = decay;
+  alignas(64) float mb[kBlock], vb[kBlock];  // the block's new moments
+  double ws = 0.0, us = 0.0, grad_sq = 0.0;
+  for (int64_t base = lo; base < hi; base += kBlock) {
+    const int64_t b = base / kBlock;
+    const int count = static_cast<int>(std::min<int64_t>(kBlock, hi - base));  // the rest: padding
+    const float m_scale = ms[b], v_scale = vs[b];
+    const float *wb = w + base, *gb = g + base;
+    int8_t *mcb = mc + base;
+    uint8_t *vcb = vc + base;
+#pragma omp simd reduction(+ : ws, grad_sq)
+    for (int j = 0; j < count; ++j) {
+      new_moments<kGeneral>(h, d, gb[j], wb[j], read_m(mcb[j], m_scale), read_v(vcb[j], v_scale), &mb[j], &vb[j]);
+      ws = add_sq(ws, wb[j]);
+      grad_sq = add_sq(grad_sq, gb[j]);
+    }
+    const float sm = largest(mb, count), sv = largest(vb, count);
+    const float dm = sm > 0.0f ? sm : 1.0f, dv = sv > 0.0f ? sv : 1.0f;
+    ms[b] = sm;
+    vs[b] = sv;
+#pragma omp simd reduction(+ : us)
+    for (int j = 0; j < count; ++j) {
+      const int32_t cm = m_code(mb[j], dm), cv = v_code(vb[j], dv);
+      mcb[j] = static_cast<int8_t>(cm);
+      vcb[j] = static_cast<uint8_t>(cv);
+      const float uj = update_u<kGeneral>(h, read_m(cm, sm), read_v(cv, sv), wb[j], d);  // from m, v as stored
+      us = add_sq(us, uj);
+    }
+    std::fill(mcb + count, mcb + kBlock, int8_t{0});  // the padding (only the last block has any)
+    std::fill(vcb + count, vcb + kBlock, uint8_t{0});
+  }
+  sums[0] = ws;
+  sums[1] = us;
+  sums[2] = grad_sq;
+}
+
+// pass 2 over whole blocks [lo, hi): u from the codes (the same bits as pass 1's), w -= lr q u.
+template <bool kGeneral>
+void pass2_8bit(const Hyper &hyper, const Decay &decay, float lr_q, float *w, const int8_t *mc, const float *ms,
+                const uint8_t *vc, const float *vs, int64_t lo, int64_t hi) {
+  const Hyper h = hyper;
+  const Decay d = decay;
+  for (int64_t base = lo; base < hi; base += kBlock) {
+    const int64_t b = base / kBlock;
+    const int count = static_cast<int>(std::min<int64_t>(kBlock, hi - base));
+    const float sm = ms[b], sv = vs[b];
+    float *wb = w + base;
+    const int8_t *mcb = mc + base;
+    const uint8_t *vcb = vc + base;
+#pragma omp simd
+    for (int j = 0; j < count; ++j) {
+      const float wj = wb[j];
+      const float uj = update_u<kGeneral>(h, read_m(mcb[j], sm), read_v(vcb[j], sv), wj, d);
+      wb[j] = (kGeneral ? d.decay_factor * wj : wj) - lr_q * uj;  // w = w - (lr q) u
+    }
+  }
+}
+#endif  // LAMB_BLOCK
 
 Hyper read_hyper(const float *hp) {
   return Hyper{hp[k_one_minus_beta1], hp[k_one_minus_beta2], hp[k_m_grad_scale], hp[k_eps], hp[k_eps_root],
@@ -326,12 +460,145 @@ extern "C" int LambSumSq(int nparam, void **params, int *ndims, int64_t **shapes
   return 0;
 }
 
+namespace {
+
+// LambStep's arguments of one state format: parameter i's weight, slot `slot` and gradient.
+struct Args {
+  void **params;
+  int n;
+  template <typename T>
+  T *slot(int slot, int i) const { return static_cast<T *>(params[4 + (1 + slot) * n + i]); }
+  float *w(int i) const { return static_cast<float *>(params[4 + i]); }
+  const float *g(int i) const { return slot<const float>(kSlotCount, i); }
+};
+
+// The float state: m (in MT) and v (float32), one value per element.
+template <typename MT>
+struct FloatState : Args {
+  void pass1(bool general, const Hyper &h, const Decay &d, int i, int64_t lo, int64_t hi, double *sums) const {
+    auto pass = general ? ::pass1<true, MT> : ::pass1<false, MT>;
+    pass(h, d, w(i), slot<MT>(kSlot_m, i), slot<float>(kSlot_v, i), g(i), lo, hi, sums);
+  }
+  void pass2(bool general, const Hyper &h, const Decay &d, float lr_q, int i, int64_t lo, int64_t hi) const {
+    auto pass = general ? ::pass2<true, MT> : ::pass2<false, MT>;
+    pass(h, d, lr_q, w(i), slot<MT>(kSlot_m, i), slot<float>(kSlot_v, i), w(i), lo, hi);
+  }
+};
+
+#ifdef LAMB_BLOCK
+// The 8-bit state: slots m (int8 codes), m_scale, v (uint8 codes), v_scale (float32 block scales).
+struct State8 : Args {
+  void pass1(bool general, const Hyper &h, const Decay &d, int i, int64_t lo, int64_t hi, double *sums) const {
+    auto pass = general ? pass1_8bit<true> : pass1_8bit<false>;
+    pass(h, d, w(i), slot<int8_t>(kSlot_m, i), slot<float>(kSlot_m_scale, i), slot<uint8_t>(kSlot_v, i),
+         slot<float>(kSlot_v_scale, i), g(i), lo, hi, sums);
+  }
+  void pass2(bool general, const Hyper &h, const Decay &d, float lr_q, int i, int64_t lo, int64_t hi) const {
+    auto pass = general ? pass2_8bit<true> : pass2_8bit<false>;
+    pass(h, d, lr_q, w(i), slot<const int8_t>(kSlot_m, i), slot<const float>(kSlot_m_scale, i),
+         slot<const uint8_t>(kSlot_v, i), slot<const float>(kSlot_v_scale, i), lo, hi);
+  }
+};
+#endif  // LAMB_BLOCK
+
+// The body of LambStep, for the `state` of parameters `state.n` (the dtypes checked).
+template <typename State>
+int step(int nparam, void **params, int *ndims, int64_t **shapes, const State &state) {
+  const int n = state.n;
+  const float *hp = static_cast<const float *>(params[0]);
+  const Hyper h = read_hyper(hp);
+  const bool general = is_general(hp);
+  float *stats = static_cast<float *>(params[nparam - 1]);
+  for (int i = 0; i < n; ++i) {  // what a skipped call reports (the caller keeps its previous stats)
+    stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
+  }
+  stats[3 * n] = 0.0f; stats[3 * n + 1] = 0.0f; stats[3 * n + 2] = 0.0f;
+  if (hp[k_proceed] == 0.0f) return 0;  // the caller skips this step: w, m, v untouched
+  const float *lrs = static_cast<const float *>(params[1]);
+  const float *wds = static_cast<const float *>(params[2]);
+  const float *layer_codes = static_cast<const float *>(params[3]);
+
+  std::vector<int64_t> len(n);
+  int64_t total_len = 0;
+  for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[4 + i], shapes[4 + i]));
+  std::vector<Chunk> chunks = make_chunks(len, layer_codes);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, grad_sq]
+  std::vector<float> lr_q(n), decay_factor(n);
+  const std::vector<Decay> decay = decays(hp, lrs, wds, n);
+  bool applied = false;
+
+#pragma omp parallel num_threads(threads_for(total_len))
+  {
+#pragma omp for schedule(dynamic)
+    for (int64_t c = 0; c < nc; ++c) {  // pass 1
+      const Chunk &k = chunks[c];
+      state.pass1(general, h, decay[k.tensor], k.tensor, k.lo, k.hi, &part[3 * c]);
+    }  // implicit barrier
+#pragma omp single
+    {
+      std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
+      double grad_sq = 0.0;
+      for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
+        w_sq[chunks[c].tensor] += part[3 * c];
+        u_sq[chunks[c].tensor] += part[3 * c + 1];
+        grad_sq += part[3 * c + 2];
+      }
+      const float grad_sq_f = static_cast<float>(grad_sq);
+      applied = std::isfinite(grad_sq_f);  // a NaN/Inf gradient, or a norm beyond float32
+      stats[3 * n] = grad_sq_f;
+      stats[3 * n + 1] = applied ? 1.0f : 0.0f;
+      for (int i = 0; i < n && applied; ++i) {
+        if (layer_codes[i] < 0.0f) continue;
+        float w_norm = std::sqrt(static_cast<float>(w_sq[i]));
+        if (general) w_norm = w_norm * decay[i].decay_factor;  // the norm of decay_factor w (outside q)
+        float u_norm = std::sqrt(static_cast<float>(u_sq[i]));
+        const float w_used = std::fmin(w_norm, hp[k_w_norm_max]);  // ||w|| clamped (inf when off)
+        float q = (w_used > 0.0f && u_norm > 0.0f) ? w_used / u_norm : 1.0f;  // q = 1 if a norm is 0
+        q = std::fmin(std::fmax(q, hp[k_trust_lo]), hp[k_trust_hi]);  // clip(q, lo, hi); (0, inf) when off
+        if (layer_codes[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
+        lr_q[i] = lrs[i] * q;
+        decay_factor[i] = decay[i].decay_factor;
+        if (!std::isfinite(w_norm) || !std::isfinite(u_norm)) {  // NaN/Inf in w, or in m, v (a damaged
+          q = NAN;                                               // checkpoint): leave w, and say so
+          lr_q[i] = 0.0f;
+          decay_factor[i] = 1.0f;
+        }
+        stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
+      }
+    }  // implicit barrier: applied and lr_q[] are ready
+    if (applied) {
+#pragma omp for schedule(dynamic)
+      for (int64_t c = 0; c < nc; ++c) {  // pass 2
+        const Chunk &k = chunks[c];
+        // lr_q = 0, decay_factor = 1: w stays exactly as it is (also where w or u is NaN/Inf: 0 u is not 0)
+        if (lr_q[k.tensor] == 0.0f && decay_factor[k.tensor] == 1.0f) continue;
+        state.pass2(general, h, decay[k.tensor], lr_q[k.tensor], k.tensor, k.lo, k.hi);
+      }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
 extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                         void *stream, void *extra) {
   constexpr int kPerParam = 2 + kSlotCount;  // w, the slots, g
   if ((nparam - 5) % kPerParam != 0) return 1;
   const int n = (nparam - 5) / kPerParam;
   auto S = [&](int slot, int i) { return 4 + (1 + slot) * n + i; };  // index of slot `slot` of parameter i
+#ifdef LAMB_BLOCK
+  // w, the scales, g float32; the codes int8 (m) and uint8 (v)
+  if (!all_float32(0, S(kSlot_m, 0), dtypes) ||
+      !all_stored_as(S(kSlot_m, 0), S(kSlot_m, n), dtypes, Stored::kInt8) ||
+      !all_float32(S(kSlot_m_scale, 0), S(kSlot_m_scale, n), dtypes) ||
+      !all_stored_as(S(kSlot_v, 0), S(kSlot_v, n), dtypes, Stored::kUint8) ||
+      !all_float32(S(kSlot_v_scale, 0), nparam, dtypes))
+    return 2;
+  if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
+  return step(nparam, params, ndims, shapes, State8{{params, n}});
+#else
   const char *mu_dtype = dtypes[S(kSlot_m, 0)];
   if (!all_float32(0, S(kSlot_m, 0), dtypes) || !all_float32(S(kSlot_m, n), nparam, dtypes) ||
       !all_stored_as(S(kSlot_m, 0), S(kSlot_m, n), dtypes, stored_as(mu_dtype)))
@@ -339,86 +606,9 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
   if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
   return with_m_type(mu_dtype, [&](auto *typed) {
     using MT = std::remove_pointer_t<decltype(typed)>;
-    const float *hp = static_cast<const float *>(params[0]);
-    const Hyper h = read_hyper(hp);
-    const bool general = is_general(hp);
-    float *stats = static_cast<float *>(params[nparam - 1]);
-    for (int i = 0; i < n; ++i) {  // what a skipped call reports (the caller keeps its previous stats)
-      stats[3 * i] = 1.0f; stats[3 * i + 1] = 0.0f; stats[3 * i + 2] = 0.0f;
-    }
-    stats[3 * n] = 0.0f; stats[3 * n + 1] = 0.0f; stats[3 * n + 2] = 0.0f;
-    if (hp[k_proceed] == 0.0f) return 0;  // the caller skips this step: w, m, v untouched
-    const float *lrs = static_cast<const float *>(params[1]);
-    const float *wds = static_cast<const float *>(params[2]);
-    const float *layer_codes = static_cast<const float *>(params[3]);
-    auto W = [&](int i) { return static_cast<float *>(params[4 + i]); };
-    auto M = [&](int i) { return static_cast<MT *>(params[S(kSlot_m, i)]); };
-    auto V = [&](int i) { return static_cast<float *>(params[S(kSlot_v, i)]); };
-    auto G = [&](int i) { return static_cast<const float *>(params[S(kSlotCount, i)]); };
-
-    std::vector<int64_t> len(n);
-    int64_t total_len = 0;
-    for (int i = 0; i < n; ++i) total_len += (len[i] = numel(ndims[4 + i], shapes[4 + i]));
-    std::vector<Chunk> chunks = make_chunks(len, layer_codes);
-    const int64_t nc = static_cast<int64_t>(chunks.size());
-    std::vector<double> part(3 * nc);  // [chunk][w_sq, u_sq, grad_sq]
-    std::vector<float> lr_q(n), decay_factor(n);
-    const std::vector<Decay> decay = decays(hp, lrs, wds, n);
-    bool applied = false;
-
-#pragma omp parallel num_threads(threads_for(total_len))
-    {
-#pragma omp for schedule(dynamic)
-      for (int64_t c = 0; c < nc; ++c) {  // pass 1
-        const Chunk &k = chunks[c];
-        auto pass = general ? pass1<true, MT> : pass1<false, MT>;
-        pass(h, decay[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), G(k.tensor), k.lo, k.hi, &part[3 * c]);
-      }  // implicit barrier
-#pragma omp single
-      {
-        std::vector<double> w_sq(n, 0.0), u_sq(n, 0.0);
-        double grad_sq = 0.0;
-        for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
-          w_sq[chunks[c].tensor] += part[3 * c];
-          u_sq[chunks[c].tensor] += part[3 * c + 1];
-          grad_sq += part[3 * c + 2];
-        }
-        const float grad_sq_f = static_cast<float>(grad_sq);
-        applied = std::isfinite(grad_sq_f);  // a NaN/Inf gradient, or a norm beyond float32
-        stats[3 * n] = grad_sq_f;
-        stats[3 * n + 1] = applied ? 1.0f : 0.0f;
-        for (int i = 0; i < n && applied; ++i) {
-          if (layer_codes[i] < 0.0f) continue;
-          float w_norm = std::sqrt(static_cast<float>(w_sq[i]));
-          if (general) w_norm = w_norm * decay[i].decay_factor;  // the norm of decay_factor w (outside q)
-          float u_norm = std::sqrt(static_cast<float>(u_sq[i]));
-          const float w_used = std::fmin(w_norm, hp[k_w_norm_max]);  // ||w|| clamped (inf when off)
-          float q = (w_used > 0.0f && u_norm > 0.0f) ? w_used / u_norm : 1.0f;  // q = 1 if a norm is 0
-          q = std::fmin(std::fmax(q, hp[k_trust_lo]), hp[k_trust_hi]);  // clip(q, lo, hi); (0, inf) when off
-          if (layer_codes[i] == 0.0f) q = 1.0f;           // layer_adaptation=False
-          lr_q[i] = lrs[i] * q;
-          decay_factor[i] = decay[i].decay_factor;
-          if (!std::isfinite(w_norm) || !std::isfinite(u_norm)) {  // NaN/Inf in w, or in m, v (a damaged
-            q = NAN;                                               // checkpoint): leave w, and say so
-            lr_q[i] = 0.0f;
-            decay_factor[i] = 1.0f;
-          }
-          stats[3 * i] = q; stats[3 * i + 1] = w_norm; stats[3 * i + 2] = u_norm;
-        }
-      }  // implicit barrier: applied and lr_q[] are ready
-      if (applied) {
-#pragma omp for schedule(dynamic)
-        for (int64_t c = 0; c < nc; ++c) {  // pass 2
-          const Chunk &k = chunks[c];
-          // lr_q = 0, decay_factor = 1: w stays exactly as it is (also where w or u is NaN/Inf: 0 u is not 0)
-          if (lr_q[k.tensor] == 0.0f && decay_factor[k.tensor] == 1.0f) continue;
-          auto pass = general ? pass2<true, MT> : pass2<false, MT>;
-          pass(h, decay[k.tensor], lr_q[k.tensor], W(k.tensor), M(k.tensor), V(k.tensor), W(k.tensor), k.lo, k.hi);
-        }
-      }
-    }
-    return 0;
+    return step(nparam, params, ndims, shapes, FloatState<MT>{{params, n}});
   });
+#endif
 }
 
 // The sharded backend's two kernels (backends/sharded.py), over one worker's piece [start, end) of the
@@ -434,6 +624,9 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 //   outside the trust ratio).
 extern "C" int LambShardSums(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
+#ifdef LAMB_BLOCK
+  return 2;  // the sharded kernels take the float state only
+#endif
   if ((nparam - 5 - kSlotCount) % 2 != 0) return 1;
   const int n = (nparam - 5 - kSlotCount) / 2;
   const int slots = 4 + n;  // index of the first slot's piece
@@ -481,6 +674,9 @@ extern "C" int LambShardSums(int nparam, void **params, int *ndims, int64_t **sh
 
 extern "C" int LambShardApply(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
+#ifdef LAMB_BLOCK
+  return 2;  // the sharded kernels take the float state only
+#endif
   const int n = nparam - 6 - kSlotCount;
   if (n < 1 || numel(ndims[0], shapes[0]) != kScalarCount) return 3;
   const int slots = 5 + n;  // index of the first slot's piece

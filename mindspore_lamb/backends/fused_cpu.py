@@ -3,14 +3,16 @@
 Used on CPU when every parameter is float32 and a C++ compiler with OpenMP is there. The library is
 compiled on first use and cached per user (``_build.py``); without a compiler, Lamb says so once and
 takes the composite backend. The kernel updates the parameters and the state in place, in two passes
-over memory (40 bytes per element with float32 moments, 34 with a 16-bit first moment), with the float32
-arithmetic of the composite rule (``composite.py``) operation by operation; ``benchmarks/README.md`` has
-its speed.
+over memory (40 bytes per element with float32 moments, 34 with a 16-bit first moment, 22 with the 8-bit
+state of ``optim_bits=8``: codes and block scales, read back and stored again block by block), with the
+float32 arithmetic of the composite rule (``composite.py``, ``blockwise.py``) operation by operation;
+``benchmarks/README.md`` has its speed.
 
 Everything the kernel and Python must agree on is generated from one Python definition and compiled in
 (``-D`` macros; the library's cache key includes them): the scalars' layout (``contract.pack``), the
 scalars only the general loop reads with their neutral values (``contract.GENERAL_ONLY``), and the state
-slots of the optimizer, in order (its ``state.Slots``: one library per slot set).
+slots of the optimizer, in order (its ``state.Slots``: one library per slot set; the 8-bit slot set's
+library is built with the block size, ``-DLAMB_BLOCK``, and takes codes and scales instead of float moments).
 """
 import os
 
@@ -33,8 +35,10 @@ LAYOUT_DEFINES = [
 
 
 def slot_defines(slots):
-    """The kernel's slot list, from an optimizer's slots (``-DLAMB_SLOTS(X)=X(m) X(v)``)."""
-    return ["-DLAMB_SLOTS(X)=" + " ".join(f"X({slot.role})" for slot in slots)]
+    """The kernel's slot list, from an optimizer's slots (``-DLAMB_SLOTS(X)=X(m) X(v)``), and for the 8-bit
+    state (``slots.quantized``) its block size (``-DLAMB_BLOCK=256``: the kernel takes codes and block scales)."""
+    return (["-DLAMB_SLOTS(X)=" + " ".join(f"X({slot.role})" for slot in slots)]
+            + ([f"-DLAMB_BLOCK={state.BLOCK}"] if state.Slots(slots).quantized else []))
 
 
 # -march: the CPU this process runs on (the cache key includes the CPU's flags, so a shared cache never
@@ -86,8 +90,6 @@ def unavailable(params, slots, device_target):
         return f"the device target is {device_target}, not CPU", False
     if params is not None and any(p.dtype != mstype.float32 for p in params):
         return "not every parameter is float32", False
-    if slots is not None and slots.quantized:
-        return "the fused kernel does not store 8-bit state", False
     try:
         library_path(slots=slots)
     except _build.BuildError as error:
