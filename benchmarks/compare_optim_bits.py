@@ -16,7 +16,7 @@ the trust ratios q (per layer and step; absolute and relative to the float32 run
 (b) Reads the loss logs (`loss.jsonl`, one {"step", "loss"} per step) of runs laid out as
 `RUNS/seed<N>_<bits>/phase<P>/` (what the tiny recipe writes with --output_dir there), and draws each run's
 loss (a running mean of 25 steps), float32 solid and 8-bit dashed, one colour per seed, phase 2's steps
-after phase 1's; saves docs/_static/optim_bits_loss.png (--out to change it) and prints each run's last
+after phase 1's, and below, 8-bit minus float32; saves docs/_static/optim_bits_loss.png (--out to change it) and prints each run's last
 mean loss and held-out results (results.json).
 """
 import argparse
@@ -124,8 +124,9 @@ def run_plot(args):
     if not runs:
         raise SystemExit(f"plot: no seed<N>_<bits> run directory under {args.runs}")
     seeds = sorted({re.match(r"seed(\d+)_", os.path.basename(d)).group(1) for d in runs})
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, low) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": (3, 1.3)})
     k = 25
+    curves = {}
     for d in runs:
         seed, bits = re.match(r"seed(\d+)_(\d+)", os.path.basename(d)).groups()
         offset, xs, ys = 0, [], []
@@ -146,10 +147,19 @@ def run_plot(args):
                       + said)
             offset += int(steps.max()) if len(steps) else 0
         if xs:
-            ax.plot(np.concatenate(xs), np.concatenate(ys), lw=1.2, ls="-" if bits == "32" else "--",
+            curves[seed, bits] = np.concatenate(xs), np.concatenate(ys)
+            ax.plot(*curves[seed, bits], lw=1.2, ls="-" if bits == "32" else "--",
                     color=f"C{seeds.index(seed)}", label=f"seed {seed}, {'float32' if bits == '32' else '8-bit'}")
-    ax.set_xlabel("step (phase 2 after phase 1)")
-    ax.set_ylabel(f"training loss (MLM + NSP), mean of {k} steps")
+    for seed in seeds:                   # 8-bit minus float32, on the steps both runs have reached
+        if (seed, "32") in curves and (seed, "8") in curves:
+            (x32, y32), (x8, y8) = curves[seed, "32"], curves[seed, "8"]
+            both, i32, i8 = np.intersect1d(x32, x8, return_indices=True)
+            low.plot(both, y8[i8] - y32[i32], lw=1.0, color=f"C{seeds.index(seed)}", label=f"seed {seed}")
+    low.axhline(0.0, color="k", lw=0.6)
+    low.set_xlabel("step (phase 2 after phase 1)")
+    low.set_ylabel("8-bit - float32")
+    low.grid(alpha=0.3)
+    ax.set_ylabel(f"training loss (MLM + NSP),\nmean of {k} steps")
     ax.set_title("Tiny BERT with LAMB: float32 against 8-bit state")
     ax.grid(alpha=0.3)
     ax.legend()
