@@ -185,6 +185,31 @@ def test_smoke_train_checkpoint_resume(smoke_config, tmp_path, capsys):
                                  "--vocab", third["vocab"]] + common[4:])
 
 
+def test_smoke_train_8bit_state(smoke_config, tmp_path):
+    """--set train.optim_bits=8: the checkpoint holds the 8-bit codes and block scales of the large tensors
+    (float32 moments for the rest), and a resume with another optim_bits is refused like a changed batch size."""
+    import train
+    out = str(tmp_path / "run")
+    common = ["--config", smoke_config, "--output_dir", out, "--max_documents", "40",
+              "--max_steps_per_epoch", "4", "--device_target", "CPU", "--epochs", "1"]
+    result = train.main(common + ["--set", "train.optim_bits=8"])
+    assert result["config"]["train"]["optim_bits"] == 8 and math.isfinite(result["after"]["mlm_accuracy"])
+    state = resumable.load(train.latest_checkpoint(os.path.join(out, "checkpoints"))[0])
+    size = {k[len("network."):]: v.size for k, v in state.items() if k.startswith("network.")}
+    eight = {k[len("lamb_m8."):] for k in state if k.startswith("lamb_m8.")}
+    full = {k[len("lamb_m."):] for k in state if k.startswith("lamb_m.")}
+    assert eight and full and not eight & full
+    assert eight == {name for name in eight | full if size[name] >= 4096}
+    assert all(f"{slot}.{name}" in state for name in eight for slot in ("lamb_v8", "lamb_m8_scale", "lamb_v8_scale"))
+    assert state["lamb_m8." + min(eight)].asnumpy().dtype == np.int8
+    refused = rf"stores the moments of {len(eight)} parameters in 8-bit state .*with the optim_bits"
+    with pytest.raises(SystemExit, match=refused):
+        train.main(common + ["--resume"])
+    # a min_8bit_size that leaves the layout as it is is still a setting of the run
+    with pytest.raises(SystemExit, match=r"min_8bit_size: 4096 in the checkpoint, 8192 now"):
+        train.main(common + ["--resume", "--set", "train.optim_bits=8", "--set", "train.min_8bit_size=8192"])
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicated_state", "shard_state"])
 def test_distributed_two_workers(smoke_config, tmp_path, sharded):

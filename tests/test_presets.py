@@ -61,6 +61,7 @@ def test_preset_reproduces_the_library(mode, path, library, trajectory):
 
 def test_every_fixture_has_a_preset_and_every_preset_is_documented():
     fixtures = {f[:-4] for f in os.listdir(FIXTURES) if f.endswith(".npz")}
+    fixtures -= {"bnb", "torchao"}      # 8-bit optimizers on another problem: tests/test_peers_8bit.py
     assert fixtures <= set(PRESETS), fixtures - set(PRESETS)
     with open(VARIANTS_DOC, encoding="utf-8") as f:
         doc = f.read()

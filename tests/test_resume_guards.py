@@ -1,8 +1,9 @@
 """Checkpoints and resume refuse what would lose or mix up a run, with a message that says what to do:
 a second writer, other users' files, another run's checkpoints, changed settings, damaged files (CRC), a
 checkpoint directory that is a file or a dangling link, a prefix that is a path, sharded state in a
-non-sharded optimizer; and what they accept, they say (a changed learning rate) or load (float32 moments into
-``mu_dtype="float16"``). docs/resume.md, "Two runs, other users, changed settings"."""
+non-sharded optimizer, 8-bit state in a float32 one and the reverse; and what they accept, they say (a changed
+learning rate) or load (float32 moments into ``mu_dtype="float16"``). docs/resume.md, "Two runs, other users,
+changed settings"."""
 import os
 import subprocess
 import sys

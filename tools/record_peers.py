@@ -42,6 +42,20 @@ to the CPU torch; ``import timm`` then fails.  The timm recorder then loads ``ti
 (which imports only torch and its two sibling helper modules) without running ``timm/__init__``;
 the optimizer code executed is the same, and ``meta`` says that this was done.
 
+8-bit optimizers (recorders ``bnb``: bitsandbytes' LAMB8bit, LAMB, AdamW8bit and AdamW; ``torchao``:
+torchao's AdamW8bit) run on another problem, :func:`problem_8bit` (a 64x64 weight, so that both libraries
+store its moments in 8 bits, and a 64-element bias; 8 steps; lr 0.01; weight decay 0.01), in one venv::
+
+    python3.11 -m venv $V/bnb && $V/bnb/bin/pip install numpy torch==2.13.0 \\
+        && $V/bnb/bin/pip install bitsandbytes==0.50.2 torchao==0.18.0 torch==2.13.0
+    $V/bnb/bin/python tools/record_peers.py bnb torchao
+
+Their .npz keys: ``init/<param>``, ``grad/<param>`` (float16: the gradients are float16 values), and per
+optimizer ``<opt>/ratio`` ((8, 2): ``||dw|| / (lr ||w||)`` of each parameter at each step),
+``<opt>/sample/dense.weight`` (its first 128 elements after each step), ``<opt>/traj/dense.bias``,
+``<opt>/final/<param>`` and ``<opt>/quantized`` (the parameters whose state holds 8-bit tensors); ``meta``.
+tests/test_peers_8bit.py compares them with ``Lamb(optim_bits=8)``.
+
 The ``--check`` mode re-implements, in float64 NumPy, the exact per-step formula of each
 library (read from its installed source) and the paper's Algorithm 2, and prints the maximum
 relative deviation of every recorded trajectory from both.
@@ -322,6 +336,121 @@ RECORDERS = {
 }
 
 
+# --------------------------------------------------------------------------------------------
+# 8-bit state: a problem where bitsandbytes really quantizes (its min_8bit_size is 4096: a
+# 64x64 weight), recorded into tests/fixtures/peers/<name>.npz for tests/test_peers_8bit.py.
+# --------------------------------------------------------------------------------------------
+
+NAMES_8BIT = ("dense.weight", "dense.bias")
+SHAPES_8BIT = {"dense.weight": (64, 64), "dense.bias": (64,)}
+STEPS_8BIT = 8
+LR_8BIT, WD_8BIT = 0.01, 0.01     # constant learning rate, decoupled weight decay on both parameters
+SAMPLE_8BIT = 128                 # elements of dense.weight kept after every step (all after the last)
+
+
+def problem_8bit():
+    """Initial values and gradients (float16 values, exact in float32: the fixture stores them as
+    float16) whose magnitudes spread over decades within every block of 256, as 8-bit codes find
+    hardest."""
+    rng = np.random.default_rng(8)
+    init = {"dense.weight": (rng.standard_normal((64, 64)) * 0.5).astype(np.float32),
+            "dense.bias": (rng.standard_normal((64,)) * 0.05).astype(np.float32)}
+    grads = {n: (rng.standard_normal((STEPS_8BIT,) + SHAPES_8BIT[n])
+                 * np.exp(1.5 * rng.standard_normal((STEPS_8BIT,) + SHAPES_8BIT[n])))
+             .astype(np.float16).astype(np.float32) for n in NAMES_8BIT}
+    return {"init": init, "grads": grads}
+
+
+def _record_torch_8bit(factories, prob):
+    """{optimizer: {"ratio": (steps, layers) ||dw|| / (lr ||w||), "sample": ..., "final": ...}}."""
+    torch = _torch_setup()
+    runs = {}
+    for label, factory in factories.items():
+        params = [torch.nn.Parameter(torch.tensor(prob["init"][n])) for n in NAMES_8BIT]
+        opt = factory(params)
+        ratio = np.empty((STEPS_8BIT, len(NAMES_8BIT)))
+        sample = np.empty((STEPS_8BIT, SAMPLE_8BIT), np.float32)
+        bias = np.empty((STEPS_8BIT,) + SHAPES_8BIT["dense.bias"], np.float32)
+        for s in range(STEPS_8BIT):
+            before = [p.detach().numpy().astype(np.float64) for p in params]
+            for p, n in zip(params, NAMES_8BIT):
+                p.grad = torch.tensor(prob["grads"][n][s])
+            opt.step()
+            after = [p.detach().numpy() for p in params]
+            ratio[s] = [_norm(a - b) / (LR_8BIT * _norm(b)) for a, b in zip(after, before)]
+            sample[s], bias[s] = after[0].reshape(-1)[:SAMPLE_8BIT], after[1]
+        quantized = [n for p, n in zip(params, NAMES_8BIT)
+                     if any(t.dtype in (torch.uint8, torch.int8) for t in _state_tensors(opt, p))]
+        runs[label] = {"ratio": ratio, "sample/dense.weight": sample, "traj/dense.bias": bias,
+                       **{"final/" + n: p.detach().numpy().copy() for p, n in zip(params, NAMES_8BIT)},
+                       "quantized": np.array(quantized or [""])}
+    return runs
+
+
+def _state_tensors(opt, p):
+    """The tensors of `p`'s optimizer state (torchao keeps its codes inside tensor subclasses)."""
+    found = []
+    for value in opt.state[p].values():
+        for t in ([value] + [getattr(value, a) for a in ("codes",) if hasattr(value, a)]):
+            if hasattr(t, "dtype"):
+                found.append(t)
+    return found
+
+
+def record_bnb(prob):
+    from importlib.metadata import version
+    torch = _torch_setup()
+    import bitsandbytes as bnb
+    kw = dict(lr=LR_8BIT, betas=(BETA1, BETA2), eps=EPS, weight_decay=WD_8BIT)
+    runs = _record_torch_8bit({
+        "LAMB8bit": lambda ps: bnb.optim.LAMB8bit(ps, **kw),
+        "LAMB": lambda ps: bnb.optim.LAMB(ps, **kw),
+        "AdamW8bit": lambda ps: bnb.optim.AdamW8bit(ps, **kw),
+        "AdamW": lambda ps: bnb.optim.AdamW(ps, **kw),
+    }, prob)
+    return {"runs": runs, "meta": [
+        "library=bitsandbytes", "version=%s" % version("bitsandbytes"), "torch=%s" % torch.__version__,
+        "defaults=bnb.optim.LAMB8bit / LAMB: bias_correction=True, adam_w_mode=True, max_unorm=1.0, "
+        "min_8bit_size=4096 (8-bit state: block-wise, blocks of 256, dynamic maps); "
+        "AdamW8bit: min_8bit_size=4096; AdamW: optim_bits=32; CPU backend bitsandbytes/backends/cpu/ops.py",
+    ]}
+
+
+def record_torchao(prob):
+    from importlib.metadata import version
+    torch = _torch_setup()
+    from torchao.optim import AdamW8bit
+    runs = _record_torch_8bit({"AdamW8bit": lambda ps: AdamW8bit(
+        ps, lr=LR_8BIT, betas=(BETA1, BETA2), eps=EPS, weight_decay=WD_8BIT)}, prob)
+    return {"runs": runs, "meta": [
+        "library=torchao", "version=%s" % version("torchao"), "torch=%s" % torch.__version__,
+        "defaults=torchao.optim.AdamW8bit: block_size=256, bf16_stochastic_round=False",
+    ]}
+
+
+RECORDERS_8BIT = {
+    "bnb": (record_bnb, "pip install numpy torch==2.13.0; pip install bitsandbytes==0.50.2 torch==2.13.0 "
+                        "(8-bit problem)"),
+    "torchao": (record_torchao, "pip install numpy torch==2.13.0; pip install torchao==0.18.0 torch==2.13.0 "
+                                "(8-bit problem)"),
+}
+
+
+def save_8bit(name, prob, result):
+    arrays = {"init/" + n: prob["init"][n] for n in NAMES_8BIT}
+    arrays.update({"grad/" + n: prob["grads"][n].astype(np.float16) for n in NAMES_8BIT})
+    for label, run in result["runs"].items():
+        arrays.update({"%s/%s" % (label, key): value for key, value in run.items()})
+    arrays["meta"] = np.array(list(result["meta"]) + [
+        "python=%s" % platform.python_version(), "numpy=%s" % np.__version__,
+        "problem=problem_8bit(): dense.weight (64, 64), dense.bias (64,), %d steps, lr %g constant, "
+        "betas (0.9, 0.999), eps 1e-6, weight decay %g on both" % (STEPS_8BIT, LR_8BIT, WD_8BIT)])
+    os.makedirs(OUT_DIR, exist_ok=True)
+    path = os.path.join(OUT_DIR, name + ".npz")
+    np.savez_compressed(path, **arrays)
+    return path
+
+
 def save(name, prob, result):
     os.makedirs(OUT_DIR, exist_ok=True)
     arrays = {}
@@ -544,7 +673,7 @@ def main(argv=None):
                     help="compare the saved fixtures with the float64 re-implementations")
     args = ap.parse_args(argv)
     if args.list:
-        for name, (_, how) in RECORDERS.items():
+        for name, (_, how) in {**RECORDERS, **RECORDERS_8BIT}.items():
             print("%-16s %s" % (name, how))
         return 0
     if args.check:
@@ -552,13 +681,16 @@ def main(argv=None):
         return 0
     if not args.names:
         ap.error("name a recorder (see --list)")
-    unknown = [n for n in args.names if n not in RECORDERS]
+    unknown = [n for n in args.names if n not in RECORDERS and n not in RECORDERS_8BIT]
     if unknown:
         ap.error("unknown recorder(s): %s" % ", ".join(unknown))
     prob = problem()
     for name in args.names:
-        result = RECORDERS[name][0](prob)
-        path = save(name, prob, result)
+        if name in RECORDERS_8BIT:
+            prob8 = problem_8bit()
+            path = save_8bit(name, prob8, RECORDERS_8BIT[name][0](prob8))
+        else:
+            path = save(name, prob, RECORDERS[name][0](prob))
         print("%s: wrote %s (%d bytes)" % (name, path, os.path.getsize(path)))
     return 0
 

@@ -142,7 +142,8 @@ def build_optimizer(net, tcfg, optimizer_steps):
                                   beta1=tcfg["beta1"], beta2=tcfg["beta2"], eps=tcfg["eps"])
     clip = tcfg.get("trust_ratio_clip")
     return Lamb(groups, lr, beta1=tcfg["beta1"], beta2=tcfg["beta2"], eps=tcfg["eps"],
-                trust_ratio_clip=tuple(clip) if clip else None, shard_state=tcfg.get("shard_state", False))
+                trust_ratio_clip=tuple(clip) if clip else None, shard_state=tcfg.get("shard_state", False),
+                optim_bits=tcfg.get("optim_bits", 32), min_8bit_size=tcfg.get("min_8bit_size", 4096))
 
 
 def checkpoint_every(tcfg, steps_per_epoch):
@@ -269,7 +270,8 @@ def run_config(args, cfg):
     """(settings, hyperparameters) recorded in every checkpoint and compared on --resume: what must not change
     (the data position and global batch depend on it; the model's shapes) and what may (said, then applied)."""
     tcfg = cfg["train"]
-    fixed = ("batch_size", "accumulation_steps", "seed", "shard_state")
+    # optim_bits / min_8bit_size: which moments are 8-bit codes, i.e. the optimizer state's layout
+    fixed = ("batch_size", "accumulation_steps", "seed", "shard_state", "optim_bits", "min_8bit_size")
     settings = {"data": cfg["data"], "model": cfg["model"], "corpus": args.corpus,
                 "max_steps_per_epoch": args.max_steps_per_epoch, **{key: tcfg.get(key) for key in fixed}}
     return settings, {key: value for key, value in tcfg.items() if key not in fixed}
