@@ -47,6 +47,14 @@ def test_kill_at_random_points_single_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_kill_at_random_points_8bit_state(tmp_path):
+    """optim_bits=8: the codes and block scales resume bit for bit too."""
+    import kill_resume
+    rows = kill_resume.run_case("single_8bit", 4, str(tmp_path), random.Random(3))
+    _check(rows)
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["msrun", "msrun_shard"])
 def test_kill_one_msrun_worker(tmp_path, case):

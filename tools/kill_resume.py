@@ -10,7 +10,8 @@ checkpoint every 5 steps (mindspore_lamb.resume). Cases:
 * ``single``: one process, killed;
 * ``msrun``: two CPU workers under ``msrun``; one of them (at random) is killed, the job fails, and
   ``msrun`` is run again with ``--resume``;
-* ``msrun_shard``: the same with ``Lamb(shard_state=True)`` (every worker checkpoints its half of the moments).
+* ``msrun_shard``: the same with ``Lamb(shard_state=True)`` (every worker checkpoints its half of the moments);
+* ``single_8bit``: ``single`` with ``Lamb(optim_bits=8)`` (8-bit codes and block scales in the checkpoints).
 
 Each case first runs uninterrupted (the reference, which also gives the wall time). Each kill point then
 starts a fresh run and kills it at a time drawn uniformly over the reference's wall time, or, for every
@@ -37,7 +38,8 @@ sys.path.insert(0, HELPERS)
 import msrun_launch  # noqa: E402
 from kill_resume_worker import EVERY, TOTAL_STEPS  # noqa: E402
 
-CASES = {"single": [], "msrun": ["--distributed"], "msrun_shard": ["--distributed", "--shard_state"]}
+CASES = {"single": [], "msrun": ["--distributed"], "msrun_shard": ["--distributed", "--shard_state"],
+         "single_8bit": ["--optim_bits", "8"]}
 TIMEOUT = 300         # seconds for one run (msrun: the whole job)
 JOB_FAILS = 20        # seconds msrun gets, after a worker is killed, to end the job by itself
 
@@ -50,7 +52,7 @@ class Run:
         args = [WORKER, out] + CASES[case] + (["--resume"] if resume else [])
         self.log = os.path.join(out, f"{'resume' if resume else 'run'}_{time.monotonic_ns()}.log")
         env = dict(os.environ, GLOG_v="3", PYTHONUNBUFFERED="1")
-        if case == "single":
+        if not case.startswith("msrun"):
             with open(self.log, "w") as log:
                 self.proc = subprocess.Popen([sys.executable] + args, stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -61,7 +63,7 @@ class Run:
 
     def workers(self):
         """{rank: pid} of the training processes (msrun: its workers, not the scheduler)."""
-        if self.case == "single":
+        if not self.case.startswith("msrun"):
             return {0: self.proc.pid}
         found = {}
         for pid in msrun_launch.descendants(self.proc.pid):
@@ -80,7 +82,7 @@ class Run:
     def wait(self, timeout=TIMEOUT):
         """(return code or None if it had to be killed, output)."""
         try:
-            if self.case == "single":
+            if not self.case.startswith("msrun"):
                 self.proc.wait(timeout=max(1.0, self.start + timeout - time.monotonic()))
                 output = open(self.log).read()
             else:
@@ -89,11 +91,13 @@ class Run:
             return self.proc.returncode, output
         except subprocess.TimeoutExpired:
             self.stop()
-            return None, open(self.log).read() if self.case == "single" else msrun_launch._logs(self.log_dir)
+            if not self.case.startswith("msrun"):
+                return None, open(self.log).read()
+            return None, msrun_launch._logs(self.log_dir)
 
     def stop(self):
         """Kill everything this run started."""
-        if self.case == "single":
+        if not self.case.startswith("msrun"):
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except OSError:
@@ -209,7 +213,7 @@ def kill_point(case, work, index, reference, wall, rng, write_step=None):
     at = time.monotonic() - run.start
     busy = partial_files(out)
     # msrun stops the other worker; its scheduler may linger until its cluster timeout: then it is stopped
-    run.wait(timeout=at + JOB_FAILS if victim is not None and case != "single" else TIMEOUT)
+    run.wait(timeout=at + JOB_FAILS if victim is not None and case.startswith("msrun") else TIMEOUT)
     step = last_step(out)
     if victim is None:
         doing = "no worker process yet: none killed" if running else "finished before the kill"
@@ -219,7 +223,7 @@ def kill_point(case, work, index, reference, wall, rng, write_step=None):
         doing = "finishing (all steps done)"
     else:
         doing = f"training, step {step + 1}" if step else "starting (before step 1)"
-    if case != "single" and victim is not None:
+    if case.startswith("msrun") and victim is not None:
         doing += f" (rank {victim} killed)"
     resumed = Run(case, out, resume=True)
     code, output = resumed.wait()

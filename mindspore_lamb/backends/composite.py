@@ -157,8 +157,9 @@ def moments_and_update(scalars, present_terms, rescaled, step_rates, wd, w, stat
     after assigning the new moments to its slots `state` (a tuple, read by role through `layout`,
     ``state.Slots.layout``: (roles, stored dtype names)): float32 `v`, and `m` stored in its slot's dtype (the
     new m rounded to it), or both as 8-bit codes with block scales (blockwise.py); u' is computed from the
-    moments as stored. Slots the rule does not name are left as they are. `present_terms` (contract.terms): the scalars whose terms the graph computes; `rescaled`:
-    (c, e) of `rescale`; `wd`: lambda, None when w is not decayed.
+    moments as stored. Slots the rule does not name are left as they are. `present_terms` (contract.terms): the
+    scalars whose terms the graph computes; `rescaled`: (c, e) of `rescale`; `wd`: lambda, None when w is not
+    decayed.
 
     `step_rates` (`rates`): each moment moves by gate (1 - b) (x - moment), and MulNoNan makes 0 (x - moment)
     exactly 0 even where x is NaN or Inf: a skipped step leaves both moments exactly as they were. Masked

@@ -1,6 +1,6 @@
 """The training process that tools/kill_resume.py and tests/test_kill_resume.py kill with SIGKILL and resume.
 
-usage: kill_resume_worker.py OUT_DIR [--resume] [--distributed] [--shard_state]
+usage: kill_resume_worker.py OUT_DIR [--resume] [--distributed] [--shard_state] [--optim_bits 8]
 
 ``Model.train`` of a SmallClassifier (tests/helpers/nets.py, hidden width WIDTH so that a checkpoint takes a
 few milliseconds to write) with :class:`mindspore_lamb.LossScaleTrainStep` (dynamic loss scale growing every
@@ -9,7 +9,8 @@ warmup + polynomial decay), on a dataset reshuffled every epoch, with a random p
 id) as the BERT example's dynamic masks. Checkpoints every EVERY steps (odd: some land
 between the two micro-batches of an accumulated step) with :class:`mindspore_lamb.resume.StepCheckpoint`;
 ``--resume`` follows docs/resume.md. Under msrun (``--distributed``), each worker trains on its shard;
-``--shard_state`` keeps half of the moments on each worker, which then checkpoints and resumes its own piece.
+``--shard_state`` keeps half of the moments on each worker, which then checkpoints and resumes its own piece;
+``--optim_bits 8`` keeps the moments of the tensors of 64 elements or more in 8 bits.
 
 Writes OUT_DIR/ckpt/rank<r>/ (checkpoints; rank 0 only unless --shard_state), OUT_DIR/loss_rank<r>.jsonl
 (global step, loss, scale: one line per step, continued on resume) and prints ``resumed from step S``.
@@ -40,7 +41,7 @@ TOTAL_STEPS = EPOCHS * STEPS_PER_EPOCH
 SEED = 5
 
 
-def build(shard_state):
+def build(shard_state, optim_bits=32):
     net = SmallClassifier(hidden=WIDTH)
     rng = np.random.default_rng(SEED)
     for param in net.trainable_params():
@@ -51,7 +52,7 @@ def build(shard_state):
               {"params": [p for p in params if "weight" not in p.name or "norm" in p.name]}]
     steps = TOTAL_STEPS // 2
     opt = Lamb(groups, WarmupPolynomialDecayLR(0.02, 0.0, warmup_steps=3, decay_steps=steps, power=1.0),
-               shard_state=shard_state)
+               shard_state=shard_state, optim_bits=optim_bits, min_8bit_size=64)
     return LossScaleTrainStep(nn.WithLossCell(net, loss_fn()), opt, init_scale=2.0 ** 10, scale_window=3,
                               max_grad_norm=1.0, accumulation_steps=2)
 
@@ -109,6 +110,7 @@ def main():
     p.add_argument("--resume", action="store_true")
     p.add_argument("--distributed", action="store_true")
     p.add_argument("--shard_state", action="store_true")
+    p.add_argument("--optim_bits", type=int, default=32)
     args = p.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
@@ -119,7 +121,7 @@ def main():
         init()
         ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True)
         world, rank = get_group_size(), get_rank()
-    cell = build(args.shard_state)
+    cell = build(args.shard_state, args.optim_bits)
     data = dataset(world, rank)
     # one checkpoint directory per worker that owns state; without shard_state rank 0's serves all
     dirs = [os.path.join(args.out_dir, "ckpt", f"rank{r}") for r in range(world if args.shard_state else 1)]
