@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 OLDEST=2.7.1
 TESTS=(tests/test_update_rule.py tests/test_errors.py tests/test_checkpoint.py tests/test_modes.py
-       tests/test_train_step.py tests/test_faults.py)
+       tests/test_train_step.py tests/test_faults.py tests/test_optim_bits.py)
 
 rm -rf .venv-oldest
 python3 -m venv .venv-oldest
