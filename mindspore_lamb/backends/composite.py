@@ -125,28 +125,35 @@ def _codes(slot, role, roles):
     return role + "_scale" in roles and (F.dtype(slot) == mstype.int8 or F.dtype(slot) == mstype.uint8)
 
 
+def _float_dtype(layout, role):
+    """The float dtype moment `role` is kept in where it is not codes: its slot's, or float32 (the small tensors
+    of an 8-bit slot set)."""
+    roles, dtypes = layout
+    return "float32" if role + "_scale" in roles else dtypes[roles.index(role)]
+
+
 def read_moment(state, layout, role, shape):
     """Moment `role` (``"m"``, ``"v"``) of one parameter (or piece) of `shape`, as float32, from its slots
     `state` laid out as `layout` (``state.Slots.layout``): stored in a float dtype, or 8-bit codes with their
     block scales (slot ``<role>_scale``: blockwise.py)."""
-    roles, dtypes = layout
+    roles = layout[0]
     slot = state[roles.index(role)]
     if _codes(slot, role, roles):
         return dequantize(slot, state[roles.index(role + "_scale")], shape, role == "m")
-    return as_float32(slot, dtypes[roles.index(role)] if role + "_scale" not in roles else "float32")
+    return as_float32(slot, _float_dtype(layout, role))
 
 
 def store_moment(state, layout, role, value):
     """Assign float32 `value` to moment `role`'s slots (rounded to its dtype, or quantized: blockwise.py) and
     return it as stored, read back as float32, after the assignments."""
-    roles, dtypes = layout
+    roles = layout[0]
     slot = state[roles.index(role)]
     if _codes(slot, role, roles):
         scale_slot = state[roles.index(role + "_scale")]
         codes, scale = quantize(value, role == "m")
         done = F.depend(assign(slot, codes), assign(scale_slot, scale))
         return F.depend(dequantize(codes, scale, F.shape(value), role == "m"), done)
-    dtype = dtypes[roles.index(role)] if role + "_scale" not in roles else "float32"
+    dtype = _float_dtype(layout, role)
     kept = stored(value, dtype)
     kept = F.depend(kept, assign(slot, kept))
     return as_float32(kept, dtype)

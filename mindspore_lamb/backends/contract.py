@@ -143,9 +143,9 @@ def _zeros_like(param, slot):
     are laid out by blocks (``state.Slot.shape``)."""
     if param.dtype != slot.dtype or slot.layout != "elementwise":
         return Parameter(initializer("zeros", slot.shape(param.shape), slot.dtype), name=slot.name(param.name))
-    state = param.clone(init="zeros")
-    state.name = slot.name(param.name)
-    return state
+    zeros = param.clone(init="zeros")
+    zeros.name = slot.name(param.name)
+    return zeros
 
 
 class SlotState:
