@@ -190,13 +190,14 @@ def _sharding_mismatch(params, cell):
 def _bits_mismatch(params, cell):
     """Why the moments of `params` are stored otherwise than `cell`'s optimizer stores them (8-bit or float:
     ``optim_bits``, ``min_8bit_size``), or None."""
-    eight = {slot.prefix for slot in state.SLOTS_8BIT if slot.layout == "codes"}
+    # the first moment's prefix in each format: lamb_m (float) and lamb_m8 (8-bit codes)
+    kind_of = {state.SLOTS[0].prefix: "float", state.SLOTS_8BIT[0].prefix: "8-bit"}
     kinds = {}
     for source, names in (("checkpoint", params), ("cell", [p.name for p in _saved_parameters(cell)])):
         for name in names:
             prefix, _, parameter = name.partition(".")
-            if prefix in ("lamb_m", "lamb_m8") and parameter != "shard":
-                kinds.setdefault(parameter, {})[source] = "8-bit" if prefix in eight else "float"
+            if prefix in kind_of and parameter != "shard":
+                kinds.setdefault(parameter, {})[source] = kind_of[prefix]
     differ = sorted(name for name, kind in kinds.items() if len(set(kind.values())) == 2 and len(kind) == 2)
     if not differ:
         return None
