@@ -11,9 +11,11 @@ call with:
   ``m^ / (sqrt(v^) + eps)``, built from a patched copy of the source: the cost of the memory traffic
   alone;
 * ``adam-like``: a single pass that reads w g m v and writes w m v (28 bytes an element), the same
-  chunking and OpenMP structure, compiled with the same flags: what one pass of nn.Adam's kind costs.
+  chunking and OpenMP structure, compiled with the same flags: what one pass of nn.Adam's kind costs;
+* with ``--optim-bits 8``, also ``lamb 8-bit`` (and its pass 1): the kernel of ``Lamb(optim_bits=8)`` on the
+  same tensors, its moments as int8/uint8 codes with float32 block scales (docs/memory.md, "The 8-bit format").
 
-Run:  python benchmarks/bench_kernel.py [--elems 13700000] [--tensors 8] [--repeats 30]
+Run:  python benchmarks/bench_kernel.py [--elems 13700000] [--tensors 8] [--repeats 30] [--optim-bits 8]
 """
 import argparse
 import ctypes
@@ -27,6 +29,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import cpu_header, interleave, summary  # noqa: E402
+from mindspore_lamb import state  # noqa: E402
 from mindspore_lamb.backends import contract, fused_cpu  # noqa: E402  (compiles and caches the kernel)
 
 ADAM_LIKE = r"""
@@ -94,17 +97,25 @@ class Arrays:
         self.g_nan[-1][-1] = np.nan
         self.stats = np.zeros((n_tensors + 1, 3), np.float32)
 
-    def lamb_args(self, nan):
-        arrs = [self.hyper, self.lrs, self.wds, self.layer_codes, *self.w, *self.m, *self.v,
+    def lamb_args(self, nan, eight_bit=False):
+        if eight_bit:       # the 8-bit slots, in state.SLOTS_8BIT's order: m codes, m scales, v codes, v scales
+            blocks = -(-self.w[0].size // state.BLOCK)
+            codes = lambda dtype: [np.zeros(blocks * state.BLOCK, dtype) for _ in self.w]  # noqa: E731
+            scales = lambda: [np.zeros(blocks, np.float32) for _ in self.w]  # noqa: E731
+            slots = [codes(np.int8), scales(), codes(np.uint8), scales()]
+        else:
+            slots = [self.m, self.v]
+        arrs = [self.hyper, self.lrs, self.wds, self.layer_codes, *self.w, *(x for slot in slots for x in slot),
                 *(self.g_nan if nan else self.g), self.stats]
         n = len(arrs)
         shapes = [np.array(a.shape, np.int64) for a in arrs]
+        dtypes = [str(a.dtype).encode() for a in arrs]
         args = (ctypes.c_int(n), (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrs]),
                 (ctypes.c_int * n)(*[a.ndim for a in arrs]),
                 (ctypes.POINTER(ctypes.c_int64) * n)(*[s.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))
                                                         for s in shapes]),
-                (ctypes.c_char_p * n)(*[b"float32"] * n), None, None)
-        return args, shapes        # keep `shapes` alive while `args` is used
+                (ctypes.c_char_p * n)(*dtypes), None, None)
+        return args, (shapes, arrs)  # keep them alive while `args` is used
 
     def adam_args(self):
         n = len(self.w)
@@ -120,6 +131,8 @@ def main():
     ap.add_argument("--elems", type=int, default=13_700_000, help="elements per tensor")
     ap.add_argument("--tensors", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--optim-bits", type=int, choices=(32, 8), default=32,
+                    help="8: also time the kernel of Lamb(optim_bits=8) on the same tensors")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         shipped, trivial, adam = _build(tmp)
@@ -132,6 +145,12 @@ def main():
                 args, shapes = arrays.lamb_args(nan)
                 keep.append(shapes)
                 kernels[name + suffix] = (f, args)
+        if a.optim_bits == 8:
+            f = ctypes.CDLL(fused_cpu.library_path(slots=state.Slots(state.SLOTS_8BIT))).LambStep
+            for suffix, nan in (("", False), (" pass 1", True)):
+                args, kept = arrays.lamb_args(nan, eight_bit=True)
+                keep.append(kept)
+                kernels["lamb 8-bit" + suffix] = (f, args)
         args, lens = arrays.adam_args()
         keep.append(lens)
         kernels["adam-like"] = (ctypes.CDLL(adam).AdamLike, args)

@@ -21,7 +21,9 @@ runtime's own buffers: compare with nn.Adam's ("-Adam" column; target <= 1.0, on
 buffer of the parameters' size).
 
 Run:  python benchmarks/bench_step.py [--sets base,large,small] [--repeats 15] [--no-mem] [--mode pynative]
-             [--mu-dtype bfloat16] [--optim-bits 8]
+             [--mu-dtype bfloat16] [--optim-bits 8] [--opts Lamb,Lamb-8bit,Adam]
+``--opts`` may also name ``Lamb-8bit`` (and ``Lamb-8bit-composite``): ``Lamb(optim_bits=8)`` timed in the same
+command as float32 ``Lamb`` (``--optim-bits 8`` makes every Lamb 8-bit instead).
 A tiny learning rate keeps the parameters finite for all calls (so Lamb never takes its skip branch).
 """
 import argparse
@@ -104,6 +106,10 @@ def make_optimizer(kind, params):
         from mindspore_lamb import Lamb
         return Lamb(params, learning_rate=1e-7, weight_decay=0.01, mu_dtype=mu_dtype, optim_bits=optim_bits,
                     backend="composite")
+    if kind in ("Lamb-8bit", "Lamb-8bit-composite"):   # optim_bits=8 beside float32 Lamb in the same command
+        from mindspore_lamb import Lamb
+        return Lamb(params, learning_rate=1e-7, weight_decay=0.01, optim_bits=8,
+                    backend="composite" if kind.endswith("composite") else None)
     if kind == "Adam":
         return nn.Adam(params, learning_rate=1e-7)
     if kind == "AdamWeightDecay":

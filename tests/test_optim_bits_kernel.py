@@ -93,7 +93,11 @@ def emulate(params, scalars, lrs, wds):
         vc, vsc = blockwise.quantize_unsigned(v)
         out.slots["m"][i], out.slots["m_scale"][i], out.slots["v"][i], out.slots["v_scale"][i] = mc, msc, vc, vsc
         m_st, v_st = blockwise.dequantize_signed(mc, msc, count), blockwise.dequantize_unsigned(vc, vsc, count)
-        r = (m_st * s["inv_bias_c1"]) / (np.sqrt(v_st * s["inv_bias_c2"] + s["eps_root"]) + s["eps"])
+        if s["eps_root"]:                          # eps inside the square root: sqrt(v^ + eps_root) an element
+            den = np.sqrt(v_st * s["inv_bias_c2"] + s["eps_root"])
+        else:                                      # sqrt(v^) as the format reads it back (a root per block)
+            den = blockwise.root_unsigned(vc, vsc, count, s["inv_bias_c2"])
+        r = (m_st * s["inv_bias_c1"]) / (den + s["eps"])
         u = r + wd * s["decay_in_update"] * w
         us.append(u)
         w_sq.append(np.sum(w.astype(np.float64) ** 2))
@@ -147,7 +151,8 @@ def test_steps_match_the_format_bit_for_bit(lamb_step, scalars):
 
 def test_every_code_reads_back_exactly(lamb_step):
     """1 - beta = 0 keeps the moments as read back, and with q = 1 (no layer adaptation), lr = 1 and w = 0 the
-    step writes w = -u exactly: every code of both moments, read back, is checked to the last bit."""
+    step writes w = -u exactly: every code of both moments, read back, is checked to the last bit (the second
+    moment's square root read back as the format says: sqrt(s / bc2) per block, times (c/255)^2)."""
     rng = np.random.default_rng(6)
     params = Params([(2, 256)], rng)
     params.w[0][...] = 0.0
@@ -160,8 +165,8 @@ def test_every_code_reads_back_exactly(lamb_step):
     rc, _ = call(lamb_step, params, scalars, [1.0], [0.0], codes=[0.0])
     assert rc == 0
     m = blockwise.dequantize_signed(want.slots["m"][0], want.slots["m_scale"][0], 512)
-    v = blockwise.dequantize_unsigned(want.slots["v"][0], want.slots["v_scale"][0], 512)
-    u = (m * F(10.0)) / (np.sqrt(v * F(1000.0)) + F(1e-6))
+    root_v = blockwise.root_unsigned(want.slots["v"][0], want.slots["v_scale"][0], 512, 1000.0)   # sqrt(v^)
+    u = (m * F(10.0)) / (root_v + F(1e-6))
     np.testing.assert_array_equal(params.w[0].reshape(-1), -u)
     for role in SLOTS.roles:
         np.testing.assert_array_equal(params.slots[role][0], want.slots[role][0])

@@ -300,12 +300,30 @@ inline float largest(const float *x, int count) {
   return float_of(top);
 }
 
+// u of one element from its codes (the moments as stored), with root = sqrt(s_v / bc2), one per block: the
+// square root of v^ = s_v (d^2)^2 / bc2 read back as root d^2, d = c_v (1/255) (no square root an element);
+// with eps inside the square root (kEpsRoot: eps_root not 0), sqrt(v^ + eps_root) of v read back.
+template <bool kGeneral, bool kEpsRoot>
+inline float update_from_codes(const Hyper &h, const Decay &d, int32_t cm, float sm, int32_t cv, float sv,
+                               float root, float w) {
+  float den;
+  if (kEpsRoot) {
+    den = std::sqrt(read_v(cv, sv) * h.inv_bc2 + h.eps_root);
+  } else {
+    const float dv = static_cast<float>(cv) * (1.0f / 255.0f);
+    den = root * (dv * dv);
+  }
+  const float r = (read_m(cm, sm) * h.inv_bc1) / (den + h.eps);  // r = m^ / (sqrt(v^) + eps)
+  return r + d.in_update * w;                                    // u = r + lambda w
+}
+inline float block_root(const Hyper &h, float v_scale) { return std::sqrt(v_scale * h.inv_bc2); }
+
 // pass 1 over whole blocks [lo, hi) (hi: a block boundary or the tensor's end): the moments read back from
 // the codes, the step of pass1 on them (new_moments), the block's new scales and codes, and the norms with u
 // from the moments as stored (read back from the new codes).
-template <bool kGeneral>
-void pass1_8bit(const Hyper &hyper, const Decay &decay, const float *w, int8_t *mc, float *ms, uint8_t *vc,
-                float *vs, const float *g, int64_t lo, int64_t hi, double *sums) {
+template <bool kGeneral, bool kEpsRoot>
+void pass1_blocks(const Hyper &hyper, const Decay &decay, const float *w, int8_t *mc, float *ms, uint8_t *vc,
+                  float *vs, const float *g, int64_t lo, int64_t hi, double *sums) {
   const Hyper h = hyper;  // local copies: the 8-bit stores may alias anything (else reloaded every element)
   const Decay d = decay;
   alignas(64) float mb[kBlock], vb[kBlock];  // the block's new moments
@@ -324,7 +342,7 @@ void pass1_8bit(const Hyper &hyper, const Decay &decay, const float *w, int8_t *
       grad_sq = add_sq(grad_sq, gb[j]);
     }
     const float sm = block_scale(largest(mb, count)), sv = block_scale(largest(vb, count));
-    const float rm = reciprocal(sm), rv = reciprocal(sv);
+    const float rm = reciprocal(sm), rv = reciprocal(sv), root = block_root(h, sv);
     ms[b] = sm;
     vs[b] = sv;
 #pragma omp simd reduction(+ : us)
@@ -332,8 +350,7 @@ void pass1_8bit(const Hyper &hyper, const Decay &decay, const float *w, int8_t *
       const int32_t cm = m_code(mb[j], rm), cv = v_code(vb[j], rv);
       mcb[j] = static_cast<int8_t>(cm);
       vcb[j] = static_cast<uint8_t>(cv);
-      const float uj = update_u<kGeneral>(h, read_m(cm, sm), read_v(cv, sv), wb[j], d);  // from m, v as stored
-      us = add_sq(us, uj);
+      us = add_sq(us, update_from_codes<kGeneral, kEpsRoot>(h, d, cm, sm, cv, sv, root, wb[j]));  // as stored
     }
     std::fill(mcb + count, mcb + kBlock, int8_t{0});  // the padding (only the last block has any)
     std::fill(vcb + count, vcb + kBlock, uint8_t{0});
@@ -344,25 +361,39 @@ void pass1_8bit(const Hyper &hyper, const Decay &decay, const float *w, int8_t *
 }
 
 // pass 2 over whole blocks [lo, hi): u from the codes (the same bits as pass 1's), w -= lr q u.
-template <bool kGeneral>
-void pass2_8bit(const Hyper &hyper, const Decay &decay, float lr_q, float *w, const int8_t *mc, const float *ms,
-                const uint8_t *vc, const float *vs, int64_t lo, int64_t hi) {
+template <bool kGeneral, bool kEpsRoot>
+void pass2_blocks(const Hyper &hyper, const Decay &decay, float lr_q, float *w, const int8_t *mc, const float *ms,
+                  const uint8_t *vc, const float *vs, int64_t lo, int64_t hi) {
   const Hyper h = hyper;
   const Decay d = decay;
   for (int64_t base = lo; base < hi; base += kBlock) {
     const int64_t b = base / kBlock;
     const int count = static_cast<int>(std::min<int64_t>(kBlock, hi - base));
-    const float sm = ms[b], sv = vs[b];
+    const float sm = ms[b], sv = vs[b], root = block_root(h, sv);
     float *wb = w + base;
     const int8_t *mcb = mc + base;
     const uint8_t *vcb = vc + base;
 #pragma omp simd
     for (int j = 0; j < count; ++j) {
       const float wj = wb[j];
-      const float uj = update_u<kGeneral>(h, read_m(mcb[j], sm), read_v(vcb[j], sv), wj, d);
+      const float uj = update_from_codes<kGeneral, kEpsRoot>(h, d, mcb[j], sm, vcb[j], sv, root, wj);
       wb[j] = (kGeneral ? d.decay_factor * wj : wj) - lr_q * uj;  // w = w - (lr q) u
     }
   }
+}
+
+// The two passes, with eps inside the square root or not (only the general loops read eps_root).
+template <bool kGeneral>
+void pass1_8bit(const Hyper &h, const Decay &d, const float *w, int8_t *mc, float *ms, uint8_t *vc, float *vs,
+                const float *g, int64_t lo, int64_t hi, double *sums) {
+  auto pass = kGeneral && h.eps_root != 0.0f ? pass1_blocks<kGeneral, true> : pass1_blocks<kGeneral, false>;
+  pass(h, d, w, mc, ms, vc, vs, g, lo, hi, sums);
+}
+template <bool kGeneral>
+void pass2_8bit(const Hyper &h, const Decay &d, float lr_q, float *w, const int8_t *mc, const float *ms,
+                const uint8_t *vc, const float *vs, int64_t lo, int64_t hi) {
+  auto pass = kGeneral && h.eps_root != 0.0f ? pass2_blocks<kGeneral, true> : pass2_blocks<kGeneral, false>;
+  pass(h, d, lr_q, w, mc, ms, vc, vs, lo, hi);
 }
 #endif  // LAMB_BLOCK
 

@@ -60,6 +60,14 @@ def dequantize_unsigned(codes, scales, count):
     return (np.asarray(scales, F)[:, None] * (t * t)).reshape(-1)[:count]
 
 
+def root_unsigned(codes, scales, count, factor):
+    """sqrt(factor v) of the second moment v that `codes`, `scales` hold, as the format reads it back: sqrt(s factor)
+    per block, times d^2 (d = c (1/255))."""
+    d = np.asarray(codes).astype(F).reshape(-1, BLOCK) * (F(1) / F(255))
+    root = np.sqrt(np.asarray(scales, F) * F(factor))
+    return (root[:, None] * (d * d)).reshape(-1)[:count]
+
+
 def stored_signed(x):
     """float64 `x` as the 8-bit first moment stores it (rounded to float32, quantized, read back)."""
     x = np.asarray(x)
