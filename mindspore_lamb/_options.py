@@ -52,7 +52,7 @@ class Options:
         self.mu_dtype = V.check_dtype("mu_dtype", mu_dtype, MU_DTYPES)
         # the stored dtype of each state slot the options choose ({role: dtype}; None leaves a slot out: state.declare)
         self.slot_dtypes = {"m": self.mu_dtype}
-        self.optim_bits, self.min_8bit_size = _check_8bit(optim_bits, min_8bit_size, mu_dtype, self.shard_state)
+        self.optim_bits, self.min_8bit_size = _check_8bit(optim_bits, min_8bit_size, mu_dtype)
         if backend is not None:
             V.check_choice("backend", backend, BACKEND_NAMES)
         self.backend = backend
@@ -85,7 +85,7 @@ class Options:
                 and (self.layer_adaptation != "decayed" or decayed) and not self.excluded_from_adaptation(name))
 
 
-def _check_8bit(optim_bits, min_8bit_size, mu_dtype, shard_state):
+def _check_8bit(optim_bits, min_8bit_size, mu_dtype):
     """(optim_bits, min_8bit_size), checked: 8-bit state stores both moments itself (docs/memory.md)."""
     V.check_choice("optim_bits", optim_bits, (32, 8))
     V.check_int("min_8bit_size", min_8bit_size, "Lamb", low=1)
@@ -93,9 +93,6 @@ def _check_8bit(optim_bits, min_8bit_size, mu_dtype, shard_state):
         raise ValueError(f"For 'Lamb', the argument 'mu_dtype' must be None or float32 with optim_bits=8 (the "
                          f"8-bit state stores the first moment itself; tensors below min_8bit_size elements keep "
                          f"float32 moments), but got {V.describe(mu_dtype)}.")
-    if optim_bits == 8 and shard_state:
-        raise ValueError("For 'Lamb', the argument 'shard_state' must be False with optim_bits=8: the sharded "
-                         "backend keeps float32 or 16-bit moments only (docs/memory.md), but got True.")
     return optim_bits, min_8bit_size
 
 

@@ -88,16 +88,15 @@ def create(params, slots, *, decay_flags, adapt_flags, owned_flags, constants, s
     parameter: whether its moments are 8-bit; the others keep float32 moments in the same slots,
     ``contract.parameter_state``), instead of `slots`."""
     build_args = dict(decay_flags=decay_flags, adapt_flags=adapt_flags, owned_flags=owned_flags, constants=constants)
+    eight_bit = {}
     if quantized is not None:
-        slots, eight_bit = quantized
-        kernels = select(params, slots, name=name)
-        return kernels(params, slots, eight_bit=eight_bit, **build_args)
+        slots, eight_bit = quantized[0], {"eight_bit": quantized[1]}
     kernels = select(params, slots, name=name)
     if shard_state:
         rank, world = sharded.data_parallel_group(parallel_optimizer)
         return sharded.ShardedBackend(params, slots, kernels=kernels, rank=rank, world=world,
-                                      bucket=shard_bucket_size, **build_args)
-    return kernels(params, slots, **build_args)
+                                      bucket=shard_bucket_size, **eight_bit, **build_args)
+    return kernels(params, slots, **eight_bit, **build_args)
 
 
 def sum_of_squares_cell(device_target=None):

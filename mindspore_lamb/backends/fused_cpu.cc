@@ -360,24 +360,26 @@ void pass1_blocks(const Hyper &hyper, const Decay &decay, const float *w, int8_t
   sums[2] = grad_sq;
 }
 
-// pass 2 over whole blocks [lo, hi): u from the codes (the same bits as pass 1's), w -= lr q u.
+// pass 2 over whole blocks [lo, hi): u from the codes (the same bits as pass 1's), w -= lr q u into `out` (w
+// itself, in place, or a sharded bucket).
 template <bool kGeneral, bool kEpsRoot>
-void pass2_blocks(const Hyper &hyper, const Decay &decay, float lr_q, float *w, const int8_t *mc, const float *ms,
-                  const uint8_t *vc, const float *vs, int64_t lo, int64_t hi) {
+void pass2_blocks(const Hyper &hyper, const Decay &decay, float lr_q, const float *w, const int8_t *mc,
+                  const float *ms, const uint8_t *vc, const float *vs, float *out, int64_t lo, int64_t hi) {
   const Hyper h = hyper;
   const Decay d = decay;
   for (int64_t base = lo; base < hi; base += kBlock) {
     const int64_t b = base / kBlock;
     const int count = static_cast<int>(std::min<int64_t>(kBlock, hi - base));
     const float sm = ms[b], sv = vs[b], root = block_root(h, sv);
-    float *wb = w + base;
+    const float *wb = w + base;
+    float *ob = out + base;
     const int8_t *mcb = mc + base;
     const uint8_t *vcb = vc + base;
 #pragma omp simd
     for (int j = 0; j < count; ++j) {
       const float wj = wb[j];
       const float uj = update_from_codes<kGeneral, kEpsRoot>(h, d, mcb[j], sm, vcb[j], sv, root, wj);
-      wb[j] = (kGeneral ? d.decay_factor * wj : wj) - lr_q * uj;  // w = w - (lr q) u
+      ob[j] = (kGeneral ? d.decay_factor * wj : wj) - lr_q * uj;  // w = w - (lr q) u
     }
   }
 }
@@ -390,10 +392,10 @@ void pass1_8bit(const Hyper &h, const Decay &d, const float *w, int8_t *mc, floa
   pass(h, d, w, mc, ms, vc, vs, g, lo, hi, sums);
 }
 template <bool kGeneral>
-void pass2_8bit(const Hyper &h, const Decay &d, float lr_q, float *w, const int8_t *mc, const float *ms,
-                const uint8_t *vc, const float *vs, int64_t lo, int64_t hi) {
+void pass2_8bit(const Hyper &h, const Decay &d, float lr_q, const float *w, const int8_t *mc, const float *ms,
+                const uint8_t *vc, const float *vs, float *out, int64_t lo, int64_t hi) {
   auto pass = kGeneral && h.eps_root != 0.0f ? pass2_blocks<kGeneral, true> : pass2_blocks<kGeneral, false>;
-  pass(h, d, lr_q, w, mc, ms, vc, vs, lo, hi);
+  pass(h, d, lr_q, w, mc, ms, vc, vs, out, lo, hi);
 }
 #endif  // LAMB_BLOCK
 
@@ -524,7 +526,7 @@ struct State8 : Args {
     if (!(*quantized)[i]) return FloatState<float>{{params, n}}.pass2(general, h, d, lr_q, i, lo, hi);
     auto pass = general ? pass2_8bit<true> : pass2_8bit<false>;
     pass(h, d, lr_q, w(i), slot<const int8_t>(kSlot_m, i), slot<const float>(kSlot_m_scale, i),
-         slot<const uint8_t>(kSlot_v, i), slot<const float>(kSlot_v_scale, i), lo, hi);
+         slot<const uint8_t>(kSlot_v, i), slot<const float>(kSlot_v_scale, i), w(i), lo, hi);
   }
 };
 #endif  // LAMB_BLOCK
@@ -644,6 +646,213 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 #endif
 }
 
+#ifdef LAMB_BLOCK
+namespace {
+
+// The sharded 8-bit state (backends/sharded_blocks.py): the codes of the 8-bit tensors (kinds[i] = 1), each
+// padded to whole blocks as in the unsharded format and concatenated in order (the padded layout), are cut into
+// the workers' pieces on block boundaries, so that no block straddles two pieces: a piece holds the codes
+// (int8 m, uint8 v) of its elements and the scales of its blocks. The tensors below min_8bit_size (kinds[i] = 0)
+// keep float32 m and v whole on every worker, updated redundantly (the same bits everywhere).
+
+// Each tensor's extent in the padded layout: its codes (whole blocks), or 0 for a float32 tensor.
+std::vector<int64_t> padded_lengths(const std::vector<int64_t> &len, const int32_t *kinds) {
+  std::vector<int64_t> padded(len.size());
+  for (size_t i = 0; i < len.size(); ++i) padded[i] = kinds[i] ? (len[i] + kBlock - 1) / kBlock * kBlock : 0;
+  return padded;
+}
+
+// The piece's slots, shifted so that tensor i's tensor-local index j (and block j / kBlock) reads them.
+struct Piece8 {
+  int8_t *mc;
+  float *ms;
+  uint8_t *vc;
+  float *vs;
+  Piece8 at(int64_t shift) const {  // shift: the tensor's start in the piece (a block multiple; may be < 0)
+    return {mc + shift, ms + shift / kBlock, vc + shift, vs + shift / kBlock};
+  }
+};
+Piece8 piece8(void **params, int first) {
+  return {static_cast<int8_t *>(params[first]), static_cast<float *>(params[first + 1]),
+          static_cast<uint8_t *>(params[first + 2]), static_cast<float *>(params[first + 3])};
+}
+
+// LambShardSums, 8-bit: (scalars, lrs, wds, bounds, kinds, w_0..w_{n-1}, m codes, m scales, v codes, v scales,
+// m_0..m_{s-1}, v_0..v_{s-1}, g_0..g_{n-1}) -> int32 (n, 4): (n, 2) float64 sums, as their bits. bounds = int32 [start, end, rank]: the piece's
+// range of the padded layout (block multiples); m_k, v_k: the float32 moments of the s tensors of kind 0, in
+// order. Pass 1 over the piece's blocks (codes and scales IN PLACE) and over the whole float32 tensors (IN
+// PLACE, on every worker); the float32 tensors' sums are reported by rank 0 only, so that the all-reduce of the
+// workers' sums count them once. The sums stay double, all-gathered as bits (MindSpore's AllReduce takes no
+// float64) and added in rank order by LambShardTotal, then rounded to float32 once, as the unsharded kernel
+// rounds its own.
+int shard_sums_8bit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const int n = static_cast<int>(numel(ndims[4], shapes[4]));
+  const int32_t *kinds = static_cast<const int32_t *>(params[4]);
+  int s = 0;
+  for (int i = 0; i < n; ++i) s += kinds[i] == 0;
+  if (nparam != 5 + n + 4 + 2 * s + n + 1 || numel(ndims[3], shapes[3]) != 3) return 1;
+  const int first = 5 + n, floats = first + 4, grads = floats + 2 * s;
+  if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
+  if (stored_as(dtypes[first]) != Stored::kInt8 || stored_as(dtypes[first + 2]) != Stored::kUint8 ||
+      !all_float32(first + 1, first + 2, dtypes) || !all_float32(first + 3, first + 4, dtypes) ||
+      !all_float32(floats, nparam - 1, dtypes) || !all_float32(5, first, dtypes))
+    return 2;
+  const float *hp = static_cast<const float *>(params[0]);
+  const int32_t *bounds = static_cast<const int32_t *>(params[3]);
+  std::vector<double> sums(2 * n, 0.0);
+  const auto out = [&] { std::memcpy(params[nparam - 1], sums.data(), sums.size() * sizeof(double)); return 0; };
+  if (hp[k_proceed] == 0.0f) return out();
+  const Hyper h = read_hyper(hp);
+  const bool general = is_general(hp);
+  const std::vector<Decay> decay = decays(hp, static_cast<const float *>(params[1]),
+                                          static_cast<const float *>(params[2]), n);
+  std::vector<int64_t> len(n), offset(n), whole(n, -1);  // whole[i]: tensor i's index among the float32 ones
+  for (int i = 0, k = 0; i < n; ++i) {
+    len[i] = numel(ndims[5 + i], shapes[5 + i]);
+    if (!kinds[i]) whole[i] = k++;
+  }
+  const int64_t start = bounds[0];
+  std::vector<Chunk> chunks = range_chunks(padded_lengths(len, kinds), start, bounds[1], &offset);
+  const size_t in_piece = chunks.size();
+  for (int i = 0; i < n; ++i)  // the float32 tensors, whole (after the piece's chunks)
+    for (int64_t lo = 0; lo < (kinds[i] ? 0 : len[i]); lo += kChunk) chunks.push_back({i, lo, std::min(len[i], lo + kChunk)});
+  const Piece8 piece = piece8(params, first);
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  std::vector<double> part(3 * nc);
+  int64_t work = bounds[1] - start;
+  for (int i = 0; i < n; ++i) work += kinds[i] ? 0 : len[i];
+#pragma omp parallel for schedule(dynamic) num_threads(threads_for(work))
+  for (int64_t c = 0; c < nc; ++c) {
+    const Chunk &k = chunks[c];
+    const float *w = static_cast<const float *>(params[5 + k.tensor]);
+    const float *g = static_cast<const float *>(params[grads + k.tensor]);
+    if (static_cast<size_t>(c) >= in_piece) {
+      float *m = static_cast<float *>(params[floats + whole[k.tensor]]);
+      float *v = static_cast<float *>(params[floats + s + whole[k.tensor]]);
+      auto pass = general ? pass1<true, float> : pass1<false, float>;
+      pass(h, decay[k.tensor], w, m, v, g, k.lo, k.hi, &part[3 * c]);
+      continue;
+    }
+    const Piece8 p = piece.at(offset[k.tensor] - start);
+    auto pass = general ? pass1_8bit<true> : pass1_8bit<false>;
+    // hi: the tensor's real elements (pass1_8bit pads its last block with zero codes)
+    pass(h, decay[k.tensor], w, p.mc, p.ms, p.vc, p.vs, g, k.lo, std::min(k.hi, len[k.tensor]), &part[3 * c]);
+  }
+  for (int64_t c = 0; c < nc; ++c) {  // in chunk order: deterministic
+    if (static_cast<size_t>(c) >= in_piece && bounds[2] != 0) break;  // the float32 tensors: rank 0's only
+    sums[2 * chunks[c].tensor] += part[3 * c];
+    sums[2 * chunks[c].tensor + 1] += part[3 * c + 1];
+  }
+  return out();
+}
+
+// LambShardTotal (8-bit only): (gathered int32 (world n, 4): each worker's LambShardSums) -> float32 (n, 2): the
+// workers' double sums added in rank order, rounded to float32 once.
+int shard_total(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const int64_t rows = numel(ndims[1], shapes[1]) / 2;  // the output: (n, 2)
+  const int64_t gathered = numel(ndims[0], shapes[0]) / 4;
+  if (nparam != 2 || rows < 1 || gathered % rows != 0) return 3;
+  if (std::strcmp(dtypes[0], "int32") != 0 || !all_float32(1, 2, dtypes)) return 2;
+  std::vector<double> sums(2 * gathered);
+  std::memcpy(sums.data(), params[0], sums.size() * sizeof(double));
+  float *total = static_cast<float *>(params[1]);
+  for (int64_t j = 0; j < 2 * rows; ++j) {
+    double t = 0.0;
+    for (int64_t r = 0; r < gathered / rows; ++r) t += sums[2 * rows * r + j];
+    total[j] = static_cast<float>(t);
+  }
+  return 0;
+}
+
+// LambShardApplyBucket, 8-bit: (scalars, lr_qs, decay_factors, wds, bounds, kinds, w_0..w_{n-1}, m codes,
+// m scales, v codes, v scales) -> bucket (B,): pass 2 over the piece's padded-layout positions [lo, lo + B)
+// (bounds = int32 [start, end, lo], B and lo block multiples); padding (a tensor's last block, past end) is 0.
+int shard_apply_8bit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const int n = static_cast<int>(numel(ndims[5], shapes[5]));
+  if (nparam != 6 + n + 4 + 1 || numel(ndims[0], shapes[0]) != kScalarCount || numel(ndims[4], shapes[4]) != 3)
+    return 3;
+  const int first = 6 + n;
+  if (stored_as(dtypes[first]) != Stored::kInt8 || stored_as(dtypes[first + 2]) != Stored::kUint8 ||
+      !all_float32(6, first, dtypes) || !all_float32(first + 1, first + 2, dtypes) ||
+      !all_float32(first + 3, nparam, dtypes))
+    return 2;
+  const float *hp = static_cast<const float *>(params[0]);
+  const float *lr_qs = static_cast<const float *>(params[1]);
+  const float *decay_factors = static_cast<const float *>(params[2]);
+  const int32_t *bounds = static_cast<const int32_t *>(params[4]);
+  const int32_t *kinds = static_cast<const int32_t *>(params[5]);
+  const Hyper h = read_hyper(hp);
+  const bool general = is_general(hp);
+  std::vector<Decay> decay = decays(hp, lr_qs, static_cast<const float *>(params[3]), n);
+  for (int i = 0; i < n; ++i) decay[i].decay_factor = decay_factors[i];
+  std::vector<int64_t> len(n), offset(n);
+  for (int i = 0; i < n; ++i) len[i] = numel(ndims[6 + i], shapes[6 + i]);
+  float *out = static_cast<float *>(params[nparam - 1]);
+  const int64_t size = numel(ndims[nparam - 1], shapes[nparam - 1]);
+  const int64_t start = bounds[0], at = start + bounds[2];          // the bucket: [at, at + size)
+  const int64_t last = std::max(at, std::min<int64_t>(bounds[1], at + size));
+  const std::vector<Chunk> chunks = range_chunks(padded_lengths(len, kinds), at, last, &offset);
+  const Piece8 piece = piece8(params, first);
+  std::fill(out, out + size, 0.0f);  // the padding
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+#pragma omp parallel for schedule(dynamic) num_threads(threads_for(last - at))
+  for (int64_t c = 0; c < nc; ++c) {
+    const Chunk &k = chunks[c];
+    const float *w = static_cast<const float *>(params[6 + k.tensor]);
+    const int64_t hi = std::min(k.hi, len[k.tensor]), to_bucket = offset[k.tensor] - at;
+    if (lr_qs[k.tensor] == 0.0f && decay_factors[k.tensor] == 1.0f) {  // w as it is (0 u is not 0 for NaN u)
+      std::copy(w + k.lo, w + hi, out + to_bucket + k.lo);
+      continue;
+    }
+    const Piece8 p = piece.at(offset[k.tensor] - start);
+    auto pass = general ? pass2_8bit<true> : pass2_8bit<false>;
+    pass(h, decay[k.tensor], lr_qs[k.tensor], w, p.mc, p.ms, p.vc, p.vs, out + to_bucket, k.lo, hi);
+  }
+  return 0;
+}
+
+// LambShardApplyWhole (8-bit only): (scalars, lr_qs, decay_factors, wds, kinds, w_0..w_{n-1}, m_0..m_{s-1},
+// v_0..v_{s-1}) -> float32 (1,) (0): pass 2 of the float32 tensors (kind 0), whole, IN PLACE, on every worker.
+int shard_apply_whole(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const int n = static_cast<int>(numel(ndims[4], shapes[4]));
+  const int32_t *kinds = static_cast<const int32_t *>(params[4]);
+  int s = 0;
+  for (int i = 0; i < n; ++i) s += kinds[i] == 0;
+  if (nparam != 5 + n + 2 * s + 1 || numel(ndims[0], shapes[0]) != kScalarCount) return 3;
+  if (!all_float32(5, nparam, dtypes)) return 2;
+  const float *hp = static_cast<const float *>(params[0]);
+  const float *lr_qs = static_cast<const float *>(params[1]);
+  const float *decay_factors = static_cast<const float *>(params[2]);
+  const Hyper h = read_hyper(hp);
+  const bool general = is_general(hp);
+  std::vector<Decay> decay = decays(hp, lr_qs, static_cast<const float *>(params[3]), n);
+  *static_cast<float *>(params[nparam - 1]) = 0.0f;
+  for (int i = 0, k = 0; i < n; ++i) {
+    if (kinds[i]) continue;
+    const int index = k++;
+    if (lr_qs[i] == 0.0f && decay_factors[i] == 1.0f) continue;  // w as it is
+    decay[i].decay_factor = decay_factors[i];
+    float *w = static_cast<float *>(params[5 + i]);
+    auto pass = general ? pass2<true, float> : pass2<false, float>;
+    pass(h, decay[i], lr_qs[i], w, static_cast<const float *>(params[5 + n + index]),
+         static_cast<const float *>(params[5 + n + s + index]), w, 0, numel(ndims[5 + i], shapes[5 + i]));
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" int LambShardTotal(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  return shard_total(nparam, params, ndims, shapes, dtypes);
+}
+
+extern "C" int LambShardApplyWhole(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  return shard_apply_whole(nparam, params, ndims, shapes, dtypes);
+}
+#endif  // LAMB_BLOCK
+
 // The sharded backend's first kernel (backends/sharded.py), over one worker's piece [start, end) of the
 // parameters flattened and concatenated in order; m and v are the piece's slots, in LAMB_SLOTS order (end -
 // start used; m float32, float16 or bfloat16, v float32). The second pass is LambShardApplyBucket, below.
@@ -654,7 +863,7 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 extern "C" int LambShardSums(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                              void *stream, void *extra) {
 #ifdef LAMB_BLOCK
-  return 2;  // the sharded kernels take the float state only
+  return shard_sums_8bit(nparam, params, ndims, shapes, dtypes);
 #endif
   if ((nparam - 5 - kSlotCount) % 2 != 0) return 1;
   const int n = (nparam - 5 - kSlotCount) / 2;
@@ -716,7 +925,7 @@ extern "C" int LambShardSums(int nparam, void **params, int *ndims, int64_t **sh
 extern "C" int LambShardApplyBucket(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                     void *stream, void *extra) {
 #ifdef LAMB_BLOCK
-  return 2;  // the sharded kernels take the float state only
+  return shard_apply_8bit(nparam, params, ndims, shapes, dtypes);
 #endif
   const int n = nparam - 6 - kSlotCount;
   if (n < 1 || numel(ndims[0], shapes[0]) != kScalarCount || numel(ndims[4], shapes[4]) != 3) return 3;
@@ -763,22 +972,34 @@ extern "C" int LambShardApplyBucket(int nparam, void **params, int *ndims, int64
 
 extern "C" int LambShardWrite(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                               void *stream, void *extra) {
-  const int n = nparam - 3;
+#ifdef LAMB_BLOCK
+  const int lead = 3;  // gathered, layout, kinds: the 8-bit tensors' positions in the padded layout
+#else
+  const int lead = 2;  // gathered, layout
+#endif
+  const int n = nparam - lead - 1;
   if (n < 1 || numel(ndims[1], shapes[1]) != 3) return 3;
-  if (!all_float32(0, 1, dtypes) || !all_float32(2, nparam, dtypes)) return 2;
+  if (!all_float32(0, 1, dtypes) || !all_float32(lead, nparam, dtypes)) return 2;
   const int32_t *layout = static_cast<const int32_t *>(params[1]);
   const int64_t width = layout[0], lo = layout[1], world = layout[2];
   const int64_t gathered = numel(ndims[0], shapes[0]);
   if (world < 1 || gathered % world != 0) return 3;
   const int64_t size = gathered / world;
   std::vector<int64_t> len(n), offset(n);
-  for (int i = 0; i < n; ++i) len[i] = numel(ndims[2 + i], shapes[2 + i]);
+  for (int i = 0; i < n; ++i) len[i] = numel(ndims[lead + i], shapes[lead + i]);
+#ifdef LAMB_BLOCK
+  if (numel(ndims[2], shapes[2]) != n) return 3;
+  const std::vector<int64_t> extent = padded_lengths(len, static_cast<const int32_t *>(params[2]));
+#else
+  const std::vector<int64_t> &extent = len;
+#endif
   std::vector<Chunk> chunks;
   std::vector<int64_t> source;  // per chunk: gathered index of its tensor-local element 0
   for (int64_t r = 0; r < world; ++r) {
     const int64_t first = r * width + lo;  // worker r's part: flat positions [first, first + size), in its piece
-    for (const Chunk &k : range_chunks(len, first, first + std::min(size, width - lo), &offset)) {
-      chunks.push_back(k);
+    for (const Chunk &k : range_chunks(extent, first, first + std::min(size, width - lo), &offset)) {
+      if (k.lo >= len[k.tensor]) continue;  // a tensor's padding (8-bit layout)
+      chunks.push_back({k.tensor, k.lo, std::min(k.hi, len[k.tensor])});
       source.push_back(r * size + offset[k.tensor] - first);
     }
   }
@@ -787,7 +1008,7 @@ extern "C" int LambShardWrite(int nparam, void **params, int *ndims, int64_t **s
 #pragma omp parallel for schedule(dynamic) num_threads(threads_for(gathered))
   for (int64_t c = 0; c < nc; ++c) {
     const Chunk &k = chunks[c];
-    float *w = static_cast<float *>(params[2 + k.tensor]);
+    float *w = static_cast<float *>(params[lead + k.tensor]);
     std::copy(from + source[c] + k.lo, from + source[c] + k.hi, w + k.lo);
   }
   *static_cast<float *>(params[nparam - 1]) = 0.0f;

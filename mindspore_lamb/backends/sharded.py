@@ -35,9 +35,10 @@ from mindspore.ops import functional as F
 from mindspore.ops import operations as P
 
 from .._ops import assign, broadcast_to, cast
-from . import composite, fused_cpu
+from . import composite, fused_cpu, sharded_blocks
 from .composite import moments_and_update, new_weight, rates, rescale, trust_ratio
 from .contract import INDEX, SlotState, per_parameter, terms, to_float32
+from ..state import BLOCK
 
 _PROCEED, _OUTSIDE = INDEX["proceed"], INDEX["decay_outside"]
 NAMES_PARAMETER = "lamb_shard_names"
@@ -159,7 +160,7 @@ class ShardedBackend(nn.Cell):
     name = "sharded"
 
     def __init__(self, params, slots, *, decay_flags, adapt_flags, owned_flags, constants, kernels, rank, world,
-                 bucket=DEFAULT_BUCKET):
+                 bucket=DEFAULT_BUCKET, eight_bit=None):
         super().__init__()
         if not all(owned_flags):
             raise ValueError("The sharded backend does its own sharding: it does not run under MindSpore's "
@@ -168,7 +169,17 @@ class ShardedBackend(nn.Cell):
         self.n = len(params)
         self.rank, self.world = rank, world
         self.slots = slots
-        self.state = shard_state(params, slots, world)       # by role (contract.SlotState)
+        # the fused CPU kernels run the piece on CPU with float32 parameters; else the composite rule
+        self.fused = kernels is fused_cpu.FusedCpuBackend
+        self.quantized = slots.quantized                     # the 8-bit state: pieces cut on block boundaries
+        if self.quantized:
+            if not self.fused:
+                raise ValueError(f"For 'Lamb', the argument 'optim_bits' is 8 with shard_state=True, which runs "
+                                 f"on the fused CPU kernels only, but this Lamb takes the {kernels.name} backend "
+                                 f"(docs/memory.md): use optim_bits=32 or shard_state=False there.")
+            self.state = sharded_blocks.block_state(params, slots, eight_bit, world)
+        else:
+            self.state = shard_state(params, slots, world)   # by role (contract.SlotState)
         self.state_params = self.state.flat()                # one piece per slot, in the order of `slots`
         self.layout = slots.layout()
         self.shard_names = names_record([p.name for p in params])
@@ -177,10 +188,17 @@ class ShardedBackend(nn.Cell):
         self.shard_rank = shard_record(rank, world)
         total, width = sum(sizes), piece_length(sum(sizes), world)
         start, end = min(rank * width, total), min((rank + 1) * width, total)
+        if self.quantized:
+            # the padded layout of the 8-bit tensors' codes, cut on block boundaries (sharded_blocks.py), and the
+            # buckets whole blocks; the float32 tensors, whole on every worker, are updated in place
+            width = sharded_blocks.piece_blocks(sizes, eight_bit, world) * BLOCK
+            start, end = sharded_blocks.piece_bounds(sizes, eight_bit, rank, world)
+            bucket = -(-bucket // BLOCK) * BLOCK
+            self.kinds = Tensor(np.array(eight_bit, np.int32))
+            self.piece_params = ParameterTuple(p for p in self.state_params if p.name.endswith(".shard"))
+            self.whole_params = ParameterTuple(p for p in self.state_params if not p.name.endswith(".shard"))
         # the piece's buckets: each is all-gathered and written into the parameters before the next is made
         self.buckets = buckets(width, bucket)
-        # on CPU with float32 parameters, the piece's two passes are fused kernels (fused_cpu.cc)
-        self.fused = kernels is fused_cpu.FusedCpuBackend
         self.SumOfSquares = kernels.SumOfSquares            # the chosen kernels' sum (also the loss-scale cell's)
         self.grad_sq_cell = kernels.SumOfSquares()
         # the slices [a, b) of the piece that parameters first .. first + len - 1 cover (the others: 0)
@@ -188,8 +206,10 @@ class ShardedBackend(nn.Cell):
         if self.fused:
             library = fused_cpu.library_path(slots=slots)
             n = self.n
-            self.shard_sums = ops.Custom(library + ":LambShardSums", out_shape=lambda *shapes: (n, 2),
-                                         out_dtype=lambda *types: mstype.float32, func_type="aot")
+            # 8-bit: float64 sums as int32 bits, all-gathered and added by LambShardTotal, then rounded once
+            sums_shape, sums_dtype = ((n, 4), mstype.int32) if self.quantized else ((n, 2), mstype.float32)
+            self.shard_sums = ops.Custom(library + ":LambShardSums", out_shape=lambda *shapes: sums_shape,
+                                         out_dtype=lambda *types: sums_dtype, func_type="aot")
             self.shard_sums.add_prim_attr("side_effect_mem", True)   # m, v in place
             size = self.buckets[0][1]                                # every bucket this long (the last padded)
             self.shard_apply = ops.Custom(library + ":LambShardApplyBucket", out_shape=lambda *shapes: (size,),
@@ -200,7 +220,7 @@ class ShardedBackend(nn.Cell):
             # the kernels' bounds: this worker's piece [start, end) of the flat parameters; bucket k (lo = k size,
             # in the piece) is [start, end, lo] = [start, end, 0] + lo [0, 0, 1], and it is gathered into the
             # parameters by [L, lo, world] = [L, 0, world] + lo [0, 1, 0]
-            self.bounds = Tensor(np.array([start, end], np.int32))
+            self.bounds = Tensor(np.array([start, end] + [rank] * self.quantized, np.int32))
             self.bucket_bounds = Tensor(np.array([start, end, 0], np.int32))
             self.write_layout = Tensor(np.array([width, 0, world], np.int32))
             self.at_bounds = Tensor(np.array([0, 0, 1], np.int32))
@@ -209,6 +229,12 @@ class ShardedBackend(nn.Cell):
             self.n_buckets = Tensor(len(self.buckets), mstype.int32)
             self.bucket0 = Tensor(0, mstype.int32)
             self.hyper_map = C.HyperMap()
+            if self.quantized:
+                self.shard_total = ops.Custom(library + ":LambShardTotal", out_shape=lambda *shapes: (n, 2),
+                                              out_dtype=lambda *types: mstype.float32, func_type="aot")
+                self.shard_whole = ops.Custom(library + ":LambShardApplyWhole", out_shape=lambda *shapes: (1,),
+                                              out_dtype=lambda *types: mstype.float32, func_type="aot")
+                self.shard_whole.add_prim_attr("side_effect_mem", True)   # the float32 tensors in place
         else:
             # the piece in the composite graph: static slices of the flattened parameters (gradients), each
             # parameter's scalars broadcast over its slice, and the padding (the last worker's) a constant tail
@@ -301,7 +327,11 @@ class ShardedBackend(nn.Cell):
         c = None
         if self.fused:
             packed = self.stack0(self.hyper_map(to_float32, scalars))
-            sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, *self.state_params, *gradients)
+            if self.quantized:
+                sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, self.kinds, *params, *self.piece_params,
+                                       *self.whole_params, *gradients)
+            else:
+                sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, *self.state_params, *gradients)
         else:
             w = self._piece(params)
             g = self._piece(gradients)
@@ -312,8 +342,8 @@ class ShardedBackend(nn.Cell):
                                    self._spread(wd_vec, self.slices, self.pad, self.zeros), w, self.state_params,
                                    self.layout, g)
             sums = self._piece_sums(self.stack((F.square(w), F.square(u))))
-        # 2. one all-reduce: the norms of whole layers on every worker
-        sums = self.all_reduce(sums)
+        # 2. one all-reduce (8-bit: an all-gather of the float64 sums): the norms of whole layers on every worker
+        sums = self.shard_total(self.all_gather(sums)) if self.quantized else self.all_reduce(sums)
         decay_factor = 1.0 - lr_vec * wd_vec * scalars[_OUTSIDE]
         w_norm = F.sqrt(sums[:, 0]) * decay_factor
         u_norm = F.sqrt(sums[:, 1])
@@ -328,11 +358,19 @@ class ShardedBackend(nn.Cell):
             k = self.bucket0
             while k < self.n_buckets:
                 lo = k * self.bucket_size
-                bucket = self.shard_apply(packed, lr_q, decay_factor, wd_vec, self.bucket_bounds + lo * self.at_bounds,
-                                          *params, *self.state_params)
-                written = self.shard_write(self.all_gather(bucket), self.write_layout + lo * self.at_layout, *params)
+                at, layout = self.bucket_bounds + lo * self.at_bounds, self.write_layout + lo * self.at_layout
+                if self.quantized:
+                    bucket = self.shard_apply(packed, lr_q, decay_factor, wd_vec, at, self.kinds, *params,
+                                              *self.piece_params)
+                    written = self.shard_write(self.all_gather(bucket), layout, self.kinds, *params)
+                else:
+                    bucket = self.shard_apply(packed, lr_q, decay_factor, wd_vec, at, *params, *self.state_params)
+                    written = self.shard_write(self.all_gather(bucket), layout, *params)
                 k = F.depend(k + 1, written)
             done += (k,)
+            if self.quantized:
+                done += (self.shard_whole(packed, lr_q, decay_factor, wd_vec, self.kinds, *params,
+                                          *self.whole_params),)
         else:
             cut = ()
             for k in range(len(self.buckets)):
