@@ -171,7 +171,7 @@ def _cell_slots(cell):
 def _sharding_mismatch(params, cell):
     """Why `params` (sharded, or not) does not fit `cell`'s optimizer (not sharded, or sharded), or None."""
     slots = _cell_slots(cell)
-    shards = {slot.name("shard") for slot in slots}
+    shards = {slot.name("shard") for slot in state.SLOTS + state.SLOTS_8BIT}   # either format's pieces
     names = {p.name for p in _saved_parameters(cell)}
     if shards & set(params) and not shards & names:
         rank, world = (int(x) for x in params[RANK_PARAMETER].asnumpy().reshape(-1)) \
@@ -196,12 +196,17 @@ def _bits_mismatch(params, cell):
     for source, names in (("checkpoint", params), ("cell", [p.name for p in _saved_parameters(cell)])):
         for name in names:
             prefix, _, parameter = name.partition(".")
-            if prefix in kind_of and parameter != "shard":
+            if prefix in kind_of:
                 kinds.setdefault(parameter, {})[source] = kind_of[prefix]
     differ = sorted(name for name, kind in kinds.items() if len(set(kind.values())) == 2 and len(kind) == 2)
     if not differ:
         return None
     kind = kinds[differ[0]]
+    if "shard" in differ:                                # both sharded (shard_state=True)
+        kind = kinds["shard"]
+        return (f"stores this worker's piece of the moments in {kind['checkpoint']} state, and this optimizer keeps "
+                f"its piece in {kind['cell']} state: resume with the optim_bits and min_8bit_size the checkpoint "
+                f"was written with (docs/memory.md)")
     return (f"stores the moments of {len(differ)} parameters in {kind['checkpoint']} state (e.g. '{differ[0]}'), and "
             f"this optimizer keeps them in {kind['cell']} state: resume with the optim_bits and min_8bit_size the "
             f"checkpoint was written with (docs/memory.md)")

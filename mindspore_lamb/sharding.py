@@ -26,7 +26,10 @@ from mindspore import Parameter, Tensor
 from mindspore.nn import Cell
 
 from ._files import CheckpointError, load
+from .backends import sharded_blocks
+from .backends.contract import dtype_name
 from .backends.sharded import NAMES_PARAMETER, RANK_PARAMETER, names_record, piece, piece_length, shard_record
+from .state import SLOTS, SLOTS_8BIT
 
 
 def _array(value):
@@ -153,6 +156,8 @@ def merge(shards: Sequence[Union[str, os.PathLike, Mapping[str, object]]], *,
               for name, value in shards[0][1].items() if name not in skip}
     shapes = [_array(merged[_weight_key(merged, name)]).shape for name in names]
     sizes = [int(np.prod(shape)) for shape in shapes]
+    if SLOTS_8BIT[0].name("shard") in skip:
+        return _merge_8bit(shards, merged, names, sizes)
     total, length = sum(sizes), piece_length(sum(sizes), len(shards))
     for prefix in prefixes:
         pieces = [_array(state[f"{prefix}.shard"]).reshape(-1) for _, state in shards]
@@ -164,6 +169,37 @@ def merge(shards: Sequence[Union[str, os.PathLike, Mapping[str, object]]], *,
         for name, shape, start, size in zip(names, shapes, np.cumsum([0] + sizes), sizes):
             merged[f"{prefix}.{name}"] = Parameter(Tensor(flat[start:start + size].reshape(shape).copy()),
                                                    name=f"{prefix}.{name}")
+    return merged
+
+
+def _merge_8bit(shards, merged, names, sizes):
+    """merge() of the 8-bit state (optim_bits=8, backends/sharded_blocks.py): each slot's pieces into the codes or
+    scales of every 8-bit tensor (``lamb_m8.<name>``, ...); the float32 tensors' moments, whole on every worker,
+    checked to be the same there, with the unused scale (one 0) the unsharded state holds for them."""
+    floats = [slot.name(name) for name in names for slot in SLOTS if slot.name(name) in merged]
+    (first, state0), others = shards[0], shards[1:]
+    for key in floats:
+        for label, state in others:
+            if key not in state or not np.array_equal(_array(state[key]), _array(state0[key]), equal_nan=True):
+                raise ValueError(f"For 'sharding.merge', every worker keeps the float32 moments of the tensors below "
+                                 f"min_8bit_size whole, identical, but '{key}' differs between '{first}' and "
+                                 f"'{label}': checkpoints of different runs or steps?")
+    eight_bit = [SLOTS[0].name(name) not in merged for name in names]
+    kept = [size if flag else 0 for size, flag in zip(sizes, eight_bit)]
+    blocks = sharded_blocks.piece_blocks(sizes, eight_bit, len(shards))
+    for slot in SLOTS_8BIT:
+        pieces = [_array(state[slot.name("shard")]).reshape(-1) for _, state in shards]
+        length = blocks * (sharded_blocks.BLOCK if slot.layout == "codes" else 1)
+        if any(p.size != length for p in pieces):
+            raise ValueError(f"For 'sharding.merge', {len(shards)} workers must each hold {length} entries of "
+                             f"'{slot.name('shard')}', but got { {label: p.size for (label, _), p in zip(shards, pieces)} }"
+                             f": are all the workers' checkpoints there?")
+        entries = sharded_blocks.merge_pieces(pieces, kept, slot.layout)
+        for name, flag, values in zip(names, eight_bit, entries):
+            if not flag and slot.layout == "scales":
+                values = np.zeros(1, np.float32)            # the scale a float32 tensor holds unused
+            if values is not None:
+                merged[slot.name(name)] = Parameter(Tensor(values), name=slot.name(name))
     return merged
 
 
@@ -180,6 +216,8 @@ def cut_for(state, names, rank, world):
     """`state` with ``lamb_m.<name>`` / ``lamb_v.<name>`` of `names` (the optimizer's parameter order; each slot
     `state` holds) replaced by worker `rank`'s piece of `world` (``lamb_m.shard`` / ``lamb_v.shard``, in the
     dtype `state` holds them in), the names and ``lamb_shard_rank``."""
+    if any(SLOTS_8BIT[1].name(name) in state for name in names):      # every tensor of 8-bit state has a scale
+        return _cut_8bit(state, names, rank, world)
     prefixes = slot_prefixes(state, names[0])
     slot_entries = {f"{prefix}.{name}" for prefix in prefixes for name in names}
     out = {name: value for name, value in state.items() if name not in slot_entries}
@@ -192,6 +230,22 @@ def cut_for(state, names, rank, world):
         values = np.concatenate([_array(state[f"{prefix}.{name}"]).reshape(-1) for name in names])[positions]
         values[valid == 0] = 0                                  # the padding
         out[f"{prefix}.shard"] = Parameter(Tensor(values), name=f"{prefix}.shard")
+    out[NAMES_PARAMETER] = names_record(names)
+    out[RANK_PARAMETER] = shard_record(rank, world)
+    return out
+
+
+def _cut_8bit(state, names, rank, world):
+    """cut_for() of the 8-bit state: worker `rank`'s piece of the codes and scales of the 8-bit tensors (those with
+    ``lamb_m8.<name>``), cut on block boundaries (backends/sharded_blocks.py); the float32 tensors' moments whole,
+    their unused scales left out."""
+    eight_bit = [name for name in names if SLOTS_8BIT[0].name(name) in state]
+    out = {key: value for key, value in state.items()
+           if key not in {slot.name(name) for slot in SLOTS_8BIT for name in names}}
+    for slot in SLOTS_8BIT:
+        values = sharded_blocks.cut_piece([_array(state[slot.name(name)]) for name in eight_bit], slot.layout,
+                                          rank, world, np.dtype(dtype_name(slot.dtype)))
+        out[slot.name("shard")] = Parameter(Tensor(values), name=slot.name("shard"))
     out[NAMES_PARAMETER] = names_record(names)
     out[RANK_PARAMETER] = shard_record(rank, world)
     return out

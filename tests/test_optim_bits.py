@@ -204,8 +204,6 @@ def test_arguments_are_checked():
         Lamb(params, 0.1, optim_bits=8, min_8bit_size="4096")
     with pytest.raises(ValueError, match=r"'mu_dtype' must be None or float32 with optim_bits=8.*float16"):
         Lamb(params, 0.1, optim_bits=8, mu_dtype="float16")
-    with pytest.raises(ValueError, match=r"'shard_state' must be False with optim_bits=8"):
-        Lamb(params, 0.1, optim_bits=8, shard_state=True)
     with pytest.raises(ValueError, match=r"'optim_bits'.*preset 'timm'"):
         Lamb.preset("timm", params, 0.1, optim_bits=8)
     assert Lamb(params, 0.1, optim_bits=8, mu_dtype="float32").optim_bits == 8

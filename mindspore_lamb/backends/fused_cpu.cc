@@ -686,6 +686,7 @@ Piece8 piece8(void **params, int first) {
 // float64) and added in rank order by LambShardTotal, then rounded to float32 once, as the unsharded kernel
 // rounds its own.
 int shard_sums_8bit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam < 12) return 1;
   const int n = static_cast<int>(numel(ndims[4], shapes[4]));
   const int32_t *kinds = static_cast<const int32_t *>(params[4]);
   int s = 0;
@@ -749,9 +750,10 @@ int shard_sums_8bit(int nparam, void **params, int *ndims, int64_t **shapes, con
 // LambShardTotal (8-bit only): (gathered int32 (world n, 4): each worker's LambShardSums) -> float32 (n, 2): the
 // workers' double sums added in rank order, rounded to float32 once.
 int shard_total(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 2) return 3;
   const int64_t rows = numel(ndims[1], shapes[1]) / 2;  // the output: (n, 2)
   const int64_t gathered = numel(ndims[0], shapes[0]) / 4;
-  if (nparam != 2 || rows < 1 || gathered % rows != 0) return 3;
+  if (rows < 1 || gathered % rows != 0) return 3;
   if (std::strcmp(dtypes[0], "int32") != 0 || !all_float32(1, 2, dtypes)) return 2;
   std::vector<double> sums(2 * gathered);
   std::memcpy(sums.data(), params[0], sums.size() * sizeof(double));
@@ -768,6 +770,7 @@ int shard_total(int nparam, void **params, int *ndims, int64_t **shapes, const c
 // m scales, v codes, v scales) -> bucket (B,): pass 2 over the piece's padded-layout positions [lo, lo + B)
 // (bounds = int32 [start, end, lo], B and lo block multiples); padding (a tensor's last block, past end) is 0.
 int shard_apply_8bit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam < 12) return 3;
   const int n = static_cast<int>(numel(ndims[5], shapes[5]));
   if (nparam != 6 + n + 4 + 1 || numel(ndims[0], shapes[0]) != kScalarCount || numel(ndims[4], shapes[4]) != 3)
     return 3;
@@ -814,6 +817,7 @@ int shard_apply_8bit(int nparam, void **params, int *ndims, int64_t **shapes, co
 // LambShardApplyWhole (8-bit only): (scalars, lr_qs, decay_factors, wds, kinds, w_0..w_{n-1}, m_0..m_{s-1},
 // v_0..v_{s-1}) -> float32 (1,) (0): pass 2 of the float32 tensors (kind 0), whole, IN PLACE, on every worker.
 int shard_apply_whole(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam < 7) return 3;
   const int n = static_cast<int>(numel(ndims[4], shapes[4]));
   const int32_t *kinds = static_cast<const int32_t *>(params[4]);
   int s = 0;

@@ -64,11 +64,11 @@ def merge_pieces(pieces, sizes, layout):
     return out
 
 
-def cut_piece(entries, layout, rank, world):
+def cut_piece(entries, layout, rank, world, dtype):
     """Worker `rank`'s piece of one 8-bit slot from the unsharded `entries` (codes or scales of each 8-bit
-    tensor, in update order), zero-padded."""
+    tensor, in update order; NumPy `dtype`), zero-padded."""
     unit = BLOCK if layout == "codes" else 1
-    flat = np.concatenate([np.asarray(e).reshape(-1) for e in entries]) if entries else np.zeros(0, np.float32)
+    flat = np.concatenate([np.asarray(e, dtype).reshape(-1) for e in entries]) if entries else np.zeros(0, dtype)
     blocks = max(1, -(-flat.size // unit // world))
     piece = np.zeros(blocks * unit, flat.dtype)
     part = flat[rank * blocks * unit:(rank + 1) * blocks * unit]
