@@ -5,6 +5,7 @@ composite graph, phase by phase (docs/distributed.md, "Where a sharded worker's 
     python benchmarks/bench_sharded_memory.py --configs sharded-fused,plain-fused --json
     python benchmarks/bench_sharded_memory.py --configs sharded-composite --set half
     python benchmarks/bench_sharded_memory.py --configs sharded-fused --bucket 1048576   # Lamb's shard_bucket_size
+    python benchmarks/bench_sharded_memory.py --configs plain-fused,sharded-fused --optim-bits 8   # 8-bit state
 
 Each configuration runs in its own msrun job (one at a time), so no optimizer's buffers hide another's. Each
 worker builds benchmarks/bench_step.py's parameters and gradients (float32; the gradients stand for
@@ -134,7 +135,7 @@ def probe(config, params):
     return Probe(True, config == "probe-gather-writeback"), lambda grads: (piece,)
 
 
-def worker(out_dir, config, set_name, calls, bucket=None):
+def worker(out_dir, config, set_name, calls, bucket=None, optim_bits=32):
     import mindspore as ms
     from _timing import wait
     from mindspore.communication import get_group_size, get_rank, init
@@ -164,7 +165,7 @@ def worker(out_dir, config, set_name, calls, bucket=None):
     else:
         extra = {"shard_bucket_size": bucket} if bucket and sharded == "sharded" else {}
         opt = Lamb(params, learning_rate=1e-7, weight_decay=0.01, shard_state=sharded == "sharded",
-                   backend="fused_cpu" if backend == "fused" else "composite", **extra)
+                   backend="fused_cpu" if backend == "fused" else "composite", optim_bits=optim_bits, **extra)
         call = lambda: opt(grads)               # noqa: E731
     phase("build")
     call()
@@ -177,10 +178,10 @@ def worker(out_dir, config, set_name, calls, bucket=None):
     if config in PROBES:
         state, held, name = 0, [], config
     else:
-        state = sum(int(p.nbytes) for p in list(opt.moments1) + list(opt.moments2))
+        state = sum(int(p.nbytes) for p in opt.backend.state)      # moments, or 8-bit codes and scales
         held = held_tensors(opt.backend)
         name = opt.backend.name
-    result = {"rank": rank, "world": world, "config": config, "set": set_name, "calls": calls,
+    result = {"rank": rank, "world": world, "config": config, "set": set_name, "calls": calls, "optim_bits": optim_bits,
               "backend": name, "n_params": len(params), "n_elems": sum(p.size for p in params),
               "param_bytes": sum(int(p.nbytes) for p in params), "base_rss": base, "resettable": resettable,
               "phases": phases, "state_bytes": state, "held_tensors": held}
@@ -220,6 +221,7 @@ def run_config(config, a, out_dir):
            os.path.abspath(__file__), "--child", out_dir, "--configs", config, "--set", a.set,
            "--calls", str(a.calls)]
     cmd += ["--bucket", str(a.bucket)] if a.bucket else []
+    cmd += ["--optim-bits", str(a.optim_bits)]
     env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
                             start_new_session=True)
@@ -267,13 +269,15 @@ def main():
     ap.add_argument("--calls", type=int, default=4)
     ap.add_argument("--bucket", type=int, help="Lamb's shard_bucket_size for the sharded configurations "
                                                "(default: Lamb's default)")
+    ap.add_argument("--optim-bits", type=int, default=32, choices=(32, 8),
+                    help="Lamb's optim_bits (8: the composite configurations refuse shard_state)")
     ap.add_argument("--min-available", type=float, default=3.0, help="watchdog: GiB of MemAvailable")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per msrun job")
     ap.add_argument("--json", action="store_true", help="also print one machine-readable line")
     ap.add_argument("--child", help=argparse.SUPPRESS)   # (msrun would take "--worker" for its own)
     a = ap.parse_args()
     if a.child:
-        worker(a.child, a.configs, a.set, a.calls, a.bucket)
+        worker(a.child, a.configs, a.set, a.calls, a.bucket, a.optim_bits)
         return
     configs = a.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS + PROBES]
@@ -291,7 +295,8 @@ def main():
     if first is None:
         raise SystemExit("no configuration finished")
     print(f"# set {a.set}: {first['n_params']} tensors, {first['n_elems'] / 1e6:.1f}M float32 parameters "
-          f"({first['param_bytes'] / MIB:,.1f} MiB); {a.workers} msrun workers; rank 0; MiB above the RSS just "
+          f"({first['param_bytes'] / MIB:,.1f} MiB); optim_bits={a.optim_bits}; {a.workers} msrun workers; rank 0; "
+          f"MiB above the RSS just "
           f"before the optimizer was built; peaks {'per phase' if first['resettable'] else 'CUMULATIVE'}")
     print(f"{'configuration':<19}{'peak growth':>12}{'B/param':>9}{'build pk/after':>16}{'first pk/after':>16}"
           f"{'steady pk/after':>17}{'state':>9}{'held':>8}")

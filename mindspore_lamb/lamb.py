@@ -272,7 +272,8 @@ class Lamb(Optimizer):
             of every parameter of at least `min_8bit_size` elements as 8-bit codes, in blocks of 256 elements
             with one float32 scale each (about 2 bytes per element instead of 8; docs/memory.md). The step
             is computed in float32 from the moments as stored, so each layer's step keeps the norm
-            ``lr * ||w||`` of LAMB. Not with `mu_dtype` other than float32, nor with `shard_state`.
+            ``lr * ||w||`` of LAMB. Not with `mu_dtype` other than float32. With `shard_state` each worker
+            keeps its piece of the codes and scales, cut on block boundaries (fused CPU kernels only).
             Default: ``32``.
         min_8bit_size (int): keyword-only; with ``optim_bits=8``, parameters with fewer elements keep float32
             moments (bitsandbytes' ``min_8bit_size``). Default: ``4096``.
@@ -340,7 +341,8 @@ class Lamb(Optimizer):
         TypeError: If `mu_dtype` is not None, a str or a mindspore dtype.
         ValueError: If `mu_dtype` is not one of float32, float16, bfloat16.
         ValueError: If `optim_bits` is not 32 or 8, or `min_8bit_size` is below 1 (TypeError: not an int).
-        ValueError: If `optim_bits` is 8 and `mu_dtype` is not float32, or `shard_state` is True.
+        ValueError: If `optim_bits` is 8 and `mu_dtype` is not float32, or `shard_state` is True on the composite
+            graph.
         ValueError: If `backend` is not None, ``"fused_cpu"`` or ``"composite"``.
         RuntimeError: If the backend asked for cannot run the parameters here (the message says why).
         TypeError: If no backend can run the parameters with the state asked for (a bfloat16 `mu_dtype` on

@@ -11,7 +11,12 @@ worker's piece of the moments, ``lamb_shard_names`` and ``lamb_shard_rank`` ([ra
 * :func:`cut` turns such a full checkpoint into what one worker of a sharded run with any number of
   workers loads: ``ms.load_param_into_net(train_cell, cut(ms.load_checkpoint(path), optimizer))``.
 
-Both are lossless, bit for bit (tests/test_sharding.py); training resumed from them on another number
+With ``optim_bits=8`` the pieces are ``lamb_m8.shard``, ``lamb_m8_scale.shard``, ``lamb_v8.shard`` and
+``lamb_v8_scale.shard`` (cut on block boundaries: backends/sharded_blocks.py), and the tensors below
+``min_8bit_size`` keep ``lamb_m.<name>`` / ``lamb_v.<name>`` whole on every worker: :func:`merge` gives the
+unsharded 8-bit checkpoint, :func:`cut` the workers' pieces.
+
+Both are lossless, bit for bit (tests/test_sharding.py, tests/test_optim_bits_sharded.py); training resumed from them on another number
 of workers matches the uninterrupted run within float32 rounding (docs/distributed.md, "Resharding on
 resume"; tests/test_reshard.py).
 """

@@ -646,6 +646,35 @@ extern "C" int LambStep(int nparam, void **params, int *ndims, int64_t **shapes,
 #endif
 }
 
+namespace {
+
+// The arguments of LambShardApplyBucket that both state formats read: (scalars, lr_qs, decay_factors, wds,
+// bounds = int32 [start, end, lo], ..., w_0..w_{n-1} from index `weights`, ...) -> bucket (B,), the bucket
+// [at, at + B) of the flat layout, its real part ending at `last`.
+struct BucketArgs {
+  const float *lr_qs, *decay_factors;
+  Hyper h;
+  bool general;
+  std::vector<Decay> decay;
+  std::vector<int64_t> len;
+  float *out;
+  int64_t size, start, at, last;
+  BucketArgs(int nparam, void **params, int *ndims, int64_t **shapes, int n, int weights)
+      : lr_qs(static_cast<const float *>(params[1])), decay_factors(static_cast<const float *>(params[2])),
+        h(read_hyper(static_cast<const float *>(params[0]))), general(is_general(static_cast<const float *>(params[0]))),
+        decay(decays(static_cast<const float *>(params[0]), lr_qs, static_cast<const float *>(params[3]), n)),
+        len(n), out(static_cast<float *>(params[nparam - 1])), size(numel(ndims[nparam - 1], shapes[nparam - 1])) {
+    const int32_t *bounds = static_cast<const int32_t *>(params[4]);
+    for (int i = 0; i < n; ++i) decay[i].decay_factor = decay_factors[i];
+    for (int i = 0; i < n; ++i) len[i] = numel(ndims[weights + i], shapes[weights + i]);
+    start = bounds[0];
+    at = start + bounds[2];
+    last = std::max(at, std::min<int64_t>(bounds[1], at + size));
+  }
+};
+
+}  // namespace
+
 #ifdef LAMB_BLOCK
 namespace {
 
@@ -779,37 +808,26 @@ int shard_apply_8bit(int nparam, void **params, int *ndims, int64_t **shapes, co
       !all_float32(6, first, dtypes) || !all_float32(first + 1, first + 2, dtypes) ||
       !all_float32(first + 3, nparam, dtypes))
     return 2;
-  const float *hp = static_cast<const float *>(params[0]);
-  const float *lr_qs = static_cast<const float *>(params[1]);
-  const float *decay_factors = static_cast<const float *>(params[2]);
-  const int32_t *bounds = static_cast<const int32_t *>(params[4]);
-  const int32_t *kinds = static_cast<const int32_t *>(params[5]);
-  const Hyper h = read_hyper(hp);
-  const bool general = is_general(hp);
-  std::vector<Decay> decay = decays(hp, lr_qs, static_cast<const float *>(params[3]), n);
-  for (int i = 0; i < n; ++i) decay[i].decay_factor = decay_factors[i];
-  std::vector<int64_t> len(n), offset(n);
-  for (int i = 0; i < n; ++i) len[i] = numel(ndims[6 + i], shapes[6 + i]);
-  float *out = static_cast<float *>(params[nparam - 1]);
-  const int64_t size = numel(ndims[nparam - 1], shapes[nparam - 1]);
-  const int64_t start = bounds[0], at = start + bounds[2];          // the bucket: [at, at + size)
-  const int64_t last = std::max(at, std::min<int64_t>(bounds[1], at + size));
-  const std::vector<Chunk> chunks = range_chunks(padded_lengths(len, kinds), at, last, &offset);
+  const BucketArgs a(nparam, params, ndims, shapes, n, 6);
+  std::vector<int64_t> offset(n);
+  const std::vector<Chunk> chunks =
+      range_chunks(padded_lengths(a.len, static_cast<const int32_t *>(params[5])), a.at, a.last, &offset);
   const Piece8 piece = piece8(params, first);
-  std::fill(out, out + size, 0.0f);  // the padding
+  std::fill(a.out, a.out + a.size, 0.0f);  // the padding
   const int64_t nc = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(dynamic) num_threads(threads_for(last - at))
+#pragma omp parallel for schedule(dynamic) num_threads(threads_for(a.last - a.at))
   for (int64_t c = 0; c < nc; ++c) {
     const Chunk &k = chunks[c];
-    const float *w = static_cast<const float *>(params[6 + k.tensor]);
-    const int64_t hi = std::min(k.hi, len[k.tensor]), to_bucket = offset[k.tensor] - at;
-    if (lr_qs[k.tensor] == 0.0f && decay_factors[k.tensor] == 1.0f) {  // w as it is (0 u is not 0 for NaN u)
-      std::copy(w + k.lo, w + hi, out + to_bucket + k.lo);
+    const int i = k.tensor;
+    const float *w = static_cast<const float *>(params[6 + i]);
+    const int64_t hi = std::min(k.hi, a.len[i]), to_bucket = offset[i] - a.at;
+    if (a.lr_qs[i] == 0.0f && a.decay_factors[i] == 1.0f) {  // w as it is (0 u is not 0 for NaN u)
+      std::copy(w + k.lo, w + hi, a.out + to_bucket + k.lo);
       continue;
     }
-    const Piece8 p = piece.at(offset[k.tensor] - start);
-    auto pass = general ? pass2_8bit<true> : pass2_8bit<false>;
-    pass(h, decay[k.tensor], lr_qs[k.tensor], w, p.mc, p.ms, p.vc, p.vs, out + to_bucket, k.lo, hi);
+    const Piece8 p = piece.at(offset[i] - a.start);
+    auto pass = a.general ? pass2_8bit<true> : pass2_8bit<false>;
+    pass(a.h, a.decay[i], a.lr_qs[i], w, p.mc, p.ms, p.vc, p.vs, a.out + to_bucket, k.lo, hi);
   }
   return 0;
 }
@@ -937,21 +955,15 @@ extern "C" int LambShardApplyBucket(int nparam, void **params, int *ndims, int64
   if (!all_float32(slots + kSlot_v, slots + kSlot_v + 1, dtypes)) return 2;
   return with_m_type(dtypes[slots + kSlot_m], [&](auto *typed) {
     using MT = std::remove_pointer_t<decltype(typed)>;
-    const float *hp = static_cast<const float *>(params[0]);
-    const float *lr_qs = static_cast<const float *>(params[1]);
-    const float *decay_factors = static_cast<const float *>(params[2]);
-    const int32_t *bounds = static_cast<const int32_t *>(params[4]);
-    const Hyper h = read_hyper(hp);
-    const bool general = is_general(hp);
-    std::vector<Decay> decay = decays(hp, lr_qs, static_cast<const float *>(params[3]), n);
-    for (int i = 0; i < n; ++i) decay[i].decay_factor = decay_factors[i];
-    std::vector<int64_t> len(n), offset(n);
-    for (int i = 0; i < n; ++i) len[i] = numel(ndims[5 + i], shapes[5 + i]);
-    float *out = static_cast<float *>(params[nparam - 1]);
-    const int64_t size = numel(ndims[nparam - 1], shapes[nparam - 1]);
-    const int64_t start = bounds[0], first = start + bounds[2];        // the bucket: [first, first + size)
-    const int64_t last = std::max(first, std::min<int64_t>(bounds[1], first + size));
-    const std::vector<Chunk> chunks = range_chunks(len, first, last, &offset);
+    const BucketArgs a(nparam, params, ndims, shapes, n, 5);
+    const float *lr_qs = a.lr_qs, *decay_factors = a.decay_factors;
+    const Hyper h = a.h;
+    const bool general = a.general;
+    const std::vector<Decay> &decay = a.decay;
+    float *out = a.out;
+    const int64_t size = a.size, start = a.start, first = a.at, last = a.last;  // the bucket: [first, first + size)
+    std::vector<int64_t> offset(n);
+    const std::vector<Chunk> chunks = range_chunks(a.len, first, last, &offset);
     const MT *m = static_cast<const MT *>(params[slots + kSlot_m]);
     const float *v = static_cast<const float *>(params[slots + kSlot_v]);
     std::fill(out + (last - first), out + size, 0.0f);  // the padding

@@ -18,6 +18,12 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
    part is gathered.
 
 Every worker issues the same collectives, of the same shapes, in the same order.
+
+With ``optim_bits=8`` (the fused kernels only) the pieces are cut from the padded layout of the 8-bit tensors'
+codes on block boundaries (``sharded_blocks.py``), so each worker computes the unsharded step's scales and
+codes for its blocks; the tensors below ``min_8bit_size`` are updated whole on every worker; the per-layer
+sums stay float64, all-gathered as bits and added in rank order (``LambShardTotal``), and the buckets are whole
+blocks.
 The state is one Parameter of L elements per slot of the optimizer's ``state.Slots``, in the slot's dtype,
 held by role: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and
 ``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding``
