@@ -56,9 +56,10 @@ def test_kill_at_random_points_8bit_state(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["msrun", "msrun_shard"])
+@pytest.mark.parametrize("case", ["msrun", "msrun_shard", "msrun_shard_8bit"])
 def test_kill_one_msrun_worker(tmp_path, case):
-    """Two msrun workers (replicated or sharded LAMB state); one is killed, msrun is run again with --resume."""
+    """Two msrun workers (replicated or sharded LAMB state, float32 or 8-bit); one is killed, msrun is run again
+    with --resume."""
     import kill_resume
     rows = kill_resume.run_case(case, 4, str(tmp_path), random.Random(2), write_every=2)
     _check(rows)

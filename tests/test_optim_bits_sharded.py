@@ -17,7 +17,7 @@ from mindspore import Parameter, Tensor
 
 import shard8_worker as W
 from msrun_launch import run_two_workers
-from mindspore_lamb import Lamb, sharding, state
+from mindspore_lamb import Lamb, check_state, sharding, state
 from mindspore_lamb.backends import sharded
 from mindspore_lamb.resume import STEP, _verified
 
@@ -167,6 +167,18 @@ def test_8bit_merge_refuses_float_moments_that_differ():
     pieces[1]["lamb_v.bias"] = pieces[1]["lamb_v.bias"] * 2
     with pytest.raises(ValueError, match=r"'lamb_v.bias' differs between 'shards\[0\]' and 'shards\[1\]'"):
         sharding.merge(pieces)
+
+
+def test_check_state_names_a_damaged_8bit_piece():
+    full = _unsharded_state(steps=1)
+    piece = {k: sharding._array(v) for k, v in sharding.cut_for(full, [name for name, _ in SHAPES], 1, 2).items()}
+    check_state(piece)
+    piece["lamb_v8_scale.shard"] = piece["lamb_v8_scale.shard"].copy()
+    piece["lamb_v8_scale.shard"][2] = -1.0
+    piece["lamb_m8.shard"] = piece["lamb_m8.shard"].astype(np.float32)
+    with pytest.raises(ValueError, match=r"'lamb_m8.shard' is stored as float32, but LAMB's 8-bit first moments are "
+                                         r"int8.*'lamb_v8_scale.shard' holds 1 negative value"):
+        check_state(piece)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -11,7 +11,9 @@ checkpoint every 5 steps (mindspore_lamb.resume). Cases:
 * ``msrun``: two CPU workers under ``msrun``; one of them (at random) is killed, the job fails, and
   ``msrun`` is run again with ``--resume``;
 * ``msrun_shard``: the same with ``Lamb(shard_state=True)`` (every worker checkpoints its half of the moments);
-* ``single_8bit``: ``single`` with ``Lamb(optim_bits=8)`` (8-bit codes and block scales in the checkpoints).
+* ``single_8bit``: ``single`` with ``Lamb(optim_bits=8)`` (8-bit codes and block scales in the checkpoints);
+* ``msrun_shard_8bit``: ``msrun_shard`` with ``optim_bits=8`` (every worker checkpoints its blocks' codes and
+  scales).
 
 Each case first runs uninterrupted (the reference, which also gives the wall time). Each kill point then
 starts a fresh run and kills it at a time drawn uniformly over the reference's wall time, or, for every
@@ -39,7 +41,7 @@ import msrun_launch  # noqa: E402
 from kill_resume_worker import EVERY, TOTAL_STEPS  # noqa: E402
 
 CASES = {"single": [], "msrun": ["--distributed"], "msrun_shard": ["--distributed", "--shard_state"],
-         "single_8bit": ["--optim_bits", "8"]}
+         "single_8bit": ["--optim_bits", "8"], "msrun_shard_8bit": ["--distributed", "--shard_state", "--optim_bits", "8"]}
 TIMEOUT = 300         # seconds for one run (msrun: the whole job)
 JOB_FAILS = 20        # seconds msrun gets, after a worker is killed, to end the job by itself
 

@@ -18,17 +18,17 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
    part is gathered.
 
 Every worker issues the same collectives, of the same shapes, in the same order.
+The state is one Parameter of L elements per slot of the optimizer's ``state.Slots``, in the slot's dtype,
+held by role: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and
+``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding``
+merge the workers' checkpoints into a full one, checking that they fit together, and cut a full one for
+another number of workers.
 
 With ``optim_bits=8`` (the fused kernels only) the pieces are cut from the padded layout of the 8-bit tensors'
 codes on block boundaries (``sharded_blocks.py``), so each worker computes the unsharded step's scales and
 codes for its blocks; the tensors below ``min_8bit_size`` are updated whole on every worker; the per-layer
 sums stay float64, all-gathered as bits and added in rank order (``LambShardTotal``), and the buckets are whole
 blocks.
-The state is one Parameter of L elements per slot of the optimizer's ``state.Slots``, in the slot's dtype,
-held by role: ``lamb_m.shard`` and ``lamb_v.shard``; ``lamb_shard_names`` (the parameter names, UTF-8) and
-``lamb_shard_rank`` (int32 [rank, world]: which piece a checkpoint holds) let ``mindspore_lamb.sharding``
-merge the workers' checkpoints into a full one, checking that they fit together, and cut a full one for
-another number of workers.
 docs/distributed.md has the figures.
 """
 import numpy as np
@@ -201,8 +201,9 @@ class ShardedBackend(nn.Cell):
             start, end = sharded_blocks.piece_bounds(sizes, eight_bit, rank, world)
             bucket = -(-bucket // BLOCK) * BLOCK
             self.kinds = Tensor(np.array(eight_bit, np.int32))
-            self.piece_params = ParameterTuple(p for p in self.state_params if p.name.endswith(".shard"))
-            self.whole_params = ParameterTuple(p for p in self.state_params if not p.name.endswith(".shard"))
+            # each slot's piece comes first (sharded_blocks.block_state), then m's and v's float32 tensors
+            self.piece_params = ParameterTuple(self.state[role][0] for role in slots.roles)
+            self.whole_params = ParameterTuple(p for role in ("m", "v") for p in self.state[role][1:])
         # the piece's buckets: each is all-gathered and written into the parameters before the next is made
         self.buckets = buckets(width, bucket)
         self.SumOfSquares = kernels.SumOfSquares            # the chosen kernels' sum (also the loss-scale cell's)

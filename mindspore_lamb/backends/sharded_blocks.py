@@ -14,7 +14,7 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, Tensor
 
 from ..state import BLOCK, SLOTS
-from .contract import SlotState
+from .contract import SlotState, dtype_name
 
 
 def padded_sizes(sizes, eight_bit):
@@ -43,7 +43,8 @@ def block_state(params, slots, eight_bit, world):
     tuples = []
     for slot in slots:
         length = blocks * BLOCK if slot.layout == "codes" else blocks
-        entries = [Parameter(Tensor(np.zeros(length, np.float32), slot.dtype), name=slot.name("shard"))]
+        zeros = np.zeros(length, np.dtype(dtype_name(slot.dtype)))         # in the slot's dtype: no float32 copy
+        entries = [Parameter(Tensor(zeros), name=slot.name("shard"))]
         if slot.role in floats:
             entries += [Parameter(Tensor(np.zeros(p.shape, np.float32)), name=floats[slot.role].name(p.name))
                         for p, flag in zip(params, eight_bit) if not flag]
