@@ -1,10 +1,10 @@
 """msrun worker for tests/test_optim_bits_sharded.py: Lamb(optim_bits=8, shard_state=True) against Lamb(optim_bits=8).
 
-usage: msrun --worker_num=2 --local_worker_num=2 ... shard8_worker.py OUT_DIR
+usage: msrun --worker_num=N --local_worker_num=N ... shard8_worker.py OUT_DIR
 
 Each worker builds, for each configuration of CONFIGS, three optimizers on three copies of the same parameters
-(two 8-bit tensors with a partial last block, one of them cut between the workers' pieces, and two float32 ones
-below min_8bit_size): unsharded 8-bit, sharded 8-bit with the default bucket, and sharded 8-bit with buckets of
+(three 8-bit tensors, two with a partial last block, one cut between the workers' pieces, and two float32 ones
+below min_8bit_size; in ``small``, every tensor below it): unsharded 8-bit, sharded 8-bit with the default bucket, and sharded 8-bit with buckets of
 BUCKET elements (rounded up to whole blocks). All three take the same gradients (the same generator on every
 worker; one step has a NaN), and the worker writes ``OUT_DIR/<config>_rank<r>.npz``: after each step, every
 optimizer's weights and state, as ``<opt>.<step>.<name>``. The ``default`` configuration's unsharded and
@@ -30,7 +30,13 @@ CONFIGS = {
     "default": dict(learning_rate=0.01, weight_decay=0.01, exclude_from_weight_decay=["bias", "gamma"]),
     "general": dict(learning_rate=0.02, weight_decay=0.01, weight_decay_mode="decoupled_outside",
                     eps_inside_sqrt=True, trust_ratio_clip=(0.0, 5.0), max_grad_norm=1.0, loss_scale=8.0),
+    "small": dict(learning_rate=0.01, weight_decay=0.01, min_8bit_size=10 ** 6),   # no 8-bit tensor: K = 0
 }
+
+
+def min_size(config):
+    """min_8bit_size of `config`."""
+    return CONFIGS[config].get("min_8bit_size", MIN_SIZE)
 
 
 def initial():
@@ -60,7 +66,7 @@ def main(out_dir):
         for label, extra in (("plain", {}), ("sharded", dict(shard_state=True)),
                              ("bucketed", dict(shard_state=True, shard_bucket_size=BUCKET))):
             params = [Parameter(Tensor(start[name].copy()), name=name) for name, _ in SHAPES]
-            opts[label] = Lamb(params, optim_bits=8, min_8bit_size=MIN_SIZE, **kwargs, **extra)
+            opts[label] = Lamb(params, optim_bits=8, **dict(dict(min_8bit_size=MIN_SIZE), **kwargs), **extra)
         record = {}
         for step in range(STEPS):
             grads = tuple(Tensor(g) for g in gradients(step))
