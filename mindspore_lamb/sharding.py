@@ -214,7 +214,14 @@ def cut(state: Mapping[str, object], optimizer: Cell) -> Dict[str, object]:
     new dict; load it with ``ms.load_param_into_net``."""
     if not getattr(optimizer, "shard_state", False):
         return dict(state)
-    return cut_for(state, optimizer.param_names, optimizer.backend.rank, optimizer.backend.world)
+    names = optimizer.param_names
+    holds = "8-bit" if any(SLOTS_8BIT[1].name(name) in state for name in names) else "float"
+    keeps = "8-bit" if optimizer.backend.slots.quantized else "float"
+    if holds != keeps:            # the other format's pieces would not load, and the state would stay zero
+        raise ValueError(f"For 'sharding.cut', the argument 'state' holds {holds} moments, but the optimizer keeps "
+                         f"{keeps} state (optim_bits={optimizer.optim_bits}): cut a checkpoint of the same "
+                         f"optim_bits (docs/memory.md).")
+    return cut_for(state, names, optimizer.backend.rank, optimizer.backend.world)
 
 
 def cut_for(state, names, rank, world):

@@ -234,6 +234,13 @@ def test_sharded_8bit_refusals(as_worker, tmp_path):
         Lamb(_params(), 0.01, optim_bits=8, min_8bit_size=MIN_SIZE, shard_state=True, backend="composite")
     eight = Lamb(_params(), 0.01, optim_bits=8, min_8bit_size=MIN_SIZE, shard_state=True)
     floats = Lamb(_params(), 0.01, shard_state=True)
+    full = _unsharded_state(steps=1)
+    with pytest.raises(ValueError, match=r"'state' holds 8-bit moments, but the optimizer keeps float state "
+                                         r"\(optim_bits=32\)"):
+        sharding.cut(full, floats)
+    plain = {p.name: p.asnumpy() for p in (*Lamb(_params(), 0.01).backend.state,)}
+    with pytest.raises(ValueError, match=r"'state' holds float moments, but the optimizer keeps 8-bit state"):
+        sharding.cut(plain, eight)
     for saved, loading, words in ((floats, eight, ("float state", "8-bit state")),
                                   (eight, floats, ("8-bit state", "float state"))):
         path = str(tmp_path / "w.ckpt")
