@@ -684,6 +684,9 @@ namespace {
 // (int8 m, uint8 v) of its elements and the scales of its blocks. The tensors below min_8bit_size (kinds[i] = 0)
 // keep float32 m and v whole on every worker, updated redundantly (the same bits everywhere).
 
+// How many of the n tensors keep float32 moments whole (kind 0).
+int whole_count(const int32_t *kinds, int n) { return static_cast<int>(std::count(kinds, kinds + n, 0)); }
+
 // Each tensor's extent in the padded layout: its codes (whole blocks), or 0 for a float32 tensor.
 std::vector<int64_t> padded_lengths(const std::vector<int64_t> &len, const int32_t *kinds) {
   std::vector<int64_t> padded(len.size());
@@ -710,16 +713,15 @@ Piece8 piece8(void **params, int first) {
 // m_0..m_{s-1}, v_0..v_{s-1}, g_0..g_{n-1}) -> int32 (n, 4): (n, 2) float64 sums, as their bits. bounds = int32 [start, end, rank]: the piece's
 // range of the padded layout (block multiples); m_k, v_k: the float32 moments of the s tensors of kind 0, in
 // order. Pass 1 over the piece's blocks (codes and scales IN PLACE) and over the whole float32 tensors (IN
-// PLACE, on every worker); the float32 tensors' sums are reported by rank 0 only, so that the all-reduce of the
-// workers' sums count them once. The sums stay double, all-gathered as bits (MindSpore's AllReduce takes no
+// PLACE, on every worker); the float32 tensors' sums are reported by rank 0 only, so that the workers' sums,
+// added, count them once. The sums stay double, all-gathered as bits (MindSpore's AllReduce takes no
 // float64) and added in rank order by LambShardTotal, then rounded to float32 once, as the unsharded kernel
 // rounds its own.
 int shard_sums_8bit(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam < 12) return 1;
   const int n = static_cast<int>(numel(ndims[4], shapes[4]));
   const int32_t *kinds = static_cast<const int32_t *>(params[4]);
-  int s = 0;
-  for (int i = 0; i < n; ++i) s += kinds[i] == 0;
+  const int s = whole_count(kinds, n);
   if (nparam != 5 + n + 4 + 2 * s + n + 1 || numel(ndims[3], shapes[3]) != 3) return 1;
   const int first = 5 + n, floats = first + 4, grads = floats + 2 * s;
   if (numel(ndims[0], shapes[0]) != kScalarCount) return 3;
@@ -838,8 +840,7 @@ int shard_apply_whole(int nparam, void **params, int *ndims, int64_t **shapes, c
   if (nparam < 7) return 3;
   const int n = static_cast<int>(numel(ndims[4], shapes[4]));
   const int32_t *kinds = static_cast<const int32_t *>(params[4]);
-  int s = 0;
-  for (int i = 0; i < n; ++i) s += kinds[i] == 0;
+  const int s = whole_count(kinds, n);
   if (nparam != 5 + n + 2 * s + 1 || numel(ndims[0], shapes[0]) != kScalarCount) return 3;
   if (!all_float32(5, nparam, dtypes)) return 2;
   const float *hp = static_cast<const float *>(params[0]);
