@@ -32,6 +32,9 @@ _reduce_sum = P.ReduceSum(keep_dims=False)
 _stack = P.Stack()
 _isfinite = P.IsFinite()
 _mul_no_nan = P.MulNoNan()
+# x / y of tensors: RealDiv, the same float32 quotients as Div (`/`), whose CPU kernel in MindSpore 2.10 keeps
+# several times its operands' bytes allocated after it runs (docs/distributed.md)
+_divide = P.RealDiv()
 # the devices whose graph selects where the others use MulNoNan: MindSpore's Ascend libraries hold only an AICPU
 # MulNoNan (docs/operators.md); CPU and GPU have native ones, faster than the selects on CPU
 SELECT_SKIP = ("Ascend",)
@@ -198,10 +201,10 @@ def update(scalars, present_terms, rescaled, wd, w, v_t, m_t):
     if e is not None:
         den = den + e
     # u' = m / den + (lambda / c) w
-    u = m_t / den
+    u = _divide(m_t, den)
     if wd is not None and present_terms[_IN_UPDATE]:
         decay = wd * scalars[_IN_UPDATE]
-        u = u + (decay if c is None else decay / c) * w
+        u = u + (decay if c is None else _divide(decay, c)) * w
     return u
 
 

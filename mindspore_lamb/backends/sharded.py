@@ -4,8 +4,9 @@ The parameters, flattened and concatenated in update order (E elements), are cut
 pieces of L = ceil(E / N) elements (by elements, not by tensors: a layer may be cut between workers).
 Each step, every worker (the gradients arrive all-reduced, identical everywhere):
 
-1. updates the moments of its piece and computes the update u there, with the composite rule
-   (``composite.moments_and_update``) or the fused CPU kernel's first pass;
+1. updates the moments of its piece and computes the update u there, with the fused CPU kernel's first pass,
+   or with the composite rule (``composite.new_moments``, then ``composite.update`` from the moments as
+   stored) bucket by bucket for the moments and parameter slice by parameter slice for u;
 2. sums ||w||^2 and ||u||^2 of each parameter over its piece (float32 ReduceSums over the slices of the piece
    that each parameter covers, known when the backend is built), and ONE all-reduce of that (n, 2) array gives
    every worker the norms of whole layers, so the trust ratios are exact;
@@ -14,8 +15,10 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
    is made, all-gathered and written into the parameters before bucket k + 1 is made, so its buffers are those
    of one bucket, not of the model. The fused kernels run the buckets in a loop of the graph (one set of
    buffers for all: MindSpore 2.10 on CPU keeps a collective's buffers for the whole step) and write each
-   gathered bucket in place (``LambShardWrite``); the composite graph assigns each parameter once its last
-   part is gathered.
+   gathered bucket in place (``LambShardWrite``); the composite graph makes u of each bucket again from the
+   moments as stored and assigns each parameter once its last part is gathered. Each bucket of the composite
+   graph reads its inputs after the previous one is written, so that its element-wise temporaries are those
+   of one bucket.
 
 Every worker issues the same collectives, of the same shapes, in the same order.
 The state is one Parameter of L elements per slot of the optimizer's ``state.Slots``, in the slot's dtype,
@@ -306,31 +309,30 @@ class ShardedBackend(nn.Cell):
         return (read_moment(state, self.layout, "v", (size,)), read_moment(state, self.layout, "m", (size,)))
 
     def _composite_sums(self, scalars, rescaled, step_rates, wd_vec, params, gradients):
-        """Steps 1 and 2's part on the composite rule: the new moments of the piece, bucket by bucket, assigned
-        to the slots; then, parameter slice by parameter slice, u' from the moments as stored and the sums of
-        ||w||^2 and ||u'||^2 there (one ReduceSum over each slice: the same sums whatever the buckets). Each
-        bucket or slice reads its inputs after the previous one is made, so that the element-wise
-        temporaries are those of one bucket (one slice), not of the piece. Returns (the (n, 2) sums, the
-        assignments)."""
-        new_v, new_m = (), ()
-        after = step_rates[2]
-        for k in range(len(self.buckets)):
-            lo, hi = self.buckets[k]
-            pad = self.bucket_pads[k]
-            wd = self._spread(F.depend(wd_vec, after), self.bucket_slices[k], pad, self.zeros)
-            # G is known first here, so a skipped step changes nothing (the composite rule)
-            v, m = new_moments(scalars, self.present_terms, step_rates, wd,
-                               self._piece(params, self.bucket_parts[k], pad, after),
-                               self._state(lo, hi, after), self.layout,
-                               self._piece(gradients, self.bucket_parts[k], pad, after))
-            new_v += (self._stored("v", v),)
-            new_m += (self._stored("m", m),)
-            after = (new_v[-1], new_m[-1])
+        """Step 1 on the composite rule: the new moments of the piece, one moment at a time (m does not depend on
+        v), bucket by bucket, each assigned to its slot once its buckets are made; then, parameter slice by
+        parameter slice, u' from the moments as stored and the sums of ||w||^2 and ||u'||^2 there (one ReduceSum
+        over each slice: the same sums whatever the buckets). Each bucket or slice reads its inputs after the
+        previous one is made, so that the element-wise temporaries are those of one bucket (one slice), not of
+        the piece. Returns (the (n, 2) sums, the assignments)."""
         roles = self.layout[0]
         state_done = ()
-        for role, values in (("v", new_v), ("m", new_m)):
-            state_done += (assign(self.state_params[roles.index(role)],
-                                  values[0] if len(values) == 1 else self.concat(values)),)
+        after = step_rates[2]
+        for role in ("v", "m"):                      # one moment at a time: its buckets, then one assignment
+            values = ()
+            for k in range(len(self.buckets)):
+                lo, hi = self.buckets[k]
+                pad = self.bucket_pads[k]
+                wd = self._spread(F.depend(wd_vec, after), self.bucket_slices[k], pad, self.zeros)
+                # G is known first here, so a skipped step changes nothing (the composite rule)
+                v, m = new_moments(scalars, self.present_terms, step_rates, wd,
+                                   self._piece(params, self.bucket_parts[k], pad, after),
+                                   self._state(lo, hi, after), self.layout,
+                                   self._piece(gradients, self.bucket_parts[k], pad, after))
+                values += (self._stored(role, v if role == "v" else m),)
+                after = values[-1]
+            after = assign(self.state_params[roles.index(role)], values[0] if len(values) == 1 else self.concat(values))
+            state_done += (after,)
         sums = ()
         after = state_done
         for (i, a, b), (_, pa, pb) in zip(self.slices, self.slice_parts):
@@ -394,9 +396,9 @@ class ShardedBackend(nn.Cell):
                 v, m = self._moments(self._state(lo, hi, after), hi - lo)
                 u = update(scalars, self.present_terms, rescaled,
                            self._spread(F.depend(wd_vec, after), slices, pad, self.zeros), w, v, m)
-                factor = self._spread(decay_factor, slices, pad, self.ones_pad) if self.present_terms[_OUTSIDE] \
-                    else None
-                lr_q_b = self._spread(lr_q, slices, pad, self.zeros)
+                factor = self._spread(F.depend(decay_factor, after), slices, pad, self.ones_pad) \
+                    if self.present_terms[_OUTSIDE] else None
+                lr_q_b = self._spread(F.depend(lr_q, after), slices, pad, self.zeros)
                 bucket = new_weight(factor, w, lr_q_b, u, self.masked)
                 cut, written = self._write(k, self.all_gather(bucket), cut, params)
                 done += written
