@@ -32,6 +32,9 @@ _reduce_sum = P.ReduceSum(keep_dims=False)
 _stack = P.Stack()
 _isfinite = P.IsFinite()
 _mul_no_nan = P.MulNoNan()
+# x / y of tensors: RealDiv, the same float32 quotients as Div (`/`), whose CPU kernel in MindSpore 2.10 keeps
+# several times its operands' bytes allocated after it runs (docs/distributed.md)
+_divide = P.RealDiv()
 # the devices whose graph selects where the others use MulNoNan: MindSpore's Ascend libraries hold only an AICPU
 # MulNoNan (docs/operators.md); CPU and GPU have native ones, faster than the selects on CPU
 SELECT_SKIP = ("Ascend",)
@@ -159,6 +162,52 @@ def store_moment(state, layout, role, value):
     return as_float32(kept, dtype)
 
 
+def new_moments(scalars, present_terms, step_rates, wd, w, state, layout, gradient):
+    """(v, m): the new moments of float32 `w` (of any shape) as float32, not yet stored; `state` holds the old
+    ones (read by role through `layout`). The first half of `moments_and_update`, which says how."""
+    shape = F.shape(w)
+    v = read_moment(state, layout, "v", shape)
+    g = cast(gradient, mstype.float32)
+    if present_terms[_GRAD_SCALE]:
+        g = g * scalars[_GRAD_SCALE]                                      # unscale (+ NVLAMB pre-normalisation)
+    if wd is not None and present_terms[_IN_GRAD]:
+        g = g + (wd * scalars[_IN_GRAD]) * w                              # L2 mode: g + lambda w
+    # v = v + (1 - b2) (g^2 - v): the exact 1 - b only; v as it was when the step is not applied
+    applied = broadcast_to(step_rates[2], shape) if step_rates[3] else None
+    if step_rates[3]:
+        v_t = where(applied, lerp(v, F.square(g), step_rates[1]), v)
+    else:
+        v_t = v + _mul_no_nan(F.square(g) - v, step_rates[1])
+    # m = m + (1 - b1) (g - m) (without gradient averaging m = b1 m + g, as m + (1 - b1) (g / (1 - b1) - m))
+    if present_terms[_M_GRAD_SCALE]:
+        g = g * scalars[_M_GRAD_SCALE]
+    m32 = read_moment(state, layout, "m", shape)
+    if step_rates[3]:
+        m_t = where(applied, lerp(m32, g, step_rates[0]), m32)
+    else:
+        m_t = m32 + _mul_no_nan(g - m32, step_rates[0])
+    return v_t, m_t
+
+
+def update(scalars, present_terms, rescaled, wd, w, v_t, m_t):
+    """u' (`rescale`: u = c u') of float32 `w` from its moments as stored (float32 `v_t`, `m_t`). The second half
+    of `moments_and_update`."""
+    c, e = rescaled
+    # den = sqrt(v) + e, or sqrt(v^ + eps_root) (see `rescale`)
+    if present_terms[_EPS_ROOT]:
+        den = F.sqrt((v_t * scalars[_INV_BC2] if present_terms[_INV_BC2] else v_t) + scalars[_EPS_ROOT])
+    else:
+        den = F.sqrt(v_t)
+    if e is not None:
+        den = den + e
+    # u' = m / den + (lambda / c) w
+    u = _divide(m_t, den)
+    if wd is not None and present_terms[_IN_UPDATE]:
+        decay = wd * scalars[_IN_UPDATE]
+        u = u + (decay if c is None else _divide(decay, c)) * w
+    return u
+
+
 def moments_and_update(scalars, present_terms, rescaled, step_rates, wd, w, state, layout, gradient):
     """u' of this step (`rescale`: u = c u'), for float32 `w` of any shape (a parameter, or a shard of one),
     after assigning the new moments to its slots `state` (a tuple, read by role through `layout`,
@@ -174,43 +223,10 @@ def moments_and_update(scalars, present_terms, rescaled, step_rates, wd, w, stat
     against the moment as it was with the step's verdict, broadcast to the moment's shape first (on CPU a
     Select of a 0-D mask takes several times the tensor's memory): the same moments, bit for bit.
     """
-    c, e = rescaled
-    shape = F.shape(w)
-    v = read_moment(state, layout, "v", shape)
-    g = cast(gradient, mstype.float32)
-    if present_terms[_GRAD_SCALE]:
-        g = g * scalars[_GRAD_SCALE]                                      # unscale (+ NVLAMB pre-normalisation)
-    if wd is not None and present_terms[_IN_GRAD]:
-        g = g + (wd * scalars[_IN_GRAD]) * w                              # L2 mode: g + lambda w
-    # v = v + (1 - b2) (g^2 - v): the exact 1 - b only; v as it was when the step is not applied
-    applied = broadcast_to(step_rates[2], shape) if step_rates[3] else None
-    if step_rates[3]:
-        v_t = where(applied, lerp(v, F.square(g), step_rates[1]), v)
-    else:
-        v_t = v + _mul_no_nan(F.square(g) - v, step_rates[1])
+    v_t, m_t = new_moments(scalars, present_terms, step_rates, wd, w, state, layout, gradient)
     v_t = store_moment(state, layout, "v", v_t)                           # v as stored
-    # den = sqrt(v) + e, or sqrt(v^ + eps_root) (see `rescale`)
-    if present_terms[_EPS_ROOT]:
-        den = F.sqrt((v_t * scalars[_INV_BC2] if present_terms[_INV_BC2] else v_t) + scalars[_EPS_ROOT])
-    else:
-        den = F.sqrt(v_t)
-    if e is not None:
-        den = den + e
-    # m = m + (1 - b1) (g - m) (without gradient averaging m = b1 m + g, as m + (1 - b1) (g / (1 - b1) - m))
-    if present_terms[_M_GRAD_SCALE]:
-        g = g * scalars[_M_GRAD_SCALE]
-    m32 = read_moment(state, layout, "m", shape)
-    if step_rates[3]:
-        m_t = where(applied, lerp(m32, g, step_rates[0]), m32)
-    else:
-        m_t = m32 + _mul_no_nan(g - m32, step_rates[0])
     m_t = store_moment(state, layout, "m", m_t)                           # m as stored (rounded)
-    # u' = m / den + (lambda / c) w
-    u = m_t / den
-    if wd is not None and present_terms[_IN_UPDATE]:
-        decay = wd * scalars[_IN_UPDATE]
-        u = u + (decay if c is None else decay / c) * w
-    return u
+    return update(scalars, present_terms, rescaled, wd, w, v_t, m_t)
 
 
 def trust_ratio(scalars, present_terms, applied, lr, w_norm, u_norm, decay_factor, adapt):

@@ -4,8 +4,9 @@ The parameters, flattened and concatenated in update order (E elements), are cut
 pieces of L = ceil(E / N) elements (by elements, not by tensors: a layer may be cut between workers).
 Each step, every worker (the gradients arrive all-reduced, identical everywhere):
 
-1. updates the moments of its piece and computes the update u there, with the composite rule
-   (``composite.moments_and_update``) or the fused CPU kernel's first pass;
+1. updates the moments of its piece and computes the update u there, with the fused CPU kernel's first pass,
+   or with the composite rule (``composite.new_moments``, then ``composite.update`` from the moments as
+   stored) bucket by bucket for the moments and parameter slice by parameter slice for u;
 2. sums ||w||^2 and ||u||^2 of each parameter over its piece (float32 ReduceSums over the slices of the piece
    that each parameter covers, known when the backend is built), and ONE all-reduce of that (n, 2) array gives
    every worker the norms of whole layers, so the trust ratios are exact;
@@ -14,8 +15,10 @@ Each step, every worker (the gradients arrive all-reduced, identical everywhere)
    is made, all-gathered and written into the parameters before bucket k + 1 is made, so its buffers are those
    of one bucket, not of the model. The fused kernels run the buckets in a loop of the graph (one set of
    buffers for all: MindSpore 2.10 on CPU keeps a collective's buffers for the whole step) and write each
-   gathered bucket in place (``LambShardWrite``); the composite graph assigns each parameter once its last
-   part is gathered.
+   gathered bucket in place (``LambShardWrite``); the composite graph makes u of each bucket again from the
+   moments as stored and assigns each parameter once its last part is gathered. Each bucket of the composite
+   graph reads its inputs after the previous one is written, so that its element-wise temporaries are those
+   of one bucket.
 
 Every worker issues the same collectives, of the same shapes, in the same order.
 The state is one Parameter of L elements per slot of the optimizer's ``state.Slots``, in the slot's dtype,
@@ -42,7 +45,7 @@ from mindspore.ops import operations as P
 
 from .._ops import assign, broadcast_to, cast
 from . import composite, fused_cpu, sharded_blocks
-from .composite import moments_and_update, new_weight, rates, rescale, trust_ratio
+from .composite import new_moments, new_weight, rates, read_moment, rescale, stored, trust_ratio, update
 from .contract import INDEX, SlotState, per_parameter, terms, to_float32
 from ..state import BLOCK
 
@@ -243,13 +246,18 @@ class ShardedBackend(nn.Cell):
                                               out_dtype=lambda *types: mstype.float32, func_type="aot")
                 self.shard_whole.add_prim_attr("side_effect_mem", True)   # the float32 tensors in place
         else:
-            # the piece in the composite graph: static slices of the flattened parameters (gradients), each
-            # parameter's scalars broadcast over its slice, and the padding (the last worker's) a constant tail
-            self.pieces = tuple((i, start + a - self.offsets[i], start + b - self.offsets[i])
-                                for i, a, b in self.slices if b > a)
+            # the piece in the composite graph, bucket by bucket (or parameter by parameter): static slices of the
+            # flattened parameters (gradients) and of the state, each parameter's scalars broadcast over its
+            # slice, and the padding (the last worker's) a constant tail
             self.pad = width - (end - start)
             self.bucket_slices = tuple(within(self.slices, lo, hi) for lo, hi in self.buckets)
             self.bucket_pads = tuple(max(0, hi - max(lo, end - start)) for lo, hi in self.buckets)
+            # (i, a, b): the elements [a, b) of flattened parameter i in each bucket, and in each of self.slices
+            self.bucket_parts = tuple(tuple((i, start + lo + a - self.offsets[i], start + lo + b - self.offsets[i])
+                                            for i, a, b in slices)
+                                      for (lo, _), slices in zip(self.buckets, self.bucket_slices))
+            self.slice_parts = tuple((i, start + a - self.offsets[i], start + b - self.offsets[i])
+                                     for i, a, b in self.slices)
             self.zeros = Tensor(np.zeros(max(self.pad, 1), np.float32))
             self.ones_pad = Tensor(np.ones(max(self.pad, 1), np.float32))
             self.first = self.slices[0][0] if self.slices else 0
@@ -272,15 +280,25 @@ class ShardedBackend(nn.Cell):
         self.stack = P.Stack(axis=1)
         self.stack0 = P.Stack()
 
-    def _piece(self, tensors):
-        """This worker's piece of `tensors` flattened and concatenated, in float32 (L,): the static slices of the
-        parameters it covers, then the padding (zeros)."""
-        parts = ()
-        for i, a, b in self.pieces:
-            parts += (cast(F.reshape(tensors[i], (-1,))[a:b], mstype.float32),)
-        if self.pad:
-            parts += (self.zeros[:self.pad],)
-        return parts[0] if len(parts) == 1 else self.concat(parts)
+    def _piece(self, tensors, parts, pad, after):
+        """A part of this worker's piece of `tensors` flattened and concatenated, in float32: the slices `parts`
+        ((i, a, b): elements [a, b) of flattened tensor i), then `pad` elements of padding (zeros); read after
+        `after`."""
+        cut = ()
+        for i, a, b in parts:
+            cut += (cast(F.reshape(F.depend(tensors[i], after), (-1,))[a:b], mstype.float32),)
+        if pad:
+            cut += (self.zeros[:pad],)
+        return cut[0] if len(cut) == 1 else self.concat(cut)
+
+    def _state(self, lo, hi, after):
+        """The slots' elements [lo, hi) of the piece (a tuple, in the order of `slots`), read after `after`."""
+        return tuple(F.depend(slot, after)[lo:hi] for slot in self.state_params)
+
+    def _stored(self, role, value):
+        """Float32 moment `value` rounded to the dtype of slot `role`."""
+        roles, dtypes = self.layout
+        return stored(value, dtypes[roles.index(role)])
 
     def _spread(self, per_param, slices, pad, fill):
         """Each element's value of the float32 (n,) `per_param` over the piece's `slices` ((i, a, b), contiguous),
@@ -292,16 +310,13 @@ class ShardedBackend(nn.Cell):
             parts += (fill[:pad],)
         return parts[0] if len(parts) == 1 else self.concat(parts)
 
-    def _piece_sums(self, squares):
-        """float32 (n, 2): the sums of the (L, 2) `squares` over each parameter's slice of the piece (0 for the
-        parameters outside it)."""
+    def _piece_sums(self, sums):
+        """float32 (n, 2): `sums`, the (2,) sums of each of self.slices, with 0 for the parameters outside the
+        piece."""
         parts = ()
         if self.before is not None:
             parts += (self.before,)
         if self.slices:
-            sums = ()
-            for _, a, b in self.slices:
-                sums += (self.reduce_sum(squares[a:b], 0) if b > a else self.zeros2,)
             parts += (self.stack0(sums),)
         if self.after is not None:
             parts += (self.after,)
@@ -322,6 +337,48 @@ class ShardedBackend(nn.Cell):
             done += (assign(params[i], cast(F.reshape(full, self.shapes[i]), F.dtype(params[i]))),)
         return cut, done
 
+    def _moments(self, state, size):
+        """(v, m) as float32 from the slots' elements `state` (of `_state`), `size` of them."""
+        return (read_moment(state, self.layout, "v", (size,)), read_moment(state, self.layout, "m", (size,)))
+
+    def _composite_sums(self, scalars, rescaled, step_rates, wd_vec, params, gradients):
+        """Step 1 on the composite rule: the new moments of the piece, one moment at a time (m does not depend on
+        v), bucket by bucket, each assigned to its slot once its buckets are made; then, parameter slice by
+        parameter slice, u' from the moments as stored and the sums of ||w||^2 and ||u'||^2 there (one ReduceSum
+        over each slice: the same sums whatever the buckets). Each bucket or slice reads its inputs after the
+        previous one is made, so that the element-wise temporaries are those of one bucket (one slice), not of
+        the piece. Returns (the (n, 2) sums, the assignments)."""
+        roles = self.layout[0]
+        state_done = ()
+        after = step_rates[2]
+        for role in ("v", "m"):                      # one moment at a time: its buckets, then one assignment
+            values = ()
+            for k in range(len(self.buckets)):
+                lo, hi = self.buckets[k]
+                pad = self.bucket_pads[k]
+                wd = self._spread(F.depend(wd_vec, after), self.bucket_slices[k], pad, self.zeros)
+                # G is known first here, so a skipped step changes nothing (the composite rule)
+                v, m = new_moments(scalars, self.present_terms, step_rates, wd,
+                                   self._piece(params, self.bucket_parts[k], pad, after),
+                                   self._state(lo, hi, after), self.layout,
+                                   self._piece(gradients, self.bucket_parts[k], pad, after))
+                values += (self._stored(role, v if role == "v" else m),)
+                after = values[-1]
+            after = assign(self.state_params[roles.index(role)], values[0] if len(values) == 1 else self.concat(values))
+            state_done += (after,)
+        sums = ()
+        after = state_done
+        for (i, a, b), (_, pa, pb) in zip(self.slices, self.slice_parts):
+            if b == a:
+                sums += (self.zeros2,)
+                continue
+            w = self._piece(params, ((i, pa, pb),), 0, after)
+            v, m = self._moments(self._state(a, b, after), b - a)
+            u = update(scalars, self.present_terms, rescaled, F.depend(wd_vec, after)[i:i + 1], w, v, m)
+            sums += (self.reduce_sum(self.stack((F.square(w), F.square(u))), 0),)
+            after = sums[-1]
+        return self._piece_sums(sums), state_done
+
     def construct(self, scalars, lr, weight_decay, params, gradients, grad_sq):
         if grad_sq is None:
             grad_sq = self.grad_sq_cell(gradients)          # the full gradients: the same on every worker
@@ -331,7 +388,7 @@ class ShardedBackend(nn.Cell):
 
         # 1. this worker's piece: moments, update u (= c u' on the composite rule), per-parameter partial sums of
         # ||w||^2 and ||u||^2
-        c = None
+        c, state_done = None, ()
         if self.fused:
             packed = self.stack0(self.hyper_map(to_float32, scalars))
             if self.quantized:
@@ -340,15 +397,10 @@ class ShardedBackend(nn.Cell):
             else:
                 sums = self.shard_sums(packed, lr_vec, wd_vec, self.bounds, *params, *self.state_params, *gradients)
         else:
-            w = self._piece(params)
-            g = self._piece(gradients)
             rescaled = rescale(scalars, self.present_terms)  # u = c u'
             c = rescaled[0]
-            # the moments assigned; G is known first here, so a skipped step changes nothing (the composite rule)
-            u = moments_and_update(scalars, self.present_terms, rescaled, rates(scalars, applied, self.masked),
-                                   self._spread(wd_vec, self.slices, self.pad, self.zeros), w, self.state_params,
-                                   self.layout, g)
-            sums = self._piece_sums(self.stack((F.square(w), F.square(u))))
+            sums, state_done = self._composite_sums(scalars, rescaled, rates(scalars, applied, self.masked), wd_vec,
+                                                    params, gradients)
         # 2. one all-reduce (8-bit: an all-gather of the float64 sums): the norms of whole layers on every worker
         sums = self.shard_total(self.all_gather(sums)) if self.quantized else self.all_reduce(sums)
         decay_factor = 1.0 - lr_vec * wd_vec * scalars[_OUTSIDE]
@@ -383,10 +435,16 @@ class ShardedBackend(nn.Cell):
             for k in range(len(self.buckets)):
                 lo, hi = self.buckets[k]
                 slices, pad = self.bucket_slices[k], self.bucket_pads[k]
-                factor = self._spread(decay_factor, slices, pad, self.ones_pad) if self.present_terms[_OUTSIDE] \
-                    else None
-                lr_q_b = self._spread(lr_q, slices, pad, self.zeros)
-                bucket = new_weight(factor, F.depend(w[lo:hi], (done, cut)), lr_q_b, u[lo:hi], self.masked)
+                after = (state_done, done, cut)              # one bucket's buffers at a time
+                # u' of the bucket again, from the moments as stored
+                w = self._piece(params, self.bucket_parts[k], pad, after)
+                v, m = self._moments(self._state(lo, hi, after), hi - lo)
+                u = update(scalars, self.present_terms, rescaled,
+                           self._spread(F.depend(wd_vec, after), slices, pad, self.zeros), w, v, m)
+                factor = self._spread(F.depend(decay_factor, after), slices, pad, self.ones_pad) \
+                    if self.present_terms[_OUTSIDE] else None
+                lr_q_b = self._spread(F.depend(lr_q, after), slices, pad, self.zeros)
+                bucket = new_weight(factor, w, lr_q_b, u, self.masked)
                 cut, written = self._write(k, self.all_gather(bucket), cut, params)
                 done += written
         layer_stats = F.depend(self.stack((reported_q, w_norm, u_norm)), done)
